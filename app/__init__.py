@@ -1,0 +1,1 @@
+"""Atelier's Gradio app and job runner. No model math here: it calls training/, composition/, evaluation/."""

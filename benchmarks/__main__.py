@@ -1,0 +1,40 @@
+"""`python -m benchmarks [--quick] [NAME ...]`: run every benchmark module (or the named ones) in turn.
+
+Each module in this package exposes `main(argv) -> int` and prints its own table of ratios against the
+reference it names.
+"""
+
+from __future__ import annotations
+
+import importlib
+import pkgutil
+import sys
+import time
+
+import benchmarks
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    flags = [a for a in argv if a.startswith("-")]
+    names = [a for a in argv if not a.startswith("-")]
+    found = sorted(m.name for m in pkgutil.iter_modules(benchmarks.__path__) if not m.name.startswith("_"))
+    if not found:
+        print("no benchmarks yet")
+        return 0
+    failed = []
+    for name in names or found:
+        if name not in found:
+            print(f"unknown benchmark {name!r}; available: {', '.join(found)}", file=sys.stderr)
+            return 2
+        print(f"\n=== benchmarks.{name} ===", flush=True)
+        start = time.perf_counter()
+        code = importlib.import_module(f"benchmarks.{name}").main(flags)
+        print(f"--- benchmarks.{name}: exit {code}, {time.perf_counter() - start:.1f} s", flush=True)
+        if code:
+            failed.append(name)
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
