@@ -1,0 +1,253 @@
+"""CLIP models behind one small interface: OpenAI CLIP via clip-anytorch, and transformers' `CLIPModel`.
+
+CLIP is Radford et al. 2021 ("Learning Transferable Visual Models From Natural Language Supervision").
+A backend turns a batch of PIL images or strings into embeddings, each with the model's *own* preprocessing:
+clip-anytorch's `preprocess` (bicubic resize + centre crop + CLIP normalisation) and `clip.tokenize`, or
+`CLIPProcessor`'s image processor and tokenizer for transformers models.
+
+`load_clip(spec)` accepts:
+- `None`: the toy world's tiny CLIP (`models.toyworld.paths.TOYWORLD_CLIP`);
+- a clip-anytorch model name (`"ViT-B/32"`), downloaded to / read from `~/.cache/clip` like `clip.load`;
+- a local `.pt` file (OpenAI's released JIT archives or a plain state dict, read by `clip.load` with torch's
+  weights-only loader) or a `.safetensors` state dict (rebuilt with `clip.model.build_model`, no unpickling);
+- a transformers CLIP folder (with `config.json`) or a hub id (`"openai/clip-vit-base-patch32"`), taken
+  from the local Hugging Face cache first; offline, a missing model gives one line naming the local-path
+  alternative.
+Weights run in fp32 on every device so scores do not depend on where they were computed.
+"""
+
+from __future__ import annotations
+
+import pickle
+import re
+import urllib.error
+import warnings
+from abc import ABC, abstractmethod
+from collections.abc import Sequence
+from functools import lru_cache
+from pathlib import Path
+from typing import Any
+
+import torch
+from PIL import Image
+
+from evaluation.errors import ClipLoadError
+from models.clip_compat import clip
+from models.device import pick_device
+
+_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
+_CLIP_FILE_SUFFIXES = (".pt", ".pth", ".bin", ".ckpt", ".safetensors")
+_LOCAL_PATH_HINT = "pass a local file or folder instead (--model PATH: a clip .pt/.safetensors file or a transformers CLIP folder)"
+
+
+class ClipBackend(ABC):
+    """A frozen CLIP model: `encode_images` and `encode_texts` return unnormalised (N, D) fp32 CPU tensors."""
+
+    def __init__(self, name: str, device: torch.device) -> None:
+        self.name = name
+        self.device = device
+
+    @abstractmethod
+    def encode_images(self, images: Sequence[Image.Image]) -> torch.Tensor:
+        """Embed a batch of RGB PIL images with the model's own preprocessing."""
+
+    @abstractmethod
+    def encode_texts(self, texts: Sequence[str]) -> torch.Tensor:
+        """Embed a batch of strings with the model's own tokenizer (too-long texts are truncated)."""
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}(name={self.name!r}, device={self.device})"
+
+
+class OpenAIClipBackend(ClipBackend):
+    """clip-anytorch's `clip.model.CLIP` with its `preprocess` transform and `clip.tokenize`."""
+
+    def __init__(self, model: torch.nn.Module, preprocess: Any, name: str, device: torch.device) -> None:
+        super().__init__(name, device)
+        self.model = model.float().eval().to(device).requires_grad_(False)
+        self.preprocess = preprocess
+
+    @torch.inference_mode()
+    def encode_images(self, images: Sequence[Image.Image]) -> torch.Tensor:
+        pixels = torch.stack([self.preprocess(image) for image in images]).to(self.device)  # (B, 3, R, R)
+        return self.model.encode_image(pixels).float().cpu()
+
+    @torch.inference_mode()
+    def encode_texts(self, texts: Sequence[str]) -> torch.Tensor:
+        tokens = clip.tokenize(list(texts), context_length=self.model.context_length, truncate=True)
+        return self.model.encode_text(tokens.to(self.device)).float().cpu()
+
+
+class TransformersClipBackend(ClipBackend):
+    """transformers' `CLIPModel` with the `CLIPProcessor` saved next to it."""
+
+    def __init__(self, model: torch.nn.Module, processor: Any, name: str, device: torch.device) -> None:
+        super().__init__(name, device)
+        self.model = model.float().eval().to(device).requires_grad_(False)
+        self.processor = processor
+        self.max_length = int(model.config.text_config.max_position_embeddings)
+
+    @torch.inference_mode()
+    def encode_images(self, images: Sequence[Image.Image]) -> torch.Tensor:
+        inputs = self.processor.image_processor(images=list(images), return_tensors="pt")
+        output = self.model.get_image_features(pixel_values=inputs["pixel_values"].to(self.device))
+        return _pooled(output).float().cpu()
+
+    @torch.inference_mode()
+    def encode_texts(self, texts: Sequence[str]) -> torch.Tensor:
+        inputs = self.processor.tokenizer(
+            list(texts), padding=True, truncation=True, max_length=self.max_length, return_tensors="pt"
+        )
+        output = self.model.get_text_features(
+            input_ids=inputs["input_ids"].to(self.device),
+            attention_mask=inputs["attention_mask"].to(self.device),
+        )
+        return _pooled(output).float().cpu()
+
+
+def _pooled(output: Any) -> torch.Tensor:
+    """transformers < 5 returns the projected embedding; 5.x returns an output whose pooler_output it is."""
+    return output if isinstance(output, torch.Tensor) else output.pooler_output
+
+
+def load_clip(
+    spec: str | Path | ClipBackend | None = None, device: str | torch.device | None = None
+) -> ClipBackend:
+    """The CLIP backend for `spec` (see the module docstring) on `device` (auto when None).
+
+    Loaded models are cached per (spec, file modification time, device), so repeated scoring calls from the
+    app or a training loop do not reload weights. A `ClipBackend` passed in is returned unchanged.
+    """
+    if isinstance(spec, ClipBackend):
+        return spec
+    try:
+        torch_device = pick_device(device)
+    except ValueError as err:
+        raise ClipLoadError(str(err)) from None
+    text = str(spec) if spec is not None else str(_toyworld_clip_path())
+    path = Path(text).expanduser()
+    stamp = path.stat().st_mtime_ns if path.exists() else 0
+    return _load_cached(text, stamp, str(torch_device))
+
+
+def _toyworld_clip_path() -> Path:
+    try:
+        from models.toyworld.paths import TOYWORLD_CLIP
+    except ImportError:
+        raise ClipLoadError(
+            "No default CLIP: the toy world (models.toyworld.paths) is not installed; " + _LOCAL_PATH_HINT
+        ) from None
+    path = Path(TOYWORLD_CLIP)
+    if not path.is_file():
+        raise ClipLoadError(
+            f"The toy world's CLIP file {path} is missing (toy world assets not built yet); "
+            + _LOCAL_PATH_HINT
+        )
+    return path
+
+
+@lru_cache(maxsize=4)
+def _load_cached(text: str, _stamp: int, device: str) -> ClipBackend:
+    torch_device = torch.device(device)
+    path = Path(text).expanduser()
+    if path.is_dir():
+        return _load_transformers_folder(path, text, torch_device)
+    if path.is_file():
+        if path.suffix == ".safetensors":
+            return _load_clip_safetensors(path, text, torch_device)
+        return _load_clip_file(str(path), text, torch_device)
+    if text in clip.available_models():
+        return _load_clip_file(text, text, torch_device)
+    if _HUB_ID.match(text) and not text.endswith(_CLIP_FILE_SUFFIXES):
+        return _load_transformers_hub(text, torch_device)
+    raise ClipLoadError(
+        f"CLIP model {text!r} not found: no such file or folder, not a clip model name "
+        f"({', '.join(clip.available_models())}) and not a hub id of the form 'owner/name'; "
+        + _LOCAL_PATH_HINT
+    )
+
+
+def _load_clip_file(name_or_path: str, label: str, device: torch.device) -> ClipBackend:
+    """`clip.load` of a model name or a `.pt` file (JIT archive or state dict), kept on CPU until moved."""
+    try:
+        with warnings.catch_warnings():
+            # clip.load probes for a JIT archive first; torch warns that torch.jit.load is deprecated.
+            warnings.simplefilter("ignore", FutureWarning)
+            model, preprocess = clip.load(name_or_path, device="cpu", jit=False)
+    except (urllib.error.URLError, OSError) as err:
+        if name_or_path in clip.available_models():
+            raise ClipLoadError(
+                f"CLIP model {name_or_path!r} is not in ~/.cache/clip and could not be downloaded "
+                f"({type(err).__name__}: offline?); " + _LOCAL_PATH_HINT
+            ) from None
+        raise ClipLoadError(f"Could not read the CLIP file {name_or_path}: {err}") from None
+    except (RuntimeError, KeyError, ValueError, AttributeError, pickle.UnpicklingError) as err:
+        raise ClipLoadError(
+            f"{name_or_path} is not a CLIP model file clip-anytorch can load "
+            f"({type(err).__name__}: {str(err).splitlines()[0] if str(err) else 'no detail'})"
+        ) from None
+    return OpenAIClipBackend(model, preprocess, label, device)
+
+
+def _load_clip_safetensors(path: Path, label: str, device: torch.device) -> ClipBackend:
+    """A clip-anytorch state dict stored as `.safetensors`, rebuilt exactly as `clip.load` would on CPU."""
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    try:
+        state_dict = load_file(str(path))
+    except (SafetensorError, OSError) as err:
+        raise ClipLoadError(f"{path} is not a readable .safetensors file ({err})") from None
+    try:
+        model = clip.model.build_model(state_dict)
+    except (KeyError, RuntimeError) as err:
+        raise ClipLoadError(
+            f"{path} does not hold a clip-anytorch CLIP state dict ({type(err).__name__}: {err}); "
+            "transformers CLIP models are loaded from their folder instead"
+        ) from None
+    # clip.load's own transform for this input size (the same object clip.load returns).
+    preprocess = clip.clip._transform(model.visual.input_resolution)
+    return OpenAIClipBackend(model, preprocess, label, device)
+
+
+def _load_transformers_folder(folder: Path, label: str, device: torch.device) -> ClipBackend:
+    from transformers import CLIPModel, CLIPProcessor
+
+    if not (folder / "config.json").is_file():
+        raise ClipLoadError(
+            f"{folder} is a folder but not a transformers CLIP model (no config.json); "
+            "pass the folder holding config.json, or a clip .pt/.safetensors file"
+        )
+    try:
+        model = CLIPModel.from_pretrained(folder, local_files_only=True)
+        processor = CLIPProcessor.from_pretrained(folder, local_files_only=True)
+    except (OSError, ValueError, TypeError) as err:
+        first = str(err).splitlines()[0] if str(err) else type(err).__name__
+        raise ClipLoadError(
+            f"Could not load a transformers CLIPModel + CLIPProcessor from {folder}: {first}"
+        ) from None
+    return TransformersClipBackend(model, processor, label, device)
+
+
+def _load_transformers_hub(repo_id: str, device: torch.device) -> ClipBackend:
+    from huggingface_hub import snapshot_download
+    from huggingface_hub.errors import LocalEntryNotFoundError
+
+    from models.pipelines import hub_offline
+
+    patterns = ["*.json", "*.txt", "*.safetensors"]
+    message = (
+        f"CLIP model {repo_id!r} is not in the local Hugging Face cache and {{why}}; " + _LOCAL_PATH_HINT
+    )
+    try:
+        folder = snapshot_download(repo_id, allow_patterns=patterns, local_files_only=True)
+    except (LocalEntryNotFoundError, OSError):
+        if hub_offline():
+            raise ClipLoadError(message.format(why="HF_HUB_OFFLINE is set")) from None
+        try:
+            folder = snapshot_download(repo_id, allow_patterns=patterns)
+        except Exception as err:
+            raise ClipLoadError(
+                message.format(why=f"could not be downloaded ({type(err).__name__})")
+            ) from None
+    return _load_transformers_folder(Path(folder), repo_id, device)
