@@ -158,7 +158,9 @@ def _load_cached(text: str, _stamp: int, device: str) -> ClipBackend:
         return _load_clip_file(str(path), text, torch_device)
     if text in clip.available_models():
         return _load_clip_file(text, text, torch_device)
-    if _HUB_ID.match(text) and not text.endswith(_CLIP_FILE_SUFFIXES):
+    if text.startswith((".", "/", "~")) or text.endswith(_CLIP_FILE_SUFFIXES):
+        raise ClipLoadError(f"CLIP model file {path} does not exist; check the path (--model)")
+    if _HUB_ID.match(text):
         return _load_transformers_hub(text, torch_device)
     raise ClipLoadError(
         f"CLIP model {text!r} not found: no such file or folder, not a clip model name "
