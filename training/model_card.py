@@ -1,0 +1,102 @@
+"""The ``README.md`` model card written next to a trained DreamBooth adapter.
+
+It records what someone needs to use (and reproduce) the adapter: base model and its UNet
+fingerprint, adapter family and paper, targets, hyperparameters, the trigger phrase, training
+settings, the final loss and the last validation grid. Written atomically.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+from training.config import TrainConfig
+
+
+def render_model_card(
+    config: TrainConfig,
+    *,
+    base_model: str,
+    fingerprint: str,
+    family_title: str,
+    family_paper: str,
+    adapter_config: dict[str, Any],
+    num_targets: int,
+    trainable_parameters: int,
+    steps: int,
+    final_loss: float | None,
+    adapter_file: str,
+    exports: list[str],
+    sample_grid: str | None,
+) -> str:
+    """The model card as Markdown text."""
+    hyper = json.dumps(adapter_config, indent=2, sort_keys=True)
+    targets = config.targets if isinstance(config.targets, str) else ", ".join(config.targets)
+    lines = [
+        f"# DreamBooth {family_title} adapter: “{config.trigger}”",
+        "",
+        f"Trained with Atelier (`python -m training.dreambooth`) on {base_model}.",
+        "",
+        "## Use",
+        "",
+        f"Put the trigger phrase **{config.trigger}** in the prompt, e.g. “{config.instance_prompt}”.",
+        f"Load `{adapter_file}` with Atelier (`models.adapters.files.load_adapter_file`) or the composition tools.",
+    ]
+    if exports:
+        lines.append("Exports for other tools: " + ", ".join(f"`{name}`" for name in exports) + ".")
+    lines += [
+        "",
+        "## Model",
+        "",
+        "| | |",
+        "|---|---|",
+        f"| Base model | `{base_model}` (UNet fingerprint `{fingerprint}`) |",
+        f"| Adapter family | {family_title} ({family_paper}) |",
+        f"| Targets | `{targets}` ({num_targets} layers) |",
+        f"| Trainable parameters | {trainable_parameters:,} |",
+        "",
+        "Hyperparameters:",
+        "",
+        "```json",
+        hyper,
+        "```",
+        "",
+        "## Training",
+        "",
+        "| | |",
+        "|---|---|",
+        f"| Instance prompt | “{config.instance_prompt}” |",
+        f"| Prior preservation | {_prior_text(config)} |",
+        f"| Steps | {steps} (batch {config.train_batch_size} × accumulation {config.gradient_accumulation_steps}) |",
+        f"| Learning rate | {config.lr:g} ({config.lr_scheduler}, warm-up {config.lr_warmup_steps}) |",
+        f"| Resolution | {config.resolution} px |",
+        f"| Mixed precision | {config.mixed_precision} |",
+        f"| Seed | {config.seed} |",
+        f"| Final loss | {'n/a' if final_loss is None else f'{final_loss:.4f}'} |",
+    ]
+    if sample_grid:
+        lines += [
+            "",
+            "## Samples",
+            "",
+            f"“{config.validation_prompt or config.instance_prompt}”:",
+            "",
+            f"![samples]({sample_grid})",
+        ]
+    return "\n".join(lines) + "\n"
+
+
+def _prior_text(config: TrainConfig) -> str:
+    if not config.with_prior_preservation:
+        return "off"
+    return f"“{config.class_prompt}”, {config.num_class_images} images, weight {config.prior_loss_weight:g}"
+
+
+def write_model_card(path: Path, text: str) -> Path:
+    """Write the card atomically."""
+    partial = path.with_name(f".{path.name}.tmp")
+    partial.write_text(text, encoding="utf-8")
+    os.replace(partial, path)
+    return path

@@ -1,0 +1,207 @@
+"""Everything checked before a DreamBooth run writes a single byte.
+
+``preflight`` turns a ``TrainConfig`` into a ``RunPlan``: options validated, the base model loaded,
+the adapter family's hyperparameters checked against the real layer shapes (BOFT blocks dividing the
+width, HRA rank parity, KronA factors, ...), the targets resolved, every subject image opened and
+checked, the resume checkpoint found and matched to this run, and every default (resolution, seed,
+steps, learning rate) filled in. Any problem raises one of the "bad input" errors listed in
+``INPUT_ERRORS`` — the CLI turns those into a message and exit code 2 — and leaves existing outputs
+untouched, because nothing has been written yet.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib.util
+import logging
+import secrets
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from diffusers import DiffusionPipeline
+
+from models.adapters import FAMILIES, AdapterConfigError, resolve_targets
+from models.adapters.targets import layer_shapes
+from models.pipelines import ModelLoadError, default_base_model, load_pipeline, unet_fingerprint
+from training.checkpoints import Checkpoint, CheckpointError, load_checkpoint, resolve_resume
+from training.config import ConfigError, TrainConfig
+from training.data import ImageDataError, TrainingImage, load_training_images
+from training.prior import existing_class_images
+
+INPUT_ERRORS = (ConfigError, ImageDataError, ModelLoadError, AdapterConfigError, CheckpointError)
+"""Errors that mean "the input is wrong" (CLI exit code 2), as opposed to a failure during training."""
+
+_DTYPES = {"no": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+
+
+@dataclass
+class RunPlan:
+    """A checked, fully resolved training run (defaults filled in) and the loaded base model."""
+
+    config: TrainConfig
+    pipe: DiffusionPipeline
+    base_model: str
+    fingerprint: str
+    adapter_config: Any
+    targets: list[str]
+    instance_images: list[TrainingImage]
+    checkpoint: Checkpoint | None
+    weight_dtype: torch.dtype
+    use_xformers: bool
+    use_8bit_adam: bool
+    report_to: str | None
+
+    def run_identity(self) -> dict[str, Any]:
+        """What a checkpoint must match to be resumed by this run."""
+        return {
+            "family": self.config.adapter,
+            "adapter_config": self.adapter_config.to_dict(),
+            "targets": self.targets,
+            "fingerprint": self.fingerprint,
+            "seed": self.config.seed,
+        }
+
+
+def build_adapter_config(config: TrainConfig) -> Any:
+    """The family's config: its defaults overridden by ``config.adapter_config`` (checked on its own)."""
+    family = FAMILIES[config.adapter]
+    known = {f.name for f in dataclasses.fields(family.config_cls)}
+    unknown = sorted(set(config.adapter_config) - known)
+    if unknown:
+        raise ConfigError(
+            f"{config.adapter} has no hyperparameter(s) {', '.join(unknown)}; known: {', '.join(sorted(known))}"
+        )
+    try:
+        return family.config_cls.from_dict({**family.default_config().to_dict(), **config.adapter_config})
+    except (AdapterConfigError, TypeError) as exc:
+        raise ConfigError(f"invalid {config.adapter} hyperparameters: {exc}") from exc
+
+
+def _base_model_spec(config: TrainConfig) -> str:
+    if config.pretrained_model_name_or_path:
+        return config.pretrained_model_name_or_path
+    default = default_base_model()
+    if default is None:
+        raise ConfigError(
+            "no --pretrained_model_name_or_path given and the toy world is not installed under assets/; "
+            "pass a diffusers folder, a single .safetensors file or a hub id"
+        )
+    return str(default)
+
+
+def _resolution(config: TrainConfig, pipe: DiffusionPipeline) -> int:
+    unet = pipe.unet
+    native = int(unet.config.sample_size) * pipe.vae_scale_factor
+    resolution = config.resolution or native
+    multiple = pipe.vae_scale_factor * 2 ** (len(unet.config.down_block_types) - 1)
+    if resolution % multiple:
+        raise ConfigError(
+            f"--resolution {resolution} does not fit this model: it must be a multiple of {multiple} "
+            f"(VAE factor {pipe.vae_scale_factor} × UNet downsampling); the model's native size is {native}"
+        )
+    return resolution
+
+
+def _optional_feature(asked: bool, module: str, what: str, fallback: str, device: torch.device) -> bool:
+    if not asked:
+        return False
+    if importlib.util.find_spec(module) is None:
+        logging.getLogger(__name__).warning(
+            "%s asked for, but %s is not installed: using %s.", what, module, fallback
+        )
+        return False
+    if device.type != "cuda":
+        logging.getLogger(__name__).warning(
+            "%s needs a CUDA GPU (device is %s): using %s.", what, device, fallback
+        )
+        return False
+    return True
+
+
+def report_target(config: TrainConfig) -> str | None:
+    """The accelerate tracker for ``--report_to``, or None (with a log line when it is not installed)."""
+    if config.report_to == "none":
+        return None
+    if importlib.util.find_spec(config.report_to) is None:
+        logging.getLogger(__name__).warning(
+            "--report_to %s: %s is not installed; only train_log.jsonl is written.",
+            config.report_to,
+            config.report_to,
+        )
+        return None
+    return config.report_to
+
+
+def preflight(config: TrainConfig, device: torch.device, *, rank: int = 0) -> RunPlan:
+    """Check ``config`` completely and load the base model; raise an ``INPUT_ERRORS`` error on bad input."""
+    config.validate()
+    if config.mixed_precision == "fp16" and device.type == "cpu":
+        raise ConfigError("--mixed_precision fp16 needs a GPU; on CPU use --mixed_precision bf16 or no")
+    adapter_config = build_adapter_config(config)
+    resume_from = resolve_resume(config.resume_from_checkpoint, config.output_dir)
+    checkpoint = load_checkpoint(resume_from, rank=rank) if resume_from is not None else None
+    checkpoint_run = checkpoint.run if checkpoint is not None else None
+    spec = _base_model_spec(config)
+    weight_dtype = _DTYPES[config.mixed_precision]
+    pipe = load_pipeline(spec, device=device, dtype=weight_dtype)
+    resolution = _resolution(config, pipe)
+    try:
+        targets = resolve_targets(pipe.unet, config.targets)
+        adapter_config.validate(layer_shapes(pipe.unet, targets))
+    except AdapterConfigError as exc:
+        raise ConfigError(f"--adapter {config.adapter} with --targets {config.targets}: {exc}") from exc
+    seed = config.seed
+    if seed is None:
+        seed = checkpoint_run["seed"] if checkpoint_run else secrets.randbelow(2**31)
+    instance_images = load_training_images(
+        config.instance_data_dir, resolution, center_crop=config.center_crop, seed=seed
+    )
+    resolved = dataclasses.replace(
+        config,
+        resolution=resolution,
+        seed=seed,
+        max_train_steps=config.steps,
+        learning_rate=config.lr,
+        validation_prompt=config.validation_prompt or config.instance_prompt,
+        adapter_config=adapter_config.to_dict(),
+    )
+    plan = RunPlan(
+        config=resolved,
+        pipe=pipe,
+        base_model=spec,
+        fingerprint=unet_fingerprint(pipe.unet),
+        adapter_config=adapter_config,
+        targets=targets,
+        instance_images=instance_images,
+        checkpoint=checkpoint,
+        weight_dtype=weight_dtype,
+        use_xformers=_optional_feature(
+            config.enable_xformers_memory_efficient_attention,
+            "xformers",
+            "xformers attention",
+            "PyTorch SDPA",
+            device,
+        ),
+        use_8bit_adam=_optional_feature(
+            config.use_8bit_adam, "bitsandbytes", "8-bit Adam", "torch AdamW", device
+        ),
+        report_to=report_target(config),
+    )
+    if checkpoint_run is not None:
+        _check_same_run(checkpoint_run, plan.run_identity(), resume_from)
+    if resolved.with_prior_preservation:
+        existing = existing_class_images(resolved.class_dir)[: resolved.num_class_images]
+        if existing:
+            load_training_images(existing, resolution, center_crop=True, seed=seed)
+    return plan
+
+
+def _check_same_run(saved: dict[str, Any], current: dict[str, Any], path: Path | None) -> None:
+    for key in ("family", "targets", "adapter_config", "fingerprint"):
+        if saved.get(key) != current[key]:
+            raise CheckpointError(
+                f"checkpoint {path} was made with a different {key.replace('_', ' ')} "
+                f"({saved.get(key)!r} vs {current[key]!r}); resume with the original options or start a new output_dir"
+            )

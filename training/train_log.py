@@ -1,0 +1,44 @@
+"""``train_log.jsonl``: one JSON line per optimiser step (step, loss, lr, wall time, ...).
+
+Plain JSON lines so the web app can plot a live loss curve by tailing the file, and a resumed run
+appends to the same log (lines after the resume step are dropped first, so the log never holds
+the same step twice).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+
+class TrainLog:
+    """Append-only step log; only the main process writes it."""
+
+    def __init__(self, path: Path, *, resume_step: int = 0) -> None:
+        self.path = path
+        path.parent.mkdir(parents=True, exist_ok=True)
+        kept = (
+            [row for row in read_train_log(path) if row.get("step", 0) <= resume_step] if resume_step else []
+        )
+        partial = path.with_name(f".{path.name}.tmp")
+        partial.write_text("".join(json.dumps(row) + "\n" for row in kept), encoding="utf-8")
+        os.replace(partial, path)
+
+    def write(self, **row: Any) -> None:
+        with self.path.open("a", encoding="utf-8") as handle:
+            handle.write(json.dumps(row) + "\n")
+
+
+def read_train_log(path: Path) -> list[dict[str, Any]]:
+    """The rows of a log file (empty when the file does not exist); a torn last line is ignored."""
+    if not path.is_file():
+        return []
+    rows = []
+    for line in path.read_text(encoding="utf-8").splitlines():
+        try:
+            rows.append(json.loads(line))
+        except json.JSONDecodeError:
+            continue
+    return rows
