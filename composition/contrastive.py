@@ -1,0 +1,87 @@
+"""CLoRA's attention math (Meral et al., 2024, "CLoRA: A Contrastive Approach to Compose Multiple LoRA
+Models"): token maps from captured cross-attention, the contrastive (NT-Xent / InfoNCE) loss over them,
+and the per-branch masks that fuse the branches' noise predictions.
+
+Token maps follow Attend-and-Excite (Chefer et al., 2023), which CLoRA builds on: the cross-attention over
+the prompt's text tokens (BOS and padding dropped) is sharpened (×100) and re-normalised with a softmax over
+tokens, then each token's map is min–max normalised to [0, 1]. The loss treats every concept token map of
+every branch as an anchor: positives are the same concept's token maps in all branches, negatives the other
+concepts' token maps; similarity is cosine, temperature τ (0.5 in the reference). Masks: a branch's mask is
+the OR over its concept's tokens of (map >= α·max(map)), α = 0.3; `>=` rather than the reference's `>` so
+that α = 0 gives an all-ones mask (the two differ only on exact ties).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+import torch.nn.functional as F
+
+SHARPEN = 100.0
+"""Attend-and-Excite's scale before the softmax over tokens."""
+
+
+def normalised_token_maps(raw: torch.Tensor, eos: int) -> torch.Tensor:
+    """(T, h, w) attention probabilities -> (T, h, w) maps: softmax over tokens 1..eos-1, each min–max scaled.
+
+    Positions outside 1..eos-1 (BOS, EOS, padding) are zero.
+    """
+    text = raw[1:eos] * SHARPEN  # (T', h, w)
+    text = torch.softmax(text, dim=0)
+    flat = text.flatten(1)  # (T', hw)
+    low, high = flat.min(1, keepdim=True).values, flat.max(1, keepdim=True).values
+    flat = (flat - low) / (high - low).clamp_min(1e-8)
+    out = torch.zeros_like(raw)
+    out[1:eos] = flat.view_as(text)
+    return out
+
+
+def contrastive_loss(
+    maps: Sequence[torch.Tensor], indices: Sequence[Sequence[Sequence[int]]], temperature: float = 0.5
+) -> torch.Tensor:
+    """NT-Xent over concept token maps of all branches.
+
+    `maps[b]` is branch b's (T, h, w) normalised token maps; `indices[b][c]` the token positions of concept
+    c in branch b's text. Returns 0 when there are fewer than two concepts (nothing to contrast).
+    """
+    vectors, labels = [], []
+    for branch_maps, branch_indices in zip(maps, indices, strict=True):
+        for concept, positions in enumerate(branch_indices):
+            for position in positions:
+                vectors.append(branch_maps[position].flatten())
+                labels.append(concept)
+    label = torch.tensor(labels)
+    if len(set(labels)) < 2:
+        return torch.zeros((), dtype=maps[0].dtype, device=maps[0].device)
+    z = F.normalize(torch.stack(vectors), dim=1)  # (K, hw)
+    logits = z @ z.T / temperature  # (K, K)
+    eye = torch.eye(len(labels), dtype=torch.bool, device=z.device)
+    same = (label[:, None] == label[None, :]).to(z.device) & ~eye
+    logits = logits.masked_fill(eye, float("-inf"))
+    log_denominator = torch.logsumexp(logits, dim=1)
+    log_numerator = torch.logsumexp(logits.masked_fill(~same, float("-inf")), dim=1)
+    has_positive = same.any(1)
+    return (log_denominator - log_numerator)[has_positive].mean()
+
+
+def concept_mask(maps: torch.Tensor, positions: Sequence[int], threshold: float) -> torch.Tensor:
+    """(h, w) bool mask: OR over the concept's tokens of (map >= threshold · max(map))."""
+    selected = maps[list(positions)]  # (k, h, w)
+    peak = selected.flatten(1).max(1).values.view(-1, 1, 1)
+    return (selected >= threshold * peak).any(0)
+
+
+def branch_masks(concept_masks: Sequence[torch.Tensor], size: tuple[int, int]) -> torch.Tensor:
+    """(N+1, H, W) float masks at latent size: the base branch first (where no concept mask is set)."""
+    stacked = torch.stack(list(concept_masks)).float()  # (N, h, w)
+    base = 1.0 - stacked.amax(0, keepdim=True)  # (1, h, w)
+    masks = torch.cat([base, stacked])  # (N+1, h, w)
+    return F.interpolate(masks[None], size=size, mode="nearest")[0]  # (N+1, H, W)
+
+
+def fuse(predictions: Sequence[torch.Tensor], masks: torch.Tensor) -> torch.Tensor:
+    """Σ Mᵢ εᵢ / Σ Mᵢ over branches; `predictions[i]` is (1, C, H, W), `masks` (branches, H, W)."""
+    weights = masks[:, None, None].to(predictions[0].dtype)  # (branches, 1, 1, H, W)
+    stacked = torch.stack(list(predictions))  # (branches, 1, C, H, W)
+    return (weights * stacked).sum(0) / weights.sum(0).clamp_min(1e-8)

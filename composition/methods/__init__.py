@@ -1,0 +1,75 @@
+"""The composition methods, one shared interface, and `generate(method, ...)`, the one entry point.
+
+Every method is `generate(pipe, bank, prompt, steps, guidance, seed, *, height, width, progress,
+**options) -> Result`: merge (weighted sum), switch and composite (Zhong et al., 2024), cmlora (Zou et al.,
+2025), clora (Meral et al., 2024). Each module's docstring names its paper and its departures from the
+reference code.
+"""
+
+from __future__ import annotations
+
+import inspect
+from collections.abc import Callable
+from typing import Any
+
+from composition.bank import AdapterBank
+from composition.errors import CompositionError
+from composition.methods import clora, cmlora, composite, merge, switch
+from composition.prompt import ConceptPrompt
+from composition.sampling import Result
+
+METHODS: dict[str, Callable[..., Result]] = {
+    "merge": merge.generate,
+    "switch": switch.generate,
+    "composite": composite.generate,
+    "cmlora": cmlora.generate,
+    "clora": clora.generate,
+}
+"""Method name -> its `generate` function."""
+
+_COMMON = {"pipe", "bank", "prompt", "steps", "guidance", "seed", "height", "width", "progress"}
+
+
+def method_options(method: str) -> dict[str, Any]:
+    """A method's own options and their defaults (clora's preset fields included)."""
+    function = _lookup(method)
+    options = {
+        name: p.default
+        for name, p in inspect.signature(function).parameters.items()
+        if name not in _COMMON and p.kind is p.KEYWORD_ONLY
+    }
+    if method == "clora":
+        preset = clora.PRESETS[options["preset"]]
+        options.update({name: getattr(preset, name) for name in clora.CloraOptions.__dataclass_fields__})
+    return options
+
+
+def _lookup(method: str) -> Callable[..., Result]:
+    try:
+        return METHODS[method]
+    except KeyError:
+        raise CompositionError(
+            f"unknown composition method {method!r}; choose one of {sorted(METHODS)}."
+        ) from None
+
+
+def generate(
+    method: str,
+    pipe: Any,
+    bank: AdapterBank,
+    prompt: ConceptPrompt,
+    steps: int = 30,
+    guidance: float = 7.5,
+    seed: int = 0,
+    **options: Any,
+) -> Result:
+    """Run `method`; unknown methods and options are a `CompositionError` listing the valid ones."""
+    function = _lookup(method)
+    known = set(method_options(method)) | {"height", "width", "progress"}
+    unknown = sorted(set(options) - known)
+    if unknown:
+        raise CompositionError(f"{method} has no option(s) {unknown}; its options are {sorted(known)}.")
+    return function(pipe, bank, prompt, steps, guidance, seed, **options)
+
+
+__all__ = ["METHODS", "generate", "method_options"]
