@@ -19,9 +19,7 @@ import argparse
 import csv
 import io
 import json
-import os
 import sys
-import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -31,7 +29,7 @@ from tqdm import tqdm
 from evaluation.clip_backends import load_clip
 from evaluation.errors import EvaluationError
 from evaluation.inputs import collect_images, read_prompts_file, sidecar_prompts
-from evaluation.results import ConceptScores, Scores
+from evaluation.results import ConceptScores, Scores, atomic_write_text
 from evaluation.scores import METRIC_DESCRIPTIONS
 from evaluation.scoring import concept_scores, score
 
@@ -176,16 +174,7 @@ def write_results(path: Path, scores: Scores | None, concepts: ConceptScores | N
         text = json.dumps(document, indent=2, ensure_ascii=False) + "\n"
     else:
         text = _csv_text(_merged_rows(scores, concepts))
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8", newline="") as fh:
-            fh.write(text)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return path
+    return atomic_write_text(path, text)
 
 
 def _merged_rows(scores: Scores | None, concepts: ConceptScores | None) -> list[dict[str, Any]]:

@@ -1,0 +1,42 @@
+"""The toy-world CLIPScore check: its negatives are real mismatches, and (slow) the toy CLIP passes it."""
+
+from __future__ import annotations
+
+import random
+
+import pytest
+
+from evaluation.toyworld_check import (
+    REQUIRED_FRACTION,
+    format_report,
+    matched_vs_mismatched,
+    one_attribute_caption,
+    other_scene_captions,
+)
+from models.toyworld.world import sample_batch
+
+
+def test_other_scene_captions_never_reuse_the_scene_caption() -> None:
+    scenes = sample_batch(7, 60)
+    others = other_scene_captions(scenes, random.Random(0))
+    captions = [scene.caption() for scene in scenes]
+    assert len(others) == len(scenes)
+    assert all(other != own for other, own in zip(others, captions, strict=True))
+    assert set(others) <= set(captions)
+
+
+def test_one_attribute_caption_changes_exactly_one_word() -> None:
+    rng = random.Random(0)
+    for scene in sample_batch(8, 40, held_out=True):
+        own, changed = scene.caption().split(), one_attribute_caption(scene, rng, held_out=True).split()
+        assert len(own) == len(changed)
+        assert sum(a != b for a, b in zip(own, changed, strict=True)) == 1
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("held_out", [False, True])
+def test_toy_clip_scores_matched_captions_higher_for_90_percent(held_out: bool) -> None:
+    report = matched_vs_mismatched(n=200, seed=2024, model=None, device="cpu", held_out=held_out)
+    print(format_report(report))
+    assert report.other_scene.fraction_matched_higher >= REQUIRED_FRACTION
+    assert report.other_scene.mean_margin > 0
