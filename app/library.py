@@ -1,0 +1,211 @@
+"""The adapter library: trained and imported adapter files under ``<data-dir>/adapters/<id>/``, listed in SQLite.
+
+Each entry is a folder holding ``adapter.safetensors`` (an Atelier adapter file, or an imported kohya/A1111
+LoRA kept as it came), an optional ``sample.png`` (the last validation grid) and ``exports/`` (the kohya,
+diffusers, LyCORIS and PEFT files written by the trainer). A folder is assembled under a hidden temporary
+name, checked by loading the adapter back, and renamed into place in one ``os.replace``; only then is the
+database row added. So the library never lists a half-written or unreadable file, and a crash leaves at most
+a hidden temporary folder, which the next start removes.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from app.store import AdapterRecord, JobRecord, Store, new_id
+
+ADAPTER_FILE = "adapter.safetensors"
+SAMPLE_FILE = "sample.png"
+EXPORTS_DIR = "exports"
+UnetProvider = Callable[[], Any]
+"""Returns the base pipeline's UNet (needed to import kohya LoRAs, whose keys name UNet layers)."""
+
+
+class LibraryError(ValueError):
+    """An adapter cannot be added, found or changed; the message says what to do."""
+
+
+class Library:
+    """Adds, lists, renames and deletes adapters; the files live under ``<data-dir>/adapters``."""
+
+    def __init__(self, store: Store) -> None:
+        self.store = store
+        self.root = store.data_dir / "adapters"
+        self.root.mkdir(parents=True, exist_ok=True)
+        for leftover in self.root.glob(".partial-*"):
+            shutil.rmtree(leftover, ignore_errors=True)
+
+    # --- adding -------------------------------------------------------------------------------------
+    def register_trained(self, job: JobRecord, event: dict[str, Any]) -> str:
+        """Move a finished job's adapter into the library (the job runner's ``register`` callback)."""
+        existing = self.store.adapter_for_job(job.id)
+        if existing is not None:
+            return existing.id
+        if not event.get("adapter_path"):
+            raise LibraryError(f"job {job.id} reported no adapter file")
+        source = Path(event["adapter_path"])
+        samples = [Path(p) for p in event.get("validation_images") or [] if Path(p).is_file()]
+        exports = [Path(p) for p in (event.get("exports") or {}).values() if Path(p).exists()]
+        _read_atelier_file(source)
+        name = job.name or str(job.config.get("instance_prompt") or job.id)
+        record = self._install(
+            source,
+            name=name,
+            source_kind="trained",
+            job_id=job.id,
+            sample=samples[-1] if samples else None,
+            exports=exports,
+            describe=lambda stored: _describe(_read_atelier_file(stored)),
+        )
+        return record.id
+
+    def import_file(
+        self, path: str | Path, unet: UnetProvider, name: str = "", trigger: str = ""
+    ) -> AdapterRecord:
+        """Add a ``.safetensors`` adapter from disk: an Atelier adapter file or a kohya/A1111 LoRA."""
+        from models.adapters.family import AdapterFileError
+        from models.adapters.files import load_adapter_file
+
+        path = Path(path)
+        if path.suffix.lower() != ".safetensors" or not path.is_file():
+            raise LibraryError(f"{path.name}: only .safetensors adapter files can be imported")
+        from models.adapters.exports import import_kohya_lora
+
+        try:
+            load_adapter_file(path)
+            load, kind = load_adapter_file, "imported"
+        except AdapterFileError as own_error:
+            try:
+                import_kohya_lora(path, unet())
+            except AdapterFileError as kohya_error:
+                raise LibraryError(
+                    f"{path.name} is neither an Atelier adapter file ({own_error}) nor a kohya/A1111 LoRA "
+                    f"({kohya_error})"
+                ) from kohya_error
+            load, kind = (lambda stored: import_kohya_lora(stored, unet())), "imported-kohya"
+
+        def describe(stored: Path) -> dict[str, Any]:
+            info = _describe(load(stored))
+            if trigger.strip():
+                info["trigger"] = trigger.strip()
+            return info
+
+        return self._install(
+            path,
+            name=name.strip() or path.stem,
+            source_kind=kind,
+            job_id=None,
+            sample=None,
+            exports=[],
+            describe=describe,
+        )
+
+    def _install(
+        self,
+        source: Path,
+        *,
+        name: str,
+        source_kind: str,
+        job_id: str | None,
+        sample: Path | None,
+        exports: list[Path],
+        describe: Callable[[Path], dict[str, Any]],
+    ) -> AdapterRecord:
+        adapter_id = new_id("adapter")
+        partial = self.root / f".partial-{adapter_id}"
+        final = self.root / adapter_id
+        try:
+            partial.mkdir()
+            shutil.copyfile(source, partial / ADAPTER_FILE)
+            if sample is not None:
+                shutil.copyfile(sample, partial / SAMPLE_FILE)
+            for export in exports:
+                target = partial / EXPORTS_DIR / export.name
+                target.parent.mkdir(exist_ok=True)
+                if export.is_dir():
+                    shutil.copytree(export, target)
+                else:
+                    shutil.copyfile(export, target)
+            info = describe(partial / ADAPTER_FILE)
+            os.replace(partial, final)
+        except BaseException:
+            shutil.rmtree(partial, ignore_errors=True)
+            raise
+        record = AdapterRecord(
+            id=adapter_id,
+            name=name,
+            file=f"adapters/{adapter_id}/{ADAPTER_FILE}",
+            family=info["family"],
+            parameters=info["parameters"],
+            size_bytes=(final / ADAPTER_FILE).stat().st_size,
+            base_model=info["base_model"],
+            trigger=info["trigger"],
+            sample=f"adapters/{adapter_id}/{SAMPLE_FILE}" if sample is not None else None,
+            source=source_kind,
+            job_id=job_id,
+            created_at=time.time(),
+            metadata=info["metadata"],
+        )
+        try:
+            return self.store.add_adapter(record)
+        except BaseException:
+            shutil.rmtree(final, ignore_errors=True)
+            raise
+
+    # --- reading and changing -----------------------------------------------------------------------
+    def records(self) -> list[AdapterRecord]:
+        return self.store.list_adapters()
+
+    def get(self, adapter_id: str) -> AdapterRecord:
+        return self.store.get_adapter(adapter_id)
+
+    def path(self, record: AdapterRecord) -> Path:
+        return self.store.data_dir / record.file
+
+    def sample_path(self, record: AdapterRecord) -> Path | None:
+        return self.store.data_dir / record.sample if record.sample else None
+
+    def export_paths(self, record: AdapterRecord) -> list[Path]:
+        """The export files of an adapter (folders such as the PEFT layout are skipped: not downloadable)."""
+        folder = self.path(record).parent / EXPORTS_DIR
+        return sorted(p for p in folder.iterdir() if p.is_file()) if folder.is_dir() else []
+
+    def rename(self, adapter_id: str, name: str) -> AdapterRecord:
+        return self.store.rename_adapter(adapter_id, name)
+
+    def delete(self, adapter_id: str) -> AdapterRecord:
+        """Remove the row first (the adapter disappears from the list at once), then its folder."""
+        record = self.store.delete_adapter(adapter_id)
+        folder = self.path(record).parent
+        trash = self.root / f".partial-deleted-{adapter_id}"
+        if folder.is_dir():
+            os.replace(folder, trash)
+            shutil.rmtree(trash, ignore_errors=True)
+        return record
+
+
+def _read_atelier_file(path: Path) -> Any:
+    from models.adapters.family import AdapterFileError
+    from models.adapters.files import load_adapter_file
+
+    try:
+        return load_adapter_file(path)
+    except AdapterFileError as exc:
+        raise LibraryError(f"the trained adapter {path} cannot be read back: {exc}") from exc
+
+
+def _describe(adapter_file: Any) -> dict[str, Any]:
+    """Family, parameter count, base model and trigger of a loaded adapter file."""
+    metadata = dict(adapter_file.metadata)
+    return {
+        "family": adapter_file.family,
+        "parameters": int(sum(t.numel() for t in adapter_file.tensors.values())),
+        "base_model": str(metadata.get("base_model_id") or metadata.get("base_model") or "unknown"),
+        "trigger": str(metadata.get("trigger_phrase") or ""),
+        "metadata": metadata,
+    }

@@ -1,0 +1,362 @@
+"""The app's services behind the UI: upload checks, training requests, composition and scoring.
+
+No model math here and no Gradio either: ``Studio`` turns what a person typed into calls of
+``training`` (through the job runner), ``composition.methods.generate`` and ``evaluation.score``, so the UI
+callbacks stay thin and everything can be tested without a browser. Generation runs in the app process on
+one cached base pipeline; ``device_lock`` makes requests take turns, because an ``AdapterBank`` swaps
+weights inside that pipeline.
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+import time
+import uuid
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from PIL import Image
+
+from app.jobs import JobRunner
+from app.library import Library
+from app.store import JobRecord, Store
+
+MAX_UPLOAD_MB = 20
+MAX_IMAGES = 64
+Progress = Callable[..., None]
+
+
+class RequestError(ValueError):
+    """A request from the UI is incomplete or contradictory; the message says what to fix."""
+
+
+@dataclass
+class Settings:
+    """What ``python -m app`` was started with."""
+
+    data_dir: Path
+    base_model: str | None = None
+    """Base model spec for generation and the default for training (None: the toy world)."""
+    clip_model: str | None = None
+    """CLIP for scores (None: the toy world's CLIP)."""
+    device: str | None = None
+    max_upload_mb: int = MAX_UPLOAD_MB
+    max_images: int = MAX_IMAGES
+
+
+@dataclass
+class UploadCheck:
+    """The images that passed and one message per file (accepted or why not)."""
+
+    accepted: list[Path]
+    messages: list[str]
+
+    @property
+    def ok(self) -> bool:
+        return bool(self.accepted) and len(self.accepted) == len(self.messages)
+
+
+@dataclass
+class TrainRequest:
+    """The Train tab's form."""
+
+    trigger: str
+    class_word: str = ""
+    family: str = "lora"
+    hyperparameters: dict[str, Any] = field(default_factory=dict)
+    targets: str = "vo"
+    steps: int = 400
+    prior_preservation: bool = False
+    num_class_images: int = 20
+    base_model: str | None = None
+    learning_rate: float | None = None
+    seed: int = 0
+    validation_steps: int = 50
+    num_validation_images: int = 2
+    validation_inference_steps: int = 25
+    name: str = ""
+
+    def to_config(self, default_base_model: str | None) -> Any:
+        from training.config import TrainConfig
+
+        trigger, class_word = self.trigger.strip(), self.class_word.strip()
+        if not trigger:
+            raise RequestError("the trigger phrase is empty; type a rare word such as 'sks'")
+        phrase = f"{trigger} {class_word}".strip()
+        return TrainConfig(
+            pretrained_model_name_or_path=(self.base_model or "").strip() or default_base_model,
+            instance_data_dir="uploaded images",
+            instance_prompt=f"a photo of {phrase}",
+            trigger_phrase=phrase,
+            with_prior_preservation=self.prior_preservation,
+            class_prompt=f"a photo of a {class_word}" if class_word else None,
+            num_class_images=self.num_class_images,
+            adapter=self.family,
+            targets=self.targets,
+            adapter_config=dict(self.hyperparameters),
+            max_train_steps=int(self.steps),
+            learning_rate=self.learning_rate,
+            seed=int(self.seed),
+            validation_steps=int(self.validation_steps),
+            num_validation_images=int(self.num_validation_images),
+            num_inference_steps=int(self.validation_inference_steps),
+            checkpointing_steps=max(1, min(500, int(self.steps) // 4)),
+        )
+
+
+@dataclass
+class AdapterChoice:
+    """One row of the Compose tab's adapter table."""
+
+    adapter_id: str
+    phrase: str
+    weight: float = 1.0
+    plain: str = ""
+
+
+@dataclass
+class ComposeRequest:
+    """The Compose tab's form."""
+
+    adapters: list[AdapterChoice]
+    prompt: str
+    method: str = "merge"
+    options: dict[str, Any] = field(default_factory=dict)
+    negative: str = ""
+    seed: int = 0
+    steps: int = 25
+    guidance: float = 7.5
+    num_images: int = 1
+
+
+@dataclass
+class ComposeOutput:
+    """Images (one per seed), the UNet evaluations each cost, and CLoRA's masks when there are some."""
+
+    method: str
+    images: list[Image.Image]
+    seeds: list[int]
+    unet_evals: list[int]
+    masks: list[tuple[Image.Image, str]] = field(default_factory=list)
+    clip_scores: list[float] = field(default_factory=list)
+
+
+class Studio:
+    """Store, library, job runner and the generation pipeline of one running app."""
+
+    def __init__(
+        self, settings: Settings, *, worker_command: Sequence[str] | None = None, start: bool = True
+    ) -> None:
+        self.settings = settings
+        self.store = Store(settings.data_dir)
+        self.library = Library(self.store)
+        self.runner = JobRunner(
+            self.store, self.library.register_trained, worker_command=worker_command, start=start
+        )
+        self.device_lock = threading.Lock()
+        self._pipe: Any = None
+        self._bank: tuple[tuple[str, ...], Any] | None = None
+
+    def close(self) -> None:
+        self.runner.close()
+        self.store.close()
+
+    # --- training -----------------------------------------------------------------------------------
+    def check_uploads(self, files: Sequence[str | Path] | None) -> UploadCheck:
+        """Check each uploaded file by content (format, corruption, pixel count) and by size."""
+        from training.data import ImageDataError, open_rgb
+
+        paths = [Path(f) for f in files or []]
+        if not paths:
+            return UploadCheck(
+                [], ["No images uploaded: add a few photos of your subject (JPEG, PNG or WebP)."]
+            )
+        if len(paths) > self.settings.max_images:
+            return UploadCheck(
+                [],
+                [
+                    f"{len(paths)} files is more than the {self.settings.max_images} allowed; pick the best few."
+                ],
+            )
+        accepted, messages = [], []
+        limit = self.settings.max_upload_mb * 1024 * 1024
+        for path in paths:
+            size = path.stat().st_size if path.is_file() else 0
+            if size > limit:
+                messages.append(
+                    f"✗ {path.name}: {size / 2**20:.1f} MB is over the {self.settings.max_upload_mb} MB limit"
+                )
+                continue
+            try:
+                with open_rgb(path, min_side=1) as image:
+                    messages.append(f"✓ {path.name}: {image.width}x{image.height}")
+            except ImageDataError as exc:
+                messages.append(f"✗ {path.name}: {str(exc).removeprefix(str(path) + ': ')}")
+                continue
+            accepted.append(path)
+        return UploadCheck(accepted, messages)
+
+    def start_training(self, files: Sequence[str | Path] | None, request: TrainRequest) -> JobRecord:
+        """Queue a training job; every upload must pass ``check_uploads`` (nothing is stored otherwise)."""
+        from training.config import ConfigError
+
+        check = self.check_uploads(files)
+        if not check.ok:
+            rejected = [m for m in check.messages if not m.startswith("✓")]
+            raise RequestError("Nothing was started. " + " ".join(rejected))
+        try:
+            config = request.to_config(self.settings.base_model)
+            return self.runner.submit(
+                config, name=request.name.strip() or config.trigger_phrase, images=check.accepted
+            )
+        except ConfigError as exc:
+            raise RequestError(str(exc)) from exc
+
+    # --- generation ---------------------------------------------------------------------------------
+    def pipeline(self) -> Any:
+        """The base pipeline for generation, loaded once (``ModelLoadError`` says what is wrong)."""
+        if self._pipe is None:
+            from models.pipelines import load_pipeline
+
+            self._pipe = load_pipeline(self.settings.base_model, device=self.settings.device)
+        return self._pipe
+
+    def _bank_for(self, adapter_ids: tuple[str, ...]) -> Any:
+        """The adapter bank for these adapters; the previous bank is closed (one bank held at a time)."""
+        from composition.bank import AdapterBank
+
+        if self._bank is not None and self._bank[0] == adapter_ids:
+            return self._bank[1]
+        if self._bank is not None:
+            self._bank[1].close()
+            self._bank = None
+        records = [self.library.get(adapter_id) for adapter_id in adapter_ids]
+        bank = AdapterBank(
+            self.pipeline(), [self.library.path(r) for r in records], names=[r.name for r in records]
+        )
+        self._bank = (adapter_ids, bank)
+        return bank
+
+    def compose(self, request: ComposeRequest, progress: Progress | None = None) -> ComposeOutput:
+        """Generate ``num_images`` images (seeds ``seed``, ``seed+1``, ...) with one composition method."""
+        from composition.methods import generate
+        from composition.prompt import ConceptPrompt
+
+        if not request.adapters:
+            raise RequestError("pick at least one adapter from the library")
+        if not 1 <= request.num_images <= 8:
+            raise RequestError(f"number of images must be 1-8 (got {request.num_images})")
+        prompt = ConceptPrompt.build(
+            request.prompt,
+            [a.phrase for a in request.adapters],
+            [a.weight for a in request.adapters],
+            [a.plain.strip() or None for a in request.adapters],
+            negative=request.negative,
+        )
+        output = ComposeOutput(request.method, [], [], [])
+        with self.device_lock:
+            pipe = self.pipeline()
+            bank = self._bank_for(tuple(a.adapter_id for a in request.adapters))
+            for index in range(request.num_images):
+                seed = request.seed + index
+                result = generate(
+                    request.method,
+                    pipe,
+                    bank,
+                    prompt,
+                    request.steps,
+                    request.guidance,
+                    seed,
+                    **request.options,
+                )
+                output.images.extend(result.images)
+                output.seeds.append(seed)
+                output.unet_evals.append(result.unet_evals)
+                output.masks.extend(_mask_images(result.extras, seed))
+                if progress is not None:
+                    progress(index + 1, request.num_images)
+        return output
+
+    def compare(
+        self, request: ComposeRequest, methods: Sequence[str], progress: Progress | None = None
+    ) -> list[ComposeOutput]:
+        """The same seeds with every method (default options), each image scored by CLIPScore against the prompt."""
+        outputs = []
+        for index, method in enumerate(methods):
+            output = self.compose(ComposeRequest(**{**request.__dict__, "method": method, "options": {}}))
+            output.clip_scores = self.clip_scores(output.images, request.prompt)
+            outputs.append(output)
+            if progress is not None:
+                progress(index + 1, len(methods))
+        return outputs
+
+    def save_images(self, images: Sequence[Image.Image], tag: str) -> list[Path]:
+        """Write images as PNGs under ``<data-dir>/outputs/<time>-<tag>/`` (each atomically); return the paths."""
+        folder = (
+            self.store.data_dir / "outputs" / f"{time.strftime('%Y%m%d-%H%M%S')}-{uuid.uuid4().hex[:4]}-{tag}"
+        )
+        folder.mkdir(parents=True, exist_ok=True)
+        paths = []
+        for index, image in enumerate(images):
+            path = folder / f"{index:02d}.png"
+            partial = folder / f".{index:02d}.png.tmp"
+            image.save(partial, format="PNG")
+            os.replace(partial, path)
+            paths.append(path)
+        return paths
+
+    # --- evaluation ---------------------------------------------------------------------------------
+    def clip_scores(self, images: Sequence[Image.Image], prompt: str) -> list[float]:
+        """CLIPScore (0-100 scale) of each image against one prompt."""
+        from evaluation import score
+
+        scores = score(
+            list(images), prompts=prompt, model=self.settings.clip_model, device=self.settings.device
+        )
+        return [float(v) for v in scores.clipscore_100]
+
+    def evaluate(
+        self,
+        images: Sequence[str | Path | Image.Image],
+        prompts: Sequence[str] | None,
+        references: Sequence[str | Path] | None,
+    ) -> Any:
+        """``evaluation.score`` of images against prompts (one, or one per image) and/or reference images."""
+        from evaluation import score
+
+        if not images:
+            raise RequestError("no images to score: upload some or generate a gallery first")
+        prompts = [p for p in (prompts or []) if p.strip()]
+        if not prompts and not references:
+            raise RequestError(
+                "give a prompt (one for all images, or one per line per image) or reference images"
+            )
+        prompt_arg: Sequence[str] | str | None = None
+        if prompts:
+            prompt_arg = prompts[0] if len(prompts) == 1 else prompts
+        return score(
+            list(images),
+            prompts=prompt_arg,
+            references=list(references) if references else None,
+            model=self.settings.clip_model,
+            device=self.settings.device,
+        )
+
+
+def _mask_images(extras: dict[str, Any], seed: int) -> list[tuple[Image.Image, str]]:
+    """CLoRA's final per-branch masks as greyscale images with captions (empty for other methods)."""
+    masks = extras.get("masks")
+    if masks is None:
+        return []
+    names = extras.get("mask_names") or [str(i) for i in range(len(masks))]
+    shown = []
+    for mask, name in zip(masks, names, strict=False):
+        array = (mask.float().clamp(0, 1) * 255).byte().numpy()  # (H, W) in latent pixels
+        image = Image.fromarray(array, mode="L").resize(
+            (array.shape[1] * 8, array.shape[0] * 8), Image.Resampling.NEAREST
+        )
+        shown.append((image, f"seed {seed}: {name}"))
+    return shown

@@ -1,0 +1,1 @@
+"""The app's four tabs, one module each: train, library, compose, evaluate."""

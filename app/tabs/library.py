@@ -1,0 +1,134 @@
+"""The Library tab: every trained or imported adapter with its metadata and sample grid; rename, delete
+(with a confirmation step), download the file and its exports, import a ``.safetensors`` LoRA from disk."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import gradio as gr
+import pandas as pd
+
+from app.library import LibraryError
+from app.store import StoreError
+from app.studio import Studio
+
+COLUMNS = ["name", "family", "parameters", "size (KB)", "base model", "trigger", "source", "id"]
+
+
+def table(studio: Studio) -> pd.DataFrame:
+    rows = [
+        [
+            r.name,
+            r.family,
+            r.parameters,
+            round(r.size_bytes / 1024, 1),
+            r.base_model,
+            r.trigger,
+            r.source,
+            r.id,
+        ]
+        for r in studio.library.records()
+    ]
+    return pd.DataFrame(rows, columns=COLUMNS)
+
+
+def adapter_choices(studio: Studio) -> list[tuple[str, str]]:
+    return [(f"{r.name} · {r.family} · {r.id}", r.id) for r in studio.library.records()]
+
+
+def build(studio: Studio) -> tuple[gr.Dataframe, gr.Dropdown]:
+    """Lay out the Library tab; returns the table and selector (refreshed when the tab is selected)."""
+    with gr.Row():
+        adapters = gr.Dataframe(table(studio), label="Adapters", interactive=False, elem_id="library-table")
+    with gr.Row():
+        with gr.Column():
+            selected = gr.Dropdown(
+                adapter_choices(studio), label="Adapter", value=None, elem_id="library-select"
+            )
+            details = gr.Markdown()
+            with gr.Row():
+                new_name = gr.Textbox(label="New name", scale=3)
+                rename = gr.Button("Rename", scale=1)
+            delete = gr.Button("Delete…", variant="stop")
+            with gr.Row(visible=False) as confirm_row:
+                gr.Markdown("Delete this adapter and its files? This cannot be undone.")
+                confirm = gr.Button("Yes, delete", variant="stop")
+                keep = gr.Button("Keep it")
+            downloads = gr.File(
+                label="Download: adapter file and exports", file_count="multiple", interactive=False
+            )
+        with gr.Column():
+            sample = gr.Image(label="Sample grid", interactive=False, height=320)
+            with gr.Accordion("Import a .safetensors adapter (Atelier or kohya/A1111 LoRA)", open=False):
+                upload = gr.File(label="Adapter file", file_types=[".safetensors"])
+                import_name = gr.Textbox(label="Name (default: file name)")
+                import_trigger = gr.Textbox(label="Trigger phrase (the words that summon it)")
+                import_button = gr.Button("Import")
+            message = gr.Markdown(elem_id="library-message")
+
+    def show(adapter_id: str | None) -> tuple[str, Any, list[str]]:
+        if not adapter_id:
+            return "", None, []
+        try:
+            record = studio.library.get(adapter_id)
+        except StoreError as exc:
+            raise gr.Error(str(exc)) from None
+        sample_path = studio.library.sample_path(record)
+        text = "\n".join(
+            [
+                f"### {record.name}",
+                f"- family: **{record.family}**, {record.parameters:,} parameters, {record.size_bytes / 1024:.1f} KB",
+                f"- base model: `{record.base_model}`",
+                f"- trigger: `{record.trigger or '—'}`",
+                f"- source: {record.source}" + (f" (job `{record.job_id}`)" if record.job_id else ""),
+            ]
+        )
+        files = [str(studio.library.path(record)), *map(str, studio.library.export_paths(record))]
+        return text, str(sample_path) if sample_path and sample_path.is_file() else None, files
+
+    def refreshed(value: str | None = None) -> tuple[pd.DataFrame, Any]:
+        return table(studio), gr.update(choices=adapter_choices(studio), value=value)
+
+    def do_rename(adapter_id: str | None, name: str) -> tuple[pd.DataFrame, Any, str]:
+        if not adapter_id:
+            raise gr.Error("Pick an adapter first.")
+        try:
+            record = studio.library.rename(adapter_id, name)
+        except StoreError as exc:
+            raise gr.Error(str(exc)) from None
+        return *refreshed(adapter_id), f"Renamed to **{record.name}**."
+
+    def do_delete(adapter_id: str | None) -> tuple[pd.DataFrame, Any, str, Any]:
+        if not adapter_id:
+            raise gr.Error("Pick an adapter first.")
+        try:
+            record = studio.library.delete(adapter_id)
+        except StoreError as exc:
+            raise gr.Error(str(exc)) from None
+        return *refreshed(None), f"Deleted **{record.name}**.", gr.update(visible=False)
+
+    def do_import(path: str | None, name: str, trigger: str) -> tuple[pd.DataFrame, Any, str]:
+        if not path:
+            raise gr.Error("Choose a .safetensors file to import.")
+        try:
+            record = studio.library.import_file(
+                path, lambda: studio.pipeline().unet, name=name, trigger=trigger
+            )
+        except LibraryError as exc:
+            raise gr.Error(str(exc)) from None
+        return *refreshed(
+            record.id
+        ), f"Imported **{record.name}** ({record.family}, {record.parameters:,} parameters)."
+
+    selected.change(show, selected, [details, sample, downloads], api_name="adapter_details")
+    rename.click(do_rename, [selected, new_name], [adapters, selected, message], api_name="rename_adapter")
+    delete.click(lambda: gr.update(visible=True), None, confirm_row, api_visibility="private")
+    keep.click(lambda: gr.update(visible=False), None, confirm_row, api_visibility="private")
+    confirm.click(do_delete, selected, [adapters, selected, message, confirm_row], api_name="delete_adapter")
+    import_button.click(
+        do_import,
+        [upload, import_name, import_trigger],
+        [adapters, selected, message],
+        api_name="import_adapter",
+    )
+    return adapters, selected

@@ -1,0 +1,266 @@
+"""The Train tab: subject images, trigger, adapter family and hyperparameters → a queued training job,
+followed live (progress bar with step/ETA, loss plot, validation grids, log tail), cancelled or resumed.
+
+The hyperparameter inputs are generated from each family's config dataclass (``models.adapters.FAMILIES``),
+so a new family appears here without UI code: the first two fields are shown, the rest sit in an accordion.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+from collections.abc import Iterator
+from typing import Any
+
+import gradio as gr
+import pandas as pd
+
+from app.jobs import JobError, JobView
+from app.studio import RequestError, Studio, TrainRequest
+
+MAIN_FIELDS = 2
+_SCALARS = {"int": int, "float": float, "str": str, "bool": bool}
+
+
+def family_fields() -> dict[str, list[dataclasses.Field]]:
+    """Each family's scalar hyperparameter fields (dict-valued per-layer patterns are CLI-only)."""
+    from models.adapters import FAMILIES
+
+    return {
+        name: [f for f in dataclasses.fields(family.config_cls) if str(f.type) in _SCALARS]
+        for name, family in FAMILIES.items()
+    }
+
+
+def _input_for(field: dataclasses.Field, default: Any) -> gr.components.Component:
+    kind = _SCALARS[str(field.type)]
+    help_text = field.metadata.get("help", "")
+    if kind is bool:
+        return gr.Checkbox(value=default, label=field.name, info=help_text)
+    if kind is str:
+        return gr.Textbox(value=default, label=field.name, info=help_text)
+    return gr.Number(value=default, label=field.name, info=help_text, precision=0 if kind is int else None)
+
+
+def job_choices(studio: Studio) -> list[tuple[str, str]]:
+    jobs = studio.store.list_jobs()
+    return [(f"{job.name} · {job.status} · {job.id}", job.id) for job in reversed(jobs)]
+
+
+def render(view: JobView) -> tuple[str, pd.DataFrame, list[str], str]:
+    """Status text, loss-curve frame, validation images and log tail of one job."""
+    job = view.job
+    lines = [f"**{job.name}** — `{job.id}` — **{job.status}**"]
+    if view.position is not None:
+        lines.append(f"Queued: position {view.position} (one training job runs at a time).")
+    if job.total:
+        lines.append(
+            f"Step {job.step}/{job.total}" + (f", loss {job.loss:.4f}" if job.loss is not None else "")
+        )
+    if view.eta is not None:
+        lines.append(f"ETA {view.eta:.0f} s")
+    if job.error:
+        lines.append(f"⚠ {job.error}")
+    if view.resumable:
+        lines.append("This job can be resumed from its latest checkpoint.")
+    if job.adapter_id:
+        lines.append(f"Adapter `{job.adapter_id}` is in the Library.")
+    frame = pd.DataFrame(view.losses, columns=["step", "loss"])
+    return "\n\n".join(lines), frame, view.validation_images, "\n".join(view.log_tail)
+
+
+def build(studio: Studio) -> gr.Dropdown:
+    """Lay out the Train tab inside the current Blocks; returns the job selector (refreshed on tab select)."""
+    from models.adapters import FAMILIES, PRESETS
+
+    fields = family_fields()
+    defaults = {name: family.default_config() for name, family in FAMILIES.items()}
+    hyper_inputs: list[tuple[str, str, gr.components.Component]] = []
+    groups: dict[str, gr.Group] = {}
+    watching: dict[str, str] = {}
+
+    with gr.Row():
+        with gr.Column(scale=1):
+            files = gr.File(
+                label="Subject images (JPEG, PNG or WebP)",
+                file_count="multiple",
+                file_types=["image"],
+                elem_id="train-files",
+            )
+            upload_report = gr.Markdown(elem_id="upload-report")
+            thumbs = gr.Gallery(label="Accepted images", columns=6, height=140, interactive=False)
+            with gr.Row():
+                trigger = gr.Textbox("sks", label="Trigger word", info="a rare word that names your subject")
+                class_word = gr.Textbox(label="Class word", placeholder="dog", info="what the subject is")
+            family = gr.Radio(list(FAMILIES), value="lora", label="Adapter family")
+            for name, family_spec in FAMILIES.items():
+                with gr.Group(visible=name == "lora") as groups[name]:
+                    gr.Markdown(f"**{family_spec.title}** — {family_spec.paper}")
+                    for field in fields[name][:MAIN_FIELDS]:
+                        hyper_inputs.append(
+                            (name, field.name, _input_for(field, getattr(defaults[name], field.name)))
+                        )
+                    with gr.Accordion(f"Advanced {family_spec.title} options", open=False):
+                        for field in fields[name][MAIN_FIELDS:]:
+                            hyper_inputs.append(
+                                (name, field.name, _input_for(field, getattr(defaults[name], field.name)))
+                            )
+            with gr.Row():
+                targets = gr.Dropdown(list(PRESETS), value="vo", label="Targets", allow_custom_value=True)
+                steps = gr.Number(400, label="Steps", precision=0, minimum=1, maximum=100000)
+            prior = gr.Checkbox(False, label="Prior preservation (needs a class word)")
+            base_model = gr.Textbox(
+                label="Base model",
+                placeholder=f"default: {studio.settings.base_model or 'the toy world'}; or a local folder / hub id",
+            )
+            with gr.Accordion("Advanced training options", open=False):
+                learning_rate = gr.Number(None, label="Learning rate (blank: the family's default)")
+                seed = gr.Number(0, label="Seed", precision=0)
+                validation_steps = gr.Number(
+                    50, label="Validation grid every N steps", precision=0, minimum=0
+                )
+                validation_images = gr.Number(2, label="Images per validation grid", precision=0, minimum=1)
+                validation_inference_steps = gr.Number(
+                    25, label="Denoising steps of validation images", precision=0, minimum=1
+                )
+                num_class_images = gr.Number(
+                    20, label="Class images for prior preservation", precision=0, minimum=1
+                )
+                name = gr.Textbox(label="Job name (default: trigger and class word)")
+            start = gr.Button("Start training", variant="primary", elem_id="start-training")
+        with gr.Column(scale=1):
+            with gr.Row():
+                job = gr.Dropdown(job_choices(studio), label="Job", value=None, elem_id="job-select", scale=4)
+                refresh = gr.Button("↻", scale=0, min_width=40)
+            status = gr.Markdown("Start a job, or pick one to watch.", elem_id="job-status")
+            with gr.Row():
+                cancel = gr.Button("Cancel", variant="stop", elem_id="cancel-job")
+                resume = gr.Button("Resume", elem_id="resume-job")
+            loss_plot = gr.LinePlot(x="step", y="loss", title="Training loss", height=260)
+            validation = gr.Gallery(label="Validation images", columns=2, height=260)
+            log = gr.Textbox(label="Log tail", lines=8, max_lines=8, autoscroll=True)
+
+    def check(paths: list[str] | None) -> tuple[str, list[str]]:
+        result = studio.check_uploads(paths)
+        return "\n".join(f"- {m}" for m in result.messages), [str(p) for p in result.accepted]
+
+    def pick_family(choice: str) -> list[Any]:
+        return [gr.update(visible=n == choice) for n in groups]
+
+    def start_job(
+        paths: list[str] | None,
+        trig: str,
+        cls: str,
+        fam: str,
+        tgt: str,
+        n: float,
+        use_prior: bool,
+        base: str,
+        lr: float | None,
+        sd: float,
+        val: float,
+        n_val_images: float,
+        val_steps: float,
+        n_class: float,
+        job_name: str,
+        *hyper: Any,
+    ) -> tuple[Any, str]:
+        hyperparameters = {
+            fname: value
+            for (fam_name, fname, _), value in zip(hyper_inputs, hyper, strict=True)
+            if fam_name == fam
+        }
+        request = TrainRequest(
+            trigger=trig,
+            class_word=cls,
+            family=fam,
+            hyperparameters=hyperparameters,
+            targets=tgt,
+            steps=int(n or 0),
+            prior_preservation=use_prior,
+            num_class_images=int(n_class or 1),
+            base_model=base or None,
+            learning_rate=lr or None,
+            seed=int(sd or 0),
+            validation_steps=int(val or 0),
+            num_validation_images=int(n_val_images or 1),
+            validation_inference_steps=int(val_steps or 1),
+            name=job_name,
+        )
+        try:
+            record = studio.start_training(paths, request)
+        except RequestError as exc:
+            raise gr.Error(str(exc)) from None
+        return gr.update(choices=job_choices(studio), value=record.id), f"Queued job `{record.id}`."
+
+    def follow(
+        job_id: str | None, request: gr.Request, progress: gr.Progress = gr.Progress()
+    ) -> Iterator[tuple]:
+        if not job_id:
+            return
+        session = request.session_hash or "anonymous"
+        watching[session] = job_id
+        while watching.get(session) == job_id:
+            try:
+                view = studio.runner.view(job_id)
+            except JobError as exc:
+                raise gr.Error(str(exc)) from None
+            shown = view.job
+            if view.position is not None:
+                progress(0, desc=f"queued, position {view.position}")
+            elif shown.total:
+                eta = f", ETA {view.eta:.0f} s" if view.eta is not None else ""
+                progress(
+                    (shown.step, shown.total), desc=f"step {shown.step}/{shown.total}{eta}", unit="steps"
+                )
+            yield render(view)
+            if shown.status not in ("queued", "running", "cancelling"):
+                return
+            time.sleep(0.5)
+
+    def act(action: str, job_id: str | None) -> tuple[Any, str]:
+        if not job_id:
+            raise gr.Error("Pick a job first.")
+        try:
+            record = studio.runner.cancel(job_id) if action == "cancel" else studio.runner.resume(job_id)
+        except JobError as exc:
+            raise gr.Error(str(exc)) from None
+        return gr.update(choices=job_choices(studio)), f"Job `{record.id}` is {record.status}."
+
+    view_outputs = [status, loss_plot, validation, log]
+    files.change(check, files, [upload_report, thumbs], api_name="check_uploads")
+    family.change(pick_family, family, list(groups.values()), api_visibility="private")
+    start.click(
+        start_job,
+        [
+            files,
+            trigger,
+            class_word,
+            family,
+            targets,
+            steps,
+            prior,
+            base_model,
+            learning_rate,
+            seed,
+            validation_steps,
+            validation_images,
+            validation_inference_steps,
+            num_class_images,
+            name,
+            *(c for _, _, c in hyper_inputs),
+        ],
+        [job, status],
+        api_name="start_training",
+    )
+    job.change(
+        follow, job, view_outputs, api_name="follow_job", trigger_mode="multiple", concurrency_limit=None
+    )
+    cancel.click(
+        lambda j: act("cancel", j), job, [job, status], api_name="cancel_job", concurrency_limit=None
+    )
+    resume.click(
+        lambda j: act("resume", j), job, [job, status], api_name="resume_job", concurrency_limit=None
+    ).then(follow, job, view_outputs, concurrency_limit=None, api_visibility="private")
+    refresh.click(lambda: gr.update(choices=job_choices(studio)), None, job, api_visibility="private")
+    return job

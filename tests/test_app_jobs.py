@@ -1,0 +1,223 @@
+"""The app's job runner without a browser: real training jobs on the tiny SD model, each in a worker process.
+
+Covers start and progress events, the adapter reaching the library, cancel → resumable checkpoint → resume,
+a killed worker reported as a failed job, restart recovery, and upload checks that leave nothing behind.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from app.events import EVENTS_FILE, FileFlag, read_events
+from app.studio import RequestError, Settings, Studio, TrainRequest
+
+JOB_TIMEOUT = 300
+
+
+def make_subject_images(folder: Path, count: int = 3) -> list[Path]:
+    folder.mkdir(parents=True, exist_ok=True)
+    paths = []
+    for index in range(count):
+        pixels = (np.random.default_rng(index).random((48, 64, 3)) * 255).astype(np.uint8)
+        path = folder / f"subject-{index}.png"
+        Image.fromarray(pixels).save(path)
+        paths.append(path)
+    return paths
+
+
+def quick_request(steps: int, **overrides: object) -> TrainRequest:
+    """A tiny run: validation grids of one image with two denoising steps."""
+    values: dict[str, object] = dict(
+        trigger="sks",
+        class_word="dog",
+        steps=steps,
+        validation_steps=2,
+        num_validation_images=1,
+        validation_inference_steps=2,
+    )
+    values.update(overrides)
+    return TrainRequest(**values)  # type: ignore[arg-type]
+
+
+def wait_for(condition: Callable[[], bool], timeout: float = JOB_TIMEOUT, what: str = "condition") -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if condition():
+            return
+        time.sleep(0.1)
+    raise AssertionError(f"timed out after {timeout} s waiting for {what}")
+
+
+@pytest.fixture(scope="module")
+def images(tmp_path_factory: pytest.TempPathFactory) -> list[Path]:
+    return make_subject_images(tmp_path_factory.mktemp("subject"))
+
+
+@pytest.fixture(scope="module")
+def studio(tiny_sd_path: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Studio]:
+    settings = Settings(
+        data_dir=tmp_path_factory.mktemp("atelier-data"), base_model=str(tiny_sd_path), device="cpu"
+    )
+    studio = Studio(settings)
+    yield studio
+    studio.close()
+
+
+@pytest.fixture(scope="module")
+def finished_job(studio: Studio, images: list[Path]):
+    job = studio.start_training(images, quick_request(4))
+    return studio.runner.wait(job.id, JOB_TIMEOUT)
+
+
+def test_job_trains_in_a_worker_process_and_its_adapter_reaches_the_library(
+    studio: Studio, finished_job
+) -> None:
+    from models.adapters.files import load_adapter_file
+
+    job = finished_job
+    assert job.status == "completed", job.error
+    assert (job.step, job.total, job.runs) == (4, 4, 1)
+    events, _ = read_events(studio.runner.jobs_dir / job.id / EVENTS_FILE)
+    started = [e for e in events if e["event"] == "started"]
+    assert len(started) == 1 and started[0]["pid"] != os.getpid()
+    steps = [e["step"] for e in events if e["event"] == "progress" and "loss" in e]
+    assert steps[:4] == [1, 2, 3, 4]
+    assert all(np.isfinite(e["loss"]) and e["eta"] >= 0 for e in events if e["event"] == "progress")
+    assert events[-1]["event"] == "completed"
+
+    view = studio.runner.view(job.id)
+    assert [s for s, _ in view.losses] == [1, 2, 3, 4]
+    assert [Path(p).name for p in view.validation_images] == ["step-2.png", "step-4.png"]
+
+    record = studio.library.get(job.adapter_id)
+    stored = studio.library.path(record)
+    adapter = load_adapter_file(stored)
+    assert (record.family, record.trigger, record.source) == ("lora", "sks dog", "trained")
+    assert record.parameters == sum(t.numel() for t in adapter.tensors.values()) > 0
+    assert record.size_bytes == stored.stat().st_size
+    assert stored.read_bytes() == Path(events[-1]["adapter_path"]).read_bytes()
+    assert studio.library.sample_path(record).is_file()
+    assert {p.name for p in studio.library.export_paths(record)} >= {"kohya_lora.safetensors"}
+    assert not list(studio.library.root.glob(".partial-*"))
+
+
+def test_cancel_leaves_a_checkpoint_and_resume_continues_from_it(studio: Studio, images: list[Path]) -> None:
+    job = studio.start_training(images, quick_request(500, validation_steps=0))
+    wait_for(lambda: studio.store.get_job(job.id).step >= 2, what="two training steps")
+    studio.runner.cancel(job.id)
+    stopped = studio.runner.wait(job.id, JOB_TIMEOUT, statuses=("cancelled", "failed"))
+    assert stopped.status == "cancelled", stopped.error
+    assert 2 <= stopped.step < 500
+    checkpoint = Path(stopped.output_dir) / f"checkpoint-{stopped.step}"
+    assert (checkpoint / "state.json").is_file()
+    assert studio.store.adapter_for_job(job.id) is None
+
+    studio.runner.resume(job.id, max_train_steps=stopped.step + 2)
+    done = studio.runner.wait(job.id, JOB_TIMEOUT)
+    assert done.status == "completed", done.error
+    assert (done.step, done.runs) == (stopped.step + 2, 2)
+    logged = [s for s, _ in studio.runner.view(job.id).losses]
+    assert logged == list(range(1, stopped.step + 3)), "the resumed run must continue, not restart"
+    events, _ = read_events(studio.runner.jobs_dir / job.id / EVENTS_FILE)
+    assert [e["event"] for e in events if e["event"] != "progress"] == [
+        "started",
+        "cancelled",
+        "started",
+        "completed",
+    ]
+    assert studio.store.adapter_for_job(job.id) is not None
+
+
+def test_a_killed_worker_is_reported_as_a_failed_job(studio: Studio, images: list[Path]) -> None:
+    job = studio.start_training(images, quick_request(500, validation_steps=0))
+    wait_for(lambda: studio.store.get_job(job.id).step >= 1, what="a training step")
+    pid = studio.runner.worker_pid()
+    assert pid is not None and pid != os.getpid()
+    os.kill(pid, signal.SIGKILL)
+    failed = studio.runner.wait(job.id, 60)
+    assert failed.status == "failed"
+    assert "killed by signal 9" in failed.error and "resume" in failed.error
+    assert studio.runner.view(job.id).resumable
+
+
+def test_restart_marks_running_jobs_interrupted_and_keeps_the_library(
+    studio: Studio, finished_job, tmp_path: Path
+) -> None:
+    from app.library import Library
+    from app.store import Store
+
+    completed_event = read_events(studio.runner.jobs_dir / finished_job.id / EVENTS_FILE)[0][-1]
+    data = tmp_path / "data"
+    store, config = Store(data), finished_job.config
+    library = Library(store)
+    old = store.add_job("finished earlier", config, finished_job.output_dir, "job-old")
+    store.update_job(old.id, status="completed", adapter_id=library.register_trained(old, completed_event))
+    # The previous app process died while running one job, and after another job's worker had finished
+    # but before its adapter was registered; it also left a half-copied library folder.
+    store.add_job("was running", config, data / "jobs/job-running/output", "job-running")
+    store.update_job("job-running", status="running", step=2)
+    store.add_job("finished unseen", config, finished_job.output_dir, "job-unseen")
+    store.update_job("job-unseen", status="running", step=4)
+    events = data / "jobs" / "job-unseen" / EVENTS_FILE
+    events.parent.mkdir(parents=True)
+    events.write_text(json.dumps({"event": "started", "pid": 1}) + "\n" + json.dumps(completed_event) + "\n")
+    (library.root / ".partial-adapter-crashed").mkdir()
+    before = {r.id for r in library.records()}
+    store.close()
+
+    restarted = Studio(Settings(data_dir=data), start=False)
+    try:
+        interrupted = restarted.store.get_job("job-running")
+        assert interrupted.status == "interrupted" and "step 2" in interrupted.error
+        assert restarted.runner.view("job-running").resumable
+        recovered = restarted.store.get_job("job-unseen")
+        assert recovered.status == "completed" and recovered.adapter_id is not None
+        assert {r.id for r in restarted.library.records()} == before | {recovered.adapter_id}
+        assert all(restarted.library.path(r).is_file() for r in restarted.library.records())
+        assert not (restarted.library.root / ".partial-adapter-crashed").exists()
+    finally:
+        restarted.store.close()
+
+
+def test_an_orphaned_worker_sees_its_cancel_flag(tmp_path: Path) -> None:
+    flag = FileFlag(tmp_path / "cancel", parent_pid=os.getppid())
+    assert not flag.is_set()
+    flag.set()
+    assert flag.is_set()
+    flag.clear()
+    assert not FileFlag(tmp_path / "cancel", parent_pid=os.getppid()).is_set()
+    assert FileFlag(tmp_path / "cancel", parent_pid=os.getppid() + 100000).is_set()
+
+
+def test_bad_uploads_are_named_and_change_nothing(studio: Studio, tmp_path: Path, images: list[Path]) -> None:
+    fake = tmp_path / "notes.png"
+    fake.write_text("this is a text file, not an image")
+    huge = tmp_path / "huge.png"
+    Image.new("L", (20000, 20000)).save(huge, optimize=False)
+    jobs_before = studio.store.list_jobs()
+    dirs_before = sorted(studio.runner.jobs_dir.iterdir())
+
+    check = studio.check_uploads([images[0], fake, huge])
+    assert check.accepted == [images[0]] and not check.ok
+    assert check.messages[0].startswith("✓ subject-0.png: 64x48")
+    assert check.messages[1].startswith("✗ notes.png") and "not a readable image" in check.messages[1]
+    assert check.messages[2].startswith("✗ huge.png") and "decompression bomb" in check.messages[2]
+    empty = studio.check_uploads([])
+    assert empty.accepted == [] and "No images uploaded" in empty.messages[0]
+
+    for files in ([images[0], fake], [huge], [], None):
+        with pytest.raises(RequestError, match="Nothing was started"):
+            studio.start_training(files, quick_request(2))
+    with pytest.raises(RequestError, match="trigger phrase is empty"):
+        studio.start_training(images, quick_request(2, trigger=" "))
+    assert studio.store.list_jobs() == jobs_before
+    assert sorted(studio.runner.jobs_dir.iterdir()) == dirs_before
