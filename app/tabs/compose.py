@@ -6,7 +6,6 @@ attention masks are shown under the gallery."""
 from __future__ import annotations
 
 import json
-from typing import Any
 
 import gradio as gr
 import pandas as pd
@@ -105,7 +104,7 @@ def build(studio: Studio) -> tuple[gr.Dropdown, gr.State]:
                 placeholder="a photo of sks dog and zwx cat on a beach",
                 elem_id="compose-prompt",
             )
-            negative = gr.Textbox(label="Negative prompt")
+            negative = gr.Textbox("", label="Negative prompt")
             method = gr.Dropdown(list(METHODS), value="merge", label="Method")
             options = gr.Code(default_options("merge"), language="json", label="Method options")
             with gr.Row():
@@ -124,9 +123,22 @@ def build(studio: Studio) -> tuple[gr.Dropdown, gr.State]:
                 label="CLoRA masks (white: where the adapter acts)", columns=4, height=200, visible=False
             )
 
-    def generate(table_value: pd.DataFrame, *form: Any, progress: gr.Progress = gr.Progress()) -> tuple:
+    def generate(
+        table: pd.DataFrame | None,
+        prompt: str,
+        method: str,
+        options: str,
+        negative: str,
+        seed: float,
+        steps: float,
+        guidance: float,
+        num_images: float,
+        progress: gr.Progress = gr.Progress(),
+    ) -> tuple:
         try:
-            request = parse_request(table_value, *form)
+            request = parse_request(
+                table, prompt, method, options, negative, seed, steps, guidance, num_images
+            )
             progress(0, desc=f"{request.method}: waiting for the device")
             output = studio.compose(
                 request, progress=lambda done, total: progress((done, total), desc="images")
@@ -143,9 +155,22 @@ def build(studio: Studio) -> tuple[gr.Dropdown, gr.State]:
         mask_update = gr.update(value=[(m, c) for m, c in output.masks], visible=bool(output.masks))
         return list(zip(paths, captions, strict=True)), text, gr.update(visible=False), mask_update, paths
 
-    def compare_all(table_value: pd.DataFrame, *form: Any, progress: gr.Progress = gr.Progress()) -> tuple:
+    def compare_all(
+        table: pd.DataFrame | None,
+        prompt: str,
+        method: str,
+        options: str,
+        negative: str,
+        seed: float,
+        steps: float,
+        guidance: float,
+        num_images: float,
+        progress: gr.Progress = gr.Progress(),
+    ) -> tuple:
         try:
-            request = parse_request(table_value, *form)
+            request = parse_request(
+                table, prompt, method, options, negative, seed, steps, guidance, num_images
+            )
             outputs: list[ComposeOutput] = studio.compare(
                 request, list(METHODS), progress=lambda done, total: progress((done, total), desc="methods")
             )

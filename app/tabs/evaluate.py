@@ -38,7 +38,7 @@ def build(studio: Studio, last_images: gr.State) -> None:
                 True, label="Score the last Compose gallery (when no images are uploaded)"
             )
             images = gr.File(label="Images to score", file_count="multiple", file_types=["image"])
-            prompts = gr.Textbox(label="Prompts: one for every image, or one line per image", lines=4)
+            prompts = gr.Textbox("", label="Prompts: one for every image, or one line per image", lines=4)
             references = gr.File(
                 label="Reference images (CLIP-I)", file_count="multiple", file_types=["image"]
             )

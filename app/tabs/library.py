@@ -47,7 +47,7 @@ def build(studio: Studio) -> tuple[gr.Dataframe, gr.Dropdown]:
             )
             details = gr.Markdown()
             with gr.Row():
-                new_name = gr.Textbox(label="New name", scale=3)
+                new_name = gr.Textbox("", label="New name", scale=3)
                 rename = gr.Button("Rename", scale=1)
             delete = gr.Button("Delete…", variant="stop")
             with gr.Row(visible=False) as confirm_row:
@@ -61,8 +61,8 @@ def build(studio: Studio) -> tuple[gr.Dataframe, gr.Dropdown]:
             sample = gr.Image(label="Sample grid", interactive=False, height=320)
             with gr.Accordion("Import a .safetensors adapter (Atelier or kohya/A1111 LoRA)", open=False):
                 upload = gr.File(label="Adapter file", file_types=[".safetensors"])
-                import_name = gr.Textbox(label="Name (default: file name)")
-                import_trigger = gr.Textbox(label="Trigger phrase (the words that summon it)")
+                import_name = gr.Textbox("", label="Name (default: file name)")
+                import_trigger = gr.Textbox("", label="Trigger phrase (the words that summon it)")
                 import_button = gr.Button("Import")
             message = gr.Markdown(elem_id="library-message")
 

@@ -91,7 +91,7 @@ def build(studio: Studio) -> gr.Dropdown:
             thumbs = gr.Gallery(label="Accepted images", columns=6, height=140, interactive=False)
             with gr.Row():
                 trigger = gr.Textbox("sks", label="Trigger word", info="a rare word that names your subject")
-                class_word = gr.Textbox(label="Class word", placeholder="dog", info="what the subject is")
+                class_word = gr.Textbox("", label="Class word", placeholder="dog", info="what the subject is")
             family = gr.Radio(list(FAMILIES), value="lora", label="Adapter family")
             for name, family_spec in FAMILIES.items():
                 with gr.Group(visible=name == "lora") as groups[name]:
@@ -110,11 +110,12 @@ def build(studio: Studio) -> gr.Dropdown:
                 steps = gr.Number(400, label="Steps", precision=0, minimum=1, maximum=100000)
             prior = gr.Checkbox(False, label="Prior preservation (needs a class word)")
             base_model = gr.Textbox(
+                "",
                 label="Base model",
                 placeholder=f"default: {studio.settings.base_model or 'the toy world'}; or a local folder / hub id",
             )
             with gr.Accordion("Advanced training options", open=False):
-                learning_rate = gr.Number(None, label="Learning rate (blank: the family's default)")
+                learning_rate = gr.Number(0, label="Learning rate (0: the family's default)", minimum=0)
                 seed = gr.Number(0, label="Seed", precision=0)
                 validation_steps = gr.Number(
                     50, label="Validation grid every N steps", precision=0, minimum=0
@@ -126,7 +127,7 @@ def build(studio: Studio) -> gr.Dropdown:
                 num_class_images = gr.Number(
                     20, label="Class images for prior preservation", precision=0, minimum=1
                 )
-                name = gr.Textbox(label="Job name (default: trigger and class word)")
+                name = gr.Textbox("", label="Job name (default: trigger and class word)")
             start = gr.Button("Start training", variant="primary", elem_id="start-training")
         with gr.Column(scale=1):
             with gr.Row():

@@ -1,0 +1,190 @@
+"""The Gradio app through its HTTP API with ``gradio_client``, served on 127.0.0.1 in this process.
+
+Upload → train a few steps on the tiny SD model → the adapter appears in the library → compose two adapters
+→ the gallery returns images → score them; bad uploads show their message and start nothing; the login and
+the file-serving rules hold.
+"""
+
+from __future__ import annotations
+
+import socket
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import httpx
+import pytest
+from gradio_client import Client, handle_file
+from gradio_client.exceptions import AppError
+from PIL import Image
+
+from app.studio import Settings, Studio
+from app.tabs.compose import TABLE_COLUMNS
+from app.ui import serve
+from tests.test_app_jobs import make_subject_images
+
+TRAIN_ARGS = dict(n=3, val=2, n_val_images=1, val_steps=2, tgt="vo", fam="lora")
+
+
+@dataclass
+class RunningApp:
+    url: str
+    studio: Studio
+    images: list[Path]
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def start_app(
+    data_dir: Path, base_model: Path, clip_model: Path, auth: tuple[str, str] | None = None
+) -> tuple:
+    studio = Studio(
+        Settings(data_dir=data_dir, base_model=str(base_model), clip_model=str(clip_model), device="cpu")
+    )
+    port = free_port()
+    demo = serve(studio, host="127.0.0.1", port=port, auth=auth, block=False)
+    return demo, studio, f"http://127.0.0.1:{port}/"
+
+
+@pytest.fixture(scope="module")
+def tiny_clip(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    from tests.evaluation_models import save_tiny_clip
+
+    return save_tiny_clip(tmp_path_factory.mktemp("clip"))[0]
+
+
+@pytest.fixture(scope="module")
+def running_app(
+    tiny_sd_path: Path, tiny_clip: Path, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[RunningApp]:
+    demo, studio, url = start_app(tmp_path_factory.mktemp("atelier-data"), tiny_sd_path, tiny_clip)
+    try:
+        yield RunningApp(url, studio, make_subject_images(tmp_path_factory.mktemp("subject")))
+    finally:
+        demo.close()
+        studio.close()
+
+
+def train_through_api(client: Client, images: list[Path], trigger: str, class_word: str) -> str:
+    """Start a job through the Train tab's API and follow it to the end; returns the job id."""
+    job_id, status = client.predict(
+        paths=[handle_file(str(p)) for p in images],
+        trig=trigger,
+        cls=class_word,
+        api_name="/start_training",
+        **TRAIN_ARGS,
+    )
+    assert job_id.startswith("job-") and job_id in status
+    return job_id
+
+
+def test_upload_train_library_compose_and_score_through_the_api(running_app: RunningApp) -> None:
+    client = Client(running_app.url, verbose=False)
+    report, thumbs = client.predict(
+        paths=[handle_file(str(p)) for p in running_app.images], api_name="/check_uploads"
+    )
+    assert report.count("✓") == 3 and "✗" not in report and len(thumbs) == 3
+
+    dog = train_through_api(client, running_app.images, "sks", "dog")
+    cat = train_through_api(client, running_app.images, "zwx", "cat")
+    status, losses, validation, log = client.predict(job_id=dog, api_name="/follow_job")
+    assert "**completed**" in status and "is in the Library" in status, status
+    assert log.strip(), "the log tail shows the worker's output"
+    assert [row[0] for row in losses["data"]] == [1, 2, 3]
+    assert len(validation) == 2 and all(Path(item["image"]).is_file() for item in validation)
+    status, *_ = client.predict(job_id=cat, api_name="/follow_job")
+    assert "**completed**" in status, status
+
+    table, _ = client.predict(api_name="/library")
+    rows = {row[5]: row for row in table["data"]}
+    assert set(rows) == {"sks dog", "zwx cat"}
+    assert all(row[1] == "lora" and row[2] > 0 for row in rows.values())
+    details, sample, downloads = client.predict(adapter_id=rows["sks dog"][7], api_name="/adapter_details")
+    assert "sks dog" in details and Path(sample).is_file()
+    assert {Path(d).name for d in downloads} >= {"adapter.safetensors", "kohya_lora.safetensors"}
+
+    binding = {
+        "headers": TABLE_COLUMNS,
+        "data": [
+            [rows["sks dog"][7], rows["sks dog"][0], "sks dog", 1.0, "dog"],
+            [rows["zwx cat"][7], rows["zwx cat"][0], "zwx cat", 0.8, "cat"],
+        ],
+    }
+    gallery, info, _, _ = client.predict(
+        table=binding,
+        prompt="a photo of sks dog and zwx cat",
+        method="merge",
+        options="{}",
+        negative="",
+        seed=3,
+        steps=2,
+        guidance=5.0,
+        num_images=2,
+        api_name="/compose",
+    )
+    assert len(gallery) == 2 and "2 image(s)" in info
+    for item in gallery:
+        with Image.open(item["image"]) as image:
+            assert image.size == (32, 32)
+    assert [item["caption"].split(" · ")[0] for item in gallery] == ["seed 3", "seed 4"]
+
+    summary, _, scores, csv_file = client.predict(
+        uploaded=[], from_gallery=True, text="a photo of sks dog and zwx cat", refs=[], api_name="/evaluate"
+    )
+    assert len(scores["data"]) == 2 and "clipscore_100" in scores["headers"]
+    assert "2 image(s)" in summary and "clipscore_100: mean" in summary
+    assert Path(csv_file).read_text().count("\n") == 3
+
+
+def test_bad_uploads_show_their_message_and_start_nothing(running_app: RunningApp, tmp_path: Path) -> None:
+    fake = tmp_path / "holiday.png"
+    fake.write_text("not an image at all")
+    huge = tmp_path / "huge.png"
+    Image.new("L", (20000, 20000)).save(huge)
+    client = Client(running_app.url, verbose=False)
+    jobs_before = running_app.studio.store.list_jobs()
+
+    report, thumbs = client.predict(
+        paths=[handle_file(str(fake)), handle_file(str(huge))], api_name="/check_uploads"
+    )
+    assert "✗ holiday.png" in report and "not a readable image" in report
+    assert "✗ huge.png" in report and "decompression bomb" in report
+    assert thumbs == []
+    for files, message in (([fake], "holiday.png"), ([huge], "huge.png"), ([], "No images uploaded")):
+        with pytest.raises(AppError, match="Nothing was started") as caught:
+            client.predict(
+                paths=[handle_file(str(p)) for p in files],
+                trig="sks",
+                cls="dog",
+                api_name="/start_training",
+                **TRAIN_ARGS,
+            )
+        assert message in str(caught.value)
+    assert running_app.studio.store.list_jobs() == jobs_before
+
+
+def test_only_the_data_directory_is_served(running_app: RunningApp, tmp_path: Path) -> None:
+    inside = running_app.studio.settings.data_dir / "served.txt"
+    inside.write_text("inside")
+    outside = tmp_path / "secret.txt"
+    outside.write_text("outside")
+    assert httpx.get(f"{running_app.url}gradio_api/file={inside}").text == "inside"
+    for path in (outside, Path(__file__).resolve()):
+        assert httpx.get(f"{running_app.url}gradio_api/file={path}").status_code in (403, 404)
+
+
+def test_auth_protects_the_app(tiny_sd_path: Path, tiny_clip: Path, tmp_path: Path) -> None:
+    demo, studio, url = start_app(tmp_path / "data", tiny_sd_path, tiny_clip, auth=("ada", "lovelace"))
+    try:
+        assert httpx.get(f"{url}config").status_code == 401
+        with pytest.raises(Exception, match="(?i)login|auth|401"):
+            Client(url, verbose=False, auth=("ada", "wrong"))
+        table, _ = Client(url, verbose=False, auth=("ada", "lovelace")).predict(api_name="/library")
+        assert table["data"] == [] or all(not any(row) for row in table["data"])
+    finally:
+        demo.close()
+        studio.close()
