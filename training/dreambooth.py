@@ -5,7 +5,8 @@ Implements DreamBooth (Ruiz et al., 2023) with a parameter-efficient adapter in 
 code runs on a CPU, one GPU, or data-parallel on many:
 
     python -m training.dreambooth --instance_data_dir photos/ --instance_prompt "a photo of sks dog"
-    accelerate launch --num_processes 2 -m training.dreambooth --instance_data_dir photos/ ...
+    accelerate launch --multi_gpu --num_processes 2 -m training.dreambooth --instance_data_dir photos/ ...
+    ACCELERATE_USE_CPU=1 accelerate launch --multi_gpu --num_processes 2 -m training.dreambooth ...  # 2 CPU procs, gloo
 
 The loop reads top to bottom: preflight (every check, nothing written) → class images for prior
 preservation → attach the adapter → cache text embeddings and latents → optimiser and schedule →
@@ -73,6 +74,7 @@ class TrainResult:
     seconds: float = 0.0
     steps_per_second: float = 0.0
     trainable_parameters: int = 0
+    num_processes: int = 1
     exports: dict[str, Path] = field(default_factory=dict)
 
 
@@ -144,10 +146,11 @@ def _cancel_requested(cancel: CancelFlag | None, accelerator: Accelerator) -> bo
 def _check_finite(loss: torch.Tensor, step: int, accelerator: Accelerator, cfg: TrainConfig) -> None:
     values = accelerator.gather(loss.detach().float().reshape(1))
     if not torch.isfinite(values).all():
+        precision = "" if cfg.mixed_precision == "no" else " or train with --mixed_precision no"
         raise TrainingDivergedError(
-            f"the loss became {values.tolist()} at step {step + 1}; training stopped and this step was not "
-            f"saved. Lower --learning_rate (now {cfg.learning_rate:g}), or use --mixed_precision no, then resume "
-            "from the last checkpoint-N with --resume_from_checkpoint latest."
+            f"the loss became {values.tolist()} at step {step + 1}; training stopped and nothing from this step "
+            f"was saved. Lower --learning_rate (now {cfg.learning_rate:g}){precision}, then start again or resume "
+            "from an earlier checkpoint with --resume_from_checkpoint."
         )
 
 
@@ -349,6 +352,7 @@ def train(
         seconds=seconds,
         steps_per_second=rate,
         trainable_parameters=handle.num_parameters(),
+        num_processes=world,
     )
     if not cancelled:
         final_grid = _validate(plan, accelerator, step) if cfg.num_validation_images else None

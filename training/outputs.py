@@ -51,7 +51,13 @@ def write_final_outputs(
         base_model_id=plan.base_model,
         trigger_phrase=cfg.trigger,
         train_steps=result.steps,
-        extra={"instance_prompt": cfg.instance_prompt, "final_loss": result.final_loss, "seed": cfg.seed},
+        extra={
+            "instance_prompt": cfg.instance_prompt,
+            "final_loss": result.final_loss,
+            "seed": cfg.seed,
+            "num_processes": result.num_processes,
+            "learning_rate": cfg.learning_rate,
+        },
     )
     adapter_file = load_adapter_file(adapter_path)
     written: dict[str, Path] = {}

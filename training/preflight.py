@@ -92,14 +92,12 @@ def _base_model_spec(config: TrainConfig) -> str:
 
 
 def _resolution(config: TrainConfig, pipe: DiffusionPipeline) -> int:
-    unet = pipe.unet
-    native = int(unet.config.sample_size) * pipe.vae_scale_factor
+    native = int(pipe.unet.config.sample_size) * pipe.vae_scale_factor
     resolution = config.resolution or native
-    multiple = pipe.vae_scale_factor * 2 ** (len(unet.config.down_block_types) - 1)
-    if resolution % multiple:
+    if resolution % pipe.vae_scale_factor:
         raise ConfigError(
-            f"--resolution {resolution} does not fit this model: it must be a multiple of {multiple} "
-            f"(VAE factor {pipe.vae_scale_factor} × UNet downsampling); the model's native size is {native}"
+            f"--resolution {resolution} must be a multiple of the VAE factor {pipe.vae_scale_factor}; "
+            f"the model's native size is {native}"
         )
     return resolution
 

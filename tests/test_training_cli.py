@@ -1,0 +1,202 @@
+"""`python -m training.dreambooth` end to end: every family on the tiny model, every bad input (exit 2,
+outputs untouched), and `accelerate launch --num_processes 2 --cpu` (gloo) saving once."""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+from PIL import Image
+
+from models.adapters.files import load_adapter_file
+from models.toyworld.world import Scene, SceneObject, render_scene
+from training.config import FAMILY_TRAINING_DEFAULTS
+from training.dreambooth import main
+from training.train_log import read_train_log
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def subject_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    folder = tmp_path_factory.mktemp("subject")
+    for k, colour in enumerate(["red", "blue", "green", "yellow"]):
+        render_scene(Scene((SceneObject("heart", colour),))).save(folder / f"{k}.png")
+    return folder
+
+
+@pytest.fixture(autouse=True)
+def _one_thread() -> Any:
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def base_args(model: Path, images: Path, out: Path) -> list[str]:
+    return [
+        "--pretrained_model_name_or_path", str(model),
+        "--instance_data_dir", str(images),
+        "--instance_prompt", "a photo of sks heart",
+        "--output_dir", str(out),
+        "--max_train_steps", "2",
+        "--seed", "3",
+        "--num_inference_steps", "2",
+        "--num_validation_images", "2",
+    ]  # fmt: skip
+
+
+FAMILY_FLAGS = {
+    "lora": ["--lora_rank", "2", "--lora_alpha", "2"],
+    "krona": ["--krona_a1", "4", "--krona_a2", "4"],
+    "boft": ["--boft_block_num", "4"],
+    "hra": ["--hra_r", "2"],
+}
+
+
+@pytest.mark.parametrize("family", sorted(FAMILY_FLAGS))
+def test_cli_trains_every_family(family: str, tiny_sd_path: Path, subject_dir: Path, tmp_path: Path) -> None:
+    out = tmp_path / "out"
+    code = main([*base_args(tiny_sd_path, subject_dir, out), "--adapter", family, *FAMILY_FLAGS[family]])
+    assert code == 0
+    adapter = load_adapter_file(out / "adapter.safetensors")
+    assert adapter.family == family and adapter.train_steps == 2
+    assert adapter.trigger_phrase == "a photo of sks heart"
+    saved = adapter.config.to_dict()
+    for flag, value in zip(FAMILY_FLAGS[family][::2], FAMILY_FLAGS[family][1::2], strict=True):
+        key = flag.removeprefix(f"--{family}_")
+        assert saved[key] == type(saved[key])(value), key
+    rows = read_train_log(out / "train_log.jsonl")
+    assert [r["step"] for r in rows] == [1, 2]
+    assert all(r["loss"] > 0 and r["lr"] == FAMILY_TRAINING_DEFAULTS[family].learning_rate for r in rows)
+    grid = Image.open(out / "validation" / "step-2.png")
+    assert grid.size == (2 * 32, 32)  # two 32 px samples side by side
+    card = (out / "README.md").read_text()
+    assert "a photo of sks heart" in card and "validation/step-2.png" in card and adapter.fingerprint in card
+    # the adapter changed the UNet: effective weights differ from the base model's
+    from models.pipelines import load_pipeline
+
+    unet = load_pipeline(tiny_sd_path, device="cpu", dtype="fp32").unet
+    effective = adapter.layer_weights(unet)
+    assert max((effective[n] - unet.get_submodule(n).weight).abs().max().item() for n in effective) > 0
+
+
+def _snapshot(folder: Path) -> dict[str, tuple[bytes, int]]:
+    return {
+        str(p.relative_to(folder)): (p.read_bytes(), p.stat().st_mtime_ns)
+        for p in folder.rglob("*")
+        if p.is_file()
+    }
+
+
+BAD_INPUTS = [
+    (["--resolution", "30"], "--resolution 30 must be a positive multiple of 8"),
+    (["--lora_rank", "0"], "lora rank must be an integer >= 1"),
+    (["--lora_rank", "64"], "lora rank 64 exceeds the size of layer"),
+    (
+        ["--adapter", "boft", "--boft_block_num", "0", "--boft_block_size", "5"],
+        "boft block_size=5 does not divide",
+    ),
+    (["--adapter", "hra", "--hra_r", "3"], "hra r must be an even integer"),
+    (["--adapter", "krona", "--krona_a1", "0"], "krona a1 must be an integer >= 1"),
+    (["--lora_dropout", "1.5"], "lora dropout must be in [0, 1)"),
+    (["--hra_r", "2"], "--hra_r belongs to the hra family, but --adapter is lora"),
+    (["--targets", "no_such_layer"], "pattern 'no_such_layer' selects no nn.Linear layer"),
+    (["--instance_prompt", " "], "--instance_prompt is required"),
+    (["--with_prior_preservation"], "--with_prior_preservation needs --class_prompt"),
+    (["--mixed_precision", "fp16"], "--mixed_precision fp16 needs a GPU"),
+    (["--resume_from_checkpoint", "checkpoint-9"], "is not a training checkpoint"),
+    (["--pretrained_model_name_or_path", "/no/such/model"], "does not exist"),
+    (["--learning_rate", "0"], "--learning_rate must be a positive number"),
+    (["--max_train_steps", "0"], "--max_train_steps must be >= 1"),
+    (["--lr_scheduler", "sometimes"], "--lr_scheduler 'sometimes' is unknown"),
+    (["--adapter", "dora"], "invalid choice: 'dora'"),
+    (["--max_train_steps", "many"], "invalid int value: 'many'"),
+]
+
+
+@pytest.mark.parametrize(("extra", "message"), BAD_INPUTS, ids=[m[:40] for _, m in BAD_INPUTS])
+def test_bad_input_exits_2_and_touches_nothing(
+    extra: list[str],
+    message: str,
+    tiny_sd_path: Path,
+    subject_dir: Path,
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    out = tmp_path / "previous-run"
+    (out / "checkpoint-1").mkdir(parents=True)
+    (out / "adapter.safetensors").write_bytes(b"an earlier, good adapter")
+    (out / "train_log.jsonl").write_text('{"step": 1, "loss": 0.5}\n')
+    (out / "checkpoint-1" / "notes.txt").write_text("not a complete checkpoint")
+    before = _snapshot(out)
+    code = main([*base_args(tiny_sd_path, subject_dir, out), *extra])
+    assert code == 2
+    assert message in capsys.readouterr().err
+    assert _snapshot(out) == before
+
+
+def test_bad_images_and_folders_exit_2(
+    tiny_sd_path: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    out = tmp_path / "out"
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    assert main(base_args(tiny_sd_path, empty, out)) == 2
+    assert "holds no images" in capsys.readouterr().err
+    broken = tmp_path / "broken"
+    broken.mkdir()
+    (broken / "cat.jpg").write_bytes(b"not really a jpeg")
+    Image.new("RGB", (8, 8)).save(broken / "small.png")
+    assert main(base_args(tiny_sd_path, broken, out)) == 2
+    err = capsys.readouterr().err
+    assert "cat.jpg: not a readable image" in err and "small.png: 8x8 is too small" in err
+    assert not out.exists()
+    config = tmp_path / "run.json"
+    config.write_text(json.dumps({"learning_rat": 1}))
+    assert main(["--config", str(config)]) == 2
+    assert "unknown training option(s): learning_rat" in capsys.readouterr().err
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def test_accelerate_launch_two_cpu_processes(tiny_sd_path: Path, subject_dir: Path, tmp_path: Path) -> None:
+    """Two gloo processes on the CPU. accelerate 1.x starts several CPU processes through torchrun only with
+    ``--multi_gpu`` plus ``ACCELERATE_USE_CPU=1`` (``--cpu --num_processes 2`` alone needs an MPI hostfile)."""
+    out = tmp_path / "ddp"
+    env = os.environ | {
+        "OMP_NUM_THREADS": "1",
+        "HF_HUB_OFFLINE": "1",
+        "PYTHONPATH": str(REPO),
+        "ACCELERATE_USE_CPU": "1",
+    }
+    command = [
+        sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+        "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
+        "--main_process_port", str(_free_port()),
+        "-m", "training.dreambooth", *base_args(tiny_sd_path, subject_dir, out),
+        "--max_train_steps", "3", "--checkpointing_steps", "2",
+    ]  # fmt: skip
+    run = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+    assert run.returncode == 0, run.stderr[-3000:]
+    adapter = load_adapter_file(out / "adapter.safetensors")
+    assert json.loads(adapter.metadata["extra"])["num_processes"] == 2
+    assert [r["step"] for r in read_train_log(out / "train_log.jsonl")] == [
+        1,
+        2,
+        3,
+    ]  # written once, not twice
+    assert sorted(p.name for p in out.iterdir() if p.name.startswith("checkpoint-")) == ["checkpoint-2"]
+    assert not [p for p in out.iterdir() if p.name.startswith(".")]  # no leftover temporary files
+    assert run.stdout.count("adapter: ") == 1
