@@ -109,7 +109,9 @@ class Sampler:
             raise CompositionError(f"steps must be >= 1, got {steps}.")
         if guidance < 0:
             raise CompositionError(f"guidance must be >= 0, got {guidance}.")
-        self.pipe, self.unet, self.scheduler = pipe, pipe.unet, pipe.scheduler
+        self.pipe, self.unet = pipe, pipe.unet
+        # A private scheduler: stepping state never leaks between trajectories (e.g. CMLoRA's profiling runs).
+        self.scheduler = type(pipe.scheduler).from_config(pipe.scheduler.config)
         self.steps, self.guidance, self.progress = steps, float(guidance), progress
         self.cfg = self.guidance > 1.0
         scale = pipe.vae_scale_factor

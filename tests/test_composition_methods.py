@@ -1,0 +1,107 @@
+"""Every composition method on the tiny SD model: determinism, evaluation counts, equivalences, bad inputs."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from composition import AdapterBank, CompositionError, ConceptPrompt, generate
+from composition.methods import METHODS, method_options
+from composition.methods.cmlora import refresh_steps
+from tests.composition_helpers import FakeAdapter
+
+STEPS = 3
+FAST = {"clora": {"preset": "light", "refine_rounds": 1}, "cmlora": {"profile_steps": 1}}
+
+
+def _pixels(result) -> np.ndarray:
+    return np.asarray(result.images[0], dtype=np.int16)
+
+
+def _two_concepts(pipe) -> tuple[AdapterBank, ConceptPrompt]:
+    bank = AdapterBank(
+        pipe, [FakeAdapter(1, "sks star"), FakeAdapter(2, "zwx heart", suffixes=("to_q", "to_v"))]
+    )
+    prompt = ConceptPrompt.build(
+        "a sks star and a zwx heart", ["sks star", "zwx heart"], plains=["star", "heart"]
+    )
+    return bank, prompt
+
+
+@pytest.mark.parametrize("method", sorted(METHODS))
+def test_each_method_is_seeded_and_counts_its_unet_evaluations(method, tiny_sd_pipe) -> None:
+    bank, prompt = _two_concepts(tiny_sd_pipe)
+    options = FAST.get(method, {})
+    first = generate(method, tiny_sd_pipe, bank, prompt, steps=STEPS, guidance=5.0, seed=3, **options)
+    again = generate(method, tiny_sd_pipe, bank, prompt, steps=STEPS, guidance=5.0, seed=3, **options)
+    assert np.array_equal(_pixels(first), _pixels(again))
+    if method in ("merge", "composite"):
+        other = generate(method, tiny_sd_pipe, bank, prompt, steps=STEPS, guidance=5.0, seed=4)
+        assert not np.array_equal(_pixels(first), _pixels(other))
+    assert first.images[0].size == (32, 32)
+    assert bank.active is None  # every method leaves the base weights in place
+    n, pair = 2, 2
+    if method in ("merge", "switch"):
+        assert first.unet_evals == pair * STEPS
+    elif method == "composite":
+        assert first.unet_evals == n * pair * STEPS
+    elif method == "cmlora":
+        assert first.extras["refresh_steps"] == sorted(refresh_steps(STEPS, 5))
+        refreshed = len(first.extras["refresh_steps"])
+        assert first.extras["sampling_evals"] == pair * STEPS + (n - 1) * pair * refreshed
+        assert first.extras["shallow_evals"] == (n - 1) * pair * (STEPS - refreshed)
+        assert first.unet_evals == first.extras["sampling_evals"] + first.extras["profile_evals"]
+        assert again.extras["profile_evals"] == 0  # measured scores are cached on the bank
+    else:  # clora: every branch's CFG pair per step + per update round 2 conditional passes per branch
+        rounds = len(first.extras["losses"])
+        assert rounds == 4  # refinement at round(0.0·3)=0 and round(0.2·3)=round(0.4·3)=1: (1+1) + (1+1)
+        assert first.unet_evals == (n + 1) * pair * STEPS + rounds * 2 * (n + 1)
+        assert first.extras["masks"].shape == (n + 1, 16, 16)
+
+
+def test_composite_of_identical_adapters_equals_the_single_adapter(tiny_sd_pipe) -> None:
+    single = AdapterBank(tiny_sd_pipe, [FakeAdapter(7, "sks star")])
+    prompt = ConceptPrompt.build("a sks star", ["sks star"])
+    expected = generate("merge", tiny_sd_pipe, single, prompt, steps=STEPS, seed=1)
+    single.close()
+    tripled = AdapterBank(tiny_sd_pipe, [FakeAdapter(7), FakeAdapter(7), FakeAdapter(7)])
+    prompt3 = ConceptPrompt.build("a sks star", ["sks star"] * 3)
+    got = generate("composite", tiny_sd_pipe, tripled, prompt3, steps=STEPS, seed=1)
+    assert np.abs(_pixels(got) - _pixels(expected)).max() <= 1
+
+
+def test_switch_with_long_interval_equals_the_first_adapter_alone(tiny_sd_pipe) -> None:
+    bank, prompt = _two_concepts(tiny_sd_pipe)
+    got = generate("switch", tiny_sd_pipe, bank, prompt, steps=STEPS, seed=2, interval=STEPS)
+    assert got.extras["schedule"] == [0] * STEPS
+    bank.close()
+    first = AdapterBank(tiny_sd_pipe, [FakeAdapter(1)])
+    alone = ConceptPrompt.build(prompt.text, ["sks star"])
+    expected = generate("merge", tiny_sd_pipe, first, alone, steps=STEPS, seed=2)
+    assert np.array_equal(_pixels(got), _pixels(expected))
+
+
+def test_clora_without_updates_and_full_mask_equals_single_adapter(tiny_sd_pipe) -> None:
+    bank = AdapterBank(tiny_sd_pipe, [FakeAdapter(5)])
+    prompt = ConceptPrompt.build("a sks star on a blue background", ["sks star"], plains=["star"])
+    got = generate("clora", tiny_sd_pipe, bank, prompt, steps=STEPS, seed=0, iterations=0, mask_threshold=0.0)
+    expected = generate("merge", tiny_sd_pipe, bank, prompt, steps=STEPS, seed=0)
+    assert got.extras["losses"] == []
+    assert got.extras["masks"][1].min() == 1 and got.extras["masks"][0].max() == 0
+    assert np.abs(_pixels(got) - _pixels(expected)).max() <= 1
+
+
+def test_bad_inputs_give_clear_errors(tiny_sd_pipe) -> None:
+    bank, prompt = _two_concepts(tiny_sd_pipe)
+    with pytest.raises(CompositionError, match="unknown composition method 'blend'"):
+        generate("blend", tiny_sd_pipe, bank, prompt)
+    with pytest.raises(CompositionError, match="has no option"):
+        generate("merge", tiny_sd_pipe, bank, prompt, interval=3)
+    with pytest.raises(CompositionError, match="binds 1 concepts but the bank holds 2"):
+        generate("merge", tiny_sd_pipe, bank, ConceptPrompt.build("a sks star", ["sks star"]), steps=1)
+    with pytest.raises(CompositionError, match="unknown clora preset"):
+        generate("clora", tiny_sd_pipe, bank, prompt, steps=1, preset="turbo")
+    with pytest.raises(CompositionError, match="steps must be >= 1"):
+        generate("switch", tiny_sd_pipe, bank, prompt, steps=0)
+    assert method_options("switch") == {"interval": 5}
+    assert method_options("clora")["refine_rounds"] == 20

@@ -1,0 +1,131 @@
+"""Composition building blocks: ConceptPrompt token indices, attention capture, contrastive loss and masks,
+DeepCache-style shallow forward, frequency profiles."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from composition import CompositionError, ConceptPrompt
+from composition.attention_store import AttentionStore, capture_cross_attention, capture_layers
+from composition.contrastive import branch_masks, concept_mask, contrastive_loss, fuse, normalised_token_maps
+from composition.feature_cache import DeepFeatureCache, full_forward, shallow_forward
+from composition.frequency import frequency_order, high_frequency_energy, radial_profile
+
+
+def test_token_indices_follow_the_tokenizer(tiny_sd_pipe) -> None:
+    prompt = ConceptPrompt.build(
+        "A photo of a sks dog and a zwx cat", ["sks dog", "zwx cat"], plains=["dog", "cat"]
+    )
+    tokenizer = tiny_sd_pipe.tokenizer
+    ids = tokenizer(prompt.branch_text(0)).input_ids
+    first, second = prompt.token_indices(tiny_sd_pipe, 0)
+    assert tokenizer.decode([ids[i] for i in first]) == "sks dog"
+    assert tokenizer.decode([ids[i] for i in second]) == "cat"  # the other concept reads plain in branch 0
+    assert prompt.branch_text(None) == "A photo of a dog and a cat"
+    assert prompt.branch_text(1) == "A photo of a dog and a zwx cat"
+    base_ids = tokenizer(prompt.branch_text(None)).input_ids
+    assert [tokenizer.decode([base_ids[i]]) for i in prompt.token_indices(tiny_sd_pipe, None)[1]] == ["cat"]
+
+
+def test_token_indices_agree_across_sdxl_tokenizers(tiny_sdxl_pipe) -> None:
+    prompt = ConceptPrompt.build("a red star left of a blue heart", ["red star", "blue heart"])
+    assert prompt.token_indices(tiny_sdxl_pipe) == [[2, 3], [7, 8]]  # BOS a red star left of a blue heart
+
+
+def test_prompt_errors_name_the_problem() -> None:
+    with pytest.raises(CompositionError, match=r"phrase 'zwx cat' of adapter 2 is not in the prompt"):
+        ConceptPrompt.build("a sks dog on a sofa", ["sks dog", "zwx cat"])
+    with pytest.raises(CompositionError, match="at least one concept"):
+        ConceptPrompt("a dog", [])
+    with pytest.raises(CompositionError, match="one of each per adapter"):
+        ConceptPrompt.build("a dog", ["dog"], weights=[1.0, 2.0])
+    with pytest.raises(CompositionError, match="not in the prompt"):
+        ConceptPrompt.build("a hotdog", ["dog"])  # whole words only
+
+
+def test_capture_is_exact_and_restores_processors(tiny_sd_pipe) -> None:
+    unet = tiny_sd_pipe.unet
+    before = {k: type(v) for k, v in unet.attn_processors.items()}
+    x, t, context = torch.randn(2, 4, 16, 16), torch.tensor(300), torch.randn(2, 77, 32)
+    store = AttentionStore()
+    with torch.no_grad():
+        plain = unet(x, t, encoder_hidden_states=context).sample
+        with capture_cross_attention(unet, store) as layers:
+            captured = unet(x, t, encoder_hidden_states=context).sample
+            maps = store.token_maps((16, 16))
+    torch.testing.assert_close(captured, plain, rtol=1e-5, atol=1e-5)
+    assert layers == capture_layers(unet) and all(".attn2." in name for name in layers)
+    side = maps.shape[-1]
+    assert maps.shape == (2, 77, side, side) and side in (8, 16)
+    torch.testing.assert_close(maps.sum(1), torch.ones(2, side, side))  # probabilities over tokens
+    assert {k: type(v) for k, v in unet.attn_processors.items()} == before
+    assert not store.maps
+
+
+def test_contrastive_loss_prefers_separated_concepts() -> None:
+    left, right = torch.zeros(8, 8), torch.zeros(8, 8)
+    left[:, :4], right[:, 4:] = 1.0, 1.0
+    separated = torch.zeros(5, 8, 8)
+    separated[1], separated[2] = left, right
+    overlapping = torch.zeros(5, 8, 8)
+    overlapping[1], overlapping[2] = left, left + 0.1 * right
+    indices = [[[1], [2]], [[1], [2]]]
+    good = contrastive_loss([separated, separated], indices)
+    bad = contrastive_loss([overlapping, overlapping], indices)
+    assert good < bad
+    assert contrastive_loss([separated], [[[1]]]) == 0  # one concept: nothing to contrast
+
+
+def test_masks_and_fusion() -> None:
+    raw = torch.rand(77, 4, 4).softmax(0)
+    maps = normalised_token_maps(raw, eos=6)
+    assert maps[0].abs().sum() == 0 and maps[6:].abs().sum() == 0
+    assert torch.allclose(maps[1:6].flatten(1).amax(1), torch.ones(5))
+    assert concept_mask(maps, [2], 0.0).all()
+    mask = concept_mask(maps, [2, 3], 0.3)
+    assert torch.equal(mask, (maps[2] >= 0.3) | (maps[3] >= 0.3))
+    left = torch.zeros(4, 4, dtype=torch.bool)
+    left[:, :2] = True
+    masks = branch_masks([left], (8, 8))
+    assert masks.shape == (2, 8, 8) and torch.equal(masks.sum(0), torch.ones(8, 8))
+    eps = [torch.full((1, 4, 8, 8), 1.0), torch.full((1, 4, 8, 8), 5.0)]
+    fused = fuse(eps, masks)
+    assert torch.all(fused[..., :4] == 5.0) and torch.all(fused[..., 4:] == 1.0)
+
+
+@pytest.mark.parametrize("which", ["sd", "sdxl"])
+def test_shallow_forward_with_a_fresh_cache_equals_the_full_forward(
+    which, tiny_sd_pipe, tiny_sdxl_pipe
+) -> None:
+    pipe = tiny_sd_pipe if which == "sd" else tiny_sdxl_pipe
+    unet = pipe.unet
+    x, t = torch.randn(2, 4, 16, 16), torch.tensor(500)
+    context = torch.randn(2, 77, unet.config.cross_attention_dim)
+    added = None
+    if which == "sdxl":
+        added = {
+            "text_embeds": torch.randn(2, 32),
+            "time_ids": torch.tensor([[32, 32, 0, 0, 32, 32]] * 2).float(),
+        }
+    cache = DeepFeatureCache()
+    with torch.no_grad():
+        full = full_forward(unet, cache, 0, x, t, context, added)
+        assert 0 in cache
+        shallow = shallow_forward(unet, cache, 0, x, t, context, added)
+        stale = shallow_forward(unet, cache, 0, x, torch.tensor(450), context, added)
+    torch.testing.assert_close(shallow, full, rtol=1e-4, atol=1e-5)
+    assert (stale - full).abs().max() > 1e-4  # the shallow path really is recomputed
+
+
+def test_frequency_profile_ranks_texture_above_smooth() -> None:
+    yy, xx = np.mgrid[0:32, 0:32]
+    checker = ((yy // 2 + xx // 2) % 2).astype(float)
+    smooth = (xx / 31.0).astype(float)
+    assert radial_profile(checker).shape == (16,)
+    scores = [high_frequency_energy(smooth), high_frequency_energy(checker)]
+    assert scores[1] > scores[0]
+    assert frequency_order(scores) == [1, 0]
+    with pytest.raises(ValueError, match="cutoff"):
+        high_frequency_energy(checker, cutoff=1.5)
