@@ -59,9 +59,8 @@ Selection = int | Sequence[float] | None
 
 def load_source(path: str | Path, unet: nn.Module) -> AdapterSource:
     """Read an adapter file: Atelier's own format, else a kohya/A1111 LoRA (imported against `unet`)."""
-    from models.adapters.files import load_adapter_file
-
     from models.adapters.family import AdapterFileError
+    from models.adapters.files import load_adapter_file
 
     path = Path(path)
     if not path.is_file():
@@ -251,8 +250,8 @@ class AdapterBank:
 def _default_name(source: AdapterSource | str | Path, index: int) -> str:
     if isinstance(source, str | Path):
         return Path(source).stem
-    name = dict(getattr(source, "metadata", {}) or {}).get("name")
-    return name or f"adapter{index + 1}"
+    name = getattr(source, "name", None) or dict(getattr(source, "metadata", {}) or {}).get("name")
+    return str(name) if name else f"adapter{index + 1}"
 
 
 def _text_encoder_weights(source: Any, pipe: Any) -> dict[str, dict[str, torch.Tensor]]:
