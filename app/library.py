@@ -74,12 +74,12 @@ class Library:
         path = Path(path)
         if path.suffix.lower() != ".safetensors" or not path.is_file():
             raise LibraryError(f"{path.name}: only .safetensors adapter files can be imported")
-        from models.adapters.exports import import_kohya_lora
-
         try:
             load_adapter_file(path)
             load, kind = load_adapter_file, "imported"
         except AdapterFileError as own_error:
+            from models.adapters.exports import import_kohya_lora
+
             try:
                 import_kohya_lora(path, unet())
             except AdapterFileError as kohya_error:
@@ -201,7 +201,8 @@ def _read_atelier_file(path: Path) -> Any:
 
 def _describe(adapter_file: Any) -> dict[str, Any]:
     """Family, parameter count, base model and trigger of a loaded adapter file."""
-    metadata = dict(adapter_file.metadata)
+    metadata = {k: v for k, v in adapter_file.metadata.items() if k not in ("layer_shapes", "targets")}
+    metadata["target_layers"] = len(adapter_file.targets)
     return {
         "family": adapter_file.family,
         "parameters": int(sum(t.numel() for t in adapter_file.tensors.values())),

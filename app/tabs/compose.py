@@ -109,9 +109,13 @@ def build(studio: Studio) -> tuple[gr.Dropdown, gr.State]:
             options = gr.Code(default_options("merge"), language="json", label="Method options")
             with gr.Row():
                 seed = gr.Number(0, label="Seed", precision=0)
-                steps = gr.Number(25, label="Steps", precision=0, minimum=1, maximum=200)
+                steps = gr.Number(
+                    25, label="Steps", elem_id="compose-steps", precision=0, minimum=1, maximum=200
+                )
                 guidance = gr.Number(7.5, label="Guidance")
-                num_images = gr.Number(1, label="Images", precision=0, minimum=1, maximum=8)
+                num_images = gr.Number(
+                    1, label="Images", elem_id="compose-images", precision=0, minimum=1, maximum=8
+                )
             with gr.Row():
                 run = gr.Button("Generate", variant="primary", elem_id="compose-generate")
                 compare = gr.Button("Compare methods", elem_id="compose-compare")

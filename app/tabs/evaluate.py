@@ -38,13 +38,18 @@ def build(studio: Studio, last_images: gr.State) -> None:
                 True, label="Score the last Compose gallery (when no images are uploaded)"
             )
             images = gr.File(label="Images to score", file_count="multiple", file_types=["image"])
-            prompts = gr.Textbox("", label="Prompts: one for every image, or one line per image", lines=4)
+            prompts = gr.Textbox(
+                "",
+                elem_id="evaluate-prompts",
+                label="Prompts: one for every image, or one line per image",
+                lines=4,
+            )
             references = gr.File(
                 label="Reference images (CLIP-I)", file_count="multiple", file_types=["image"]
             )
             run = gr.Button("Score", variant="primary", elem_id="evaluate-score")
         with gr.Column():
-            summary = gr.Markdown()
+            summary = gr.Markdown(elem_id="evaluate-summary")
             chart = gr.BarPlot(x="image", y="score", color="metric", title="Scores per image", height=280)
             table = gr.Dataframe(label="Scores", interactive=False)
             download = gr.File(label="CSV", interactive=False)

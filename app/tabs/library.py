@@ -45,7 +45,7 @@ def build(studio: Studio) -> tuple[gr.Dataframe, gr.Dropdown]:
             selected = gr.Dropdown(
                 adapter_choices(studio), label="Adapter", value=None, elem_id="library-select"
             )
-            details = gr.Markdown()
+            details = gr.Markdown(elem_id="library-details")
             with gr.Row():
                 new_name = gr.Textbox("", label="New name", scale=3)
                 rename = gr.Button("Rename", scale=1)

@@ -91,7 +91,13 @@ def build(studio: Studio) -> gr.Dropdown:
             thumbs = gr.Gallery(label="Accepted images", columns=6, height=140, interactive=False)
             with gr.Row():
                 trigger = gr.Textbox("sks", label="Trigger word", info="a rare word that names your subject")
-                class_word = gr.Textbox("", label="Class word", placeholder="dog", info="what the subject is")
+                class_word = gr.Textbox(
+                    "",
+                    label="Class word",
+                    elem_id="train-class-word",
+                    placeholder="dog",
+                    info="what the subject is",
+                )
             family = gr.Radio(list(FAMILIES), value="lora", label="Adapter family")
             for name, family_spec in FAMILIES.items():
                 with gr.Group(visible=name == "lora") as groups[name]:
@@ -107,7 +113,9 @@ def build(studio: Studio) -> gr.Dropdown:
                             )
             with gr.Row():
                 targets = gr.Dropdown(list(PRESETS), value="vo", label="Targets", allow_custom_value=True)
-                steps = gr.Number(400, label="Steps", precision=0, minimum=1, maximum=100000)
+                steps = gr.Number(
+                    400, label="Steps", elem_id="train-steps", precision=0, minimum=1, maximum=100000
+                )
             prior = gr.Checkbox(False, label="Prior preservation (needs a class word)")
             base_model = gr.Textbox(
                 "",
@@ -118,11 +126,25 @@ def build(studio: Studio) -> gr.Dropdown:
                 learning_rate = gr.Number(0, label="Learning rate (0: the family's default)", minimum=0)
                 seed = gr.Number(0, label="Seed", precision=0)
                 validation_steps = gr.Number(
-                    50, label="Validation grid every N steps", precision=0, minimum=0
+                    50,
+                    label="Validation grid every N steps",
+                    elem_id="train-validation-steps",
+                    precision=0,
+                    minimum=0,
                 )
-                validation_images = gr.Number(2, label="Images per validation grid", precision=0, minimum=1)
+                validation_images = gr.Number(
+                    2,
+                    label="Images per validation grid",
+                    elem_id="train-validation-images",
+                    precision=0,
+                    minimum=1,
+                )
                 validation_inference_steps = gr.Number(
-                    25, label="Denoising steps of validation images", precision=0, minimum=1
+                    25,
+                    label="Denoising steps of validation images",
+                    elem_id="train-validation-denoise",
+                    precision=0,
+                    minimum=1,
                 )
                 num_class_images = gr.Number(
                     20, label="Class images for prior preservation", precision=0, minimum=1
