@@ -1,0 +1,377 @@
+"""Train the toy world end to end: tiny CLIP, then VAE, then UNet; save the pipeline and CLIP under assets/.
+
+Latent diffusion as in Rombach et al. 2022 ("High-Resolution Image Synthesis with Latent Diffusion Models"):
+an `AutoencoderKL` compresses 32 px scenes 4x to 8x8x4 latents, a `UNet2DConditionModel` learns to denoise
+them (epsilon prediction, DDPM noising, Ho et al. 2020) conditioned through cross-attention on the frozen text
+tower of the tiny CLIP (Radford et al. 2021), with 10% caption dropout for classifier-free guidance (Ho &
+Salimans 2022) and an EMA of the weights. The CLIP and the VAE see every concept; the UNet never sees the
+held-out ones (`world.HELD_OUT`).
+
+    python -m models.toyworld.train --out assets/toyworld
+
+Seeded (every batch is a function of seed and step) and resumable: each stage checkpoints into
+`--work-dir` (default `.cache/toyworld/`) and a rerun continues where it stopped.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import random
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from diffusers import (
+    AutoencoderKL,
+    DDIMScheduler,
+    DDPMScheduler,
+    StableDiffusionPipeline,
+    UNet2DConditionModel,
+)
+from diffusers.training_utils import EMAModel
+from safetensors.torch import load_file, save_file
+from tqdm.auto import tqdm
+from transformers import CLIPTextModel, CLIPTokenizer
+
+from models.clip_compat import clip
+from models.clip_tokenizer import write_clip_tokenizer_files
+from models.toyworld import clip_model
+from models.toyworld.checkpoint import load_state, save_state
+from models.toyworld.paths import TOYWORLD_DIR
+from models.toyworld.world import IMAGE_SIZE, images_to_array, render_scene, sample_batch
+
+SCHEDULER_CONFIG = {
+    "num_train_timesteps": 1000,
+    "beta_start": 0.00085,
+    "beta_end": 0.012,
+    "beta_schedule": "scaled_linear",
+    "clip_sample": False,
+    "set_alpha_to_one": False,
+    "steps_offset": 1,
+    "prediction_type": "epsilon",
+}
+"""Stable Diffusion's noise schedule; `clip_sample=False` matters (True clamps latents into grey blobs)."""
+
+
+@dataclass
+class ToyWorldTrainConfig:
+    """Everything that determines a toy-world run (defaults: the committed assets)."""
+
+    out: Path = TOYWORLD_DIR
+    """Output folder: `pipeline/` (diffusers, fp16) and `clip/toyworld_clip.{pt,safetensors}`."""
+    work_dir: Path = Path(".cache/toyworld")
+    """Checkpoints for resuming (gitignored)."""
+    seed: int = 0
+    clip_steps: int = 500
+    clip_batch: int = 64
+    clip_lr: float = 1e-3
+    vae_steps: int = 500
+    vae_batch: int = 16
+    vae_lr: float = 1e-3
+    unet_steps: int = 900
+    unet_batch: int = 32
+    unet_lr: float = 1e-3
+    caption_dropout: float = 0.1
+    ema_decay: float = 0.995
+    checkpoint_every: int = 200
+    threads: int = 1
+    """Torch threads; 1 is several times faster than 2 when the two cores are shared with other jobs."""
+    stage: str = "all"
+    """`clip`, `vae` or `unet` trains only that stage (clip and vae may run in parallel); `all` runs all."""
+
+    def __post_init__(self) -> None:
+        for name in ("clip_steps", "vae_steps", "unet_steps", "clip_batch", "vae_batch", "unet_batch"):
+            if getattr(self, name) <= 0:
+                raise ValueError(f"{name} must be positive, got {getattr(self, name)}")
+        if self.stage not in ("all", "clip", "vae", "unet"):
+            raise ValueError(f"stage must be all, clip, vae or unet, got {self.stage!r}")
+        if not 0.0 <= self.caption_dropout < 1.0:
+            raise ValueError(f"caption_dropout must be in [0, 1), got {self.caption_dropout}")
+
+
+def scene_tensors(
+    seed: int, count: int, held_out: bool, dropout: float = 0.0
+) -> tuple[torch.Tensor, list[str]]:
+    """A seeded batch of (N, 3, 32, 32) images in [-1, 1] and captions ("" with probability `dropout`)."""
+    scenes = sample_batch(seed, count, held_out=held_out)
+    images = torch.from_numpy(images_to_array([render_scene(scene) for scene in scenes]))
+    drop = random.Random(seed + 1)
+    captions = ["" if drop.random() < dropout else scene.caption() for scene in scenes]
+    return images, captions
+
+
+def warmup_cosine(step: int, total: int, warmup: int) -> float:
+    """Learning-rate multiplier: linear warm-up, then cosine decay to 5% of the peak."""
+    if step < warmup:
+        return (step + 1) / warmup
+    progress = (step - warmup) / max(total - warmup, 1)
+    return 0.05 + 0.95 * 0.5 * (1 + math.cos(math.pi * min(progress, 1.0)))
+
+
+def _run_stage(
+    name: str,
+    config: ToyWorldTrainConfig,
+    modules: dict[str, torch.nn.Module],
+    params: list[torch.nn.Parameter],
+    lr: float,
+    steps: int,
+    loss_fn: callable,  # type: ignore[valid-type]
+    ema: EMAModel | None = None,
+) -> None:
+    """Generic resumable loop: AdamW, warm-up + cosine, grad clipping, optional EMA, periodic checkpoints."""
+    optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=0.01)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda s: warmup_cosine(s, steps, min(100, steps // 10))
+    )
+    ckpt = config.work_dir / f"{name}_state.safetensors"
+    extra = {"ema": ema.shadow_params} if ema else {}
+    start = load_state(ckpt, modules, optimizer, extra) if ckpt.exists() else 0
+    if ema:
+        ema.optimization_step = start
+    for _ in range(start):
+        scheduler.step()
+    bar = tqdm(range(start, steps), initial=start, total=steps, desc=name)
+    for step in bar:
+        loss = loss_fn(step)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        optimizer.step()
+        scheduler.step()
+        if ema:
+            ema.step(params)
+        bar.set_postfix(loss=f"{loss.item():.4f}")
+        if (step + 1) % config.checkpoint_every == 0 or step + 1 == steps:
+            save_state(ckpt, modules, optimizer, extra, step + 1)
+
+
+def encode_text_truncated(model: clip.model.CLIP, tokens: torch.Tensor) -> torch.Tensor:
+    """CLIP's `encode_text` on tokens cut after the longest caption's end token (same result: the mask is
+    causal and the feature is read at the end token), which makes contrastive training ~4x cheaper."""
+    length = int(tokens.argmax(dim=-1).max()) + 1
+    x = model.token_embedding(tokens[:, :length]) + model.positional_embedding[:length]
+    mask = torch.full((length, length), float("-inf")).triu(1)
+    x = x.permute(1, 0, 2)  # (L, N, width)
+    for block in model.transformer.resblocks:
+        h = block.ln_1(x)
+        x = x + block.attn(h, h, h, need_weights=False, attn_mask=mask)[0]
+        x = x + block.mlp(block.ln_2(x))
+    x = model.ln_final(x.permute(1, 0, 2))  # (N, L, width)
+    return x[torch.arange(x.shape[0]), tokens[:, :length].argmax(dim=-1)] @ model.text_projection
+
+
+def train_clip(config: ToyWorldTrainConfig) -> clip.model.CLIP:
+    """Stage 1: contrastive tiny CLIP on all concepts (held-out ones included: it is the scorer)."""
+    final = config.work_dir / "clip_final.safetensors"
+    model = clip_model.build_tiny_clip(config.seed)
+    if not final.exists():
+
+        def loss_fn(step: int) -> torch.Tensor:
+            images, captions = scene_tensors(config.seed * 1_000_003 + step, config.clip_batch, held_out=True)
+            image_features = model.encode_image(clip_model.normalize_images(images))
+            text_features = encode_text_truncated(model, clip.tokenize(captions))
+            image_features = image_features / image_features.norm(dim=-1, keepdim=True)
+            text_features = text_features / text_features.norm(dim=-1, keepdim=True)
+            logits = model.logit_scale.exp().clamp(max=100) * image_features @ text_features.t()
+            target = torch.arange(len(captions))
+            ce = torch.nn.functional.cross_entropy
+            return (ce(logits, target) + ce(logits.t(), target)) / 2
+
+        model.train()
+        _run_stage(
+            "clip",
+            config,
+            {"clip": model},
+            list(model.parameters()),
+            config.clip_lr,
+            config.clip_steps,
+            loss_fn,
+        )
+        save_file(model.state_dict(), str(final))
+    model.load_state_dict(load_file(str(final)))
+    return model.eval()
+
+
+def build_vae() -> AutoencoderKL:
+    """4x-downsampling KL autoencoder: 32x32x3 scenes <-> 8x8x4 latents."""
+    return AutoencoderKL(
+        in_channels=3,
+        out_channels=3,
+        down_block_types=("DownEncoderBlock2D",) * 3,
+        up_block_types=("UpDecoderBlock2D",) * 3,
+        block_out_channels=(32, 64, 64),
+        layers_per_block=1,
+        latent_channels=4,
+        norm_num_groups=16,
+        sample_size=IMAGE_SIZE,
+    )
+
+
+def train_vae(config: ToyWorldTrainConfig) -> AutoencoderKL:
+    """Stage 2: reconstruction + tiny KL on all concepts; sets `scaling_factor` to 1 / latent std."""
+    final = config.work_dir / "vae_final.safetensors"
+    torch.manual_seed(config.seed + 1)
+    vae = build_vae()
+    if not final.exists():
+
+        def loss_fn(step: int) -> torch.Tensor:
+            images, _ = scene_tensors(config.seed * 2_000_003 + step, config.vae_batch, held_out=True)
+            posterior = vae.encode(images).latent_dist
+            recon = vae.decode(posterior.sample()).sample
+            return torch.nn.functional.mse_loss(recon, images) + 1e-6 * posterior.kl().mean()
+
+        vae.train()
+        _run_stage(
+            "vae", config, {"vae": vae}, list(vae.parameters()), config.vae_lr, config.vae_steps, loss_fn
+        )
+        with torch.no_grad():
+            images, _ = scene_tensors(config.seed + 7, 256, held_out=True)
+            std = vae.encode(images).latent_dist.mean.std().item()
+        vae.register_to_config(scaling_factor=1.0 / std)
+        save_file(vae.state_dict(), str(final), metadata={"scaling_factor": str(1.0 / std)})
+    from safetensors import safe_open
+
+    with safe_open(str(final), framework="pt") as handle:
+        vae.register_to_config(scaling_factor=float(handle.metadata()["scaling_factor"]))
+    vae.load_state_dict(load_file(str(final)))
+    return vae.eval().requires_grad_(False)
+
+
+def build_unet(cross_attention_dim: int) -> UNet2DConditionModel:
+    """Two-level UNet (64, 128 channels) with cross-attention at every level, on 8x8x4 latents."""
+    return UNet2DConditionModel(
+        sample_size=IMAGE_SIZE // 4,
+        in_channels=4,
+        out_channels=4,
+        down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+        up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
+        block_out_channels=(64, 128),
+        layers_per_block=1,
+        cross_attention_dim=cross_attention_dim,
+        attention_head_dim=4,
+        norm_num_groups=32,
+    )
+
+
+def train_unet(
+    config: ToyWorldTrainConfig, vae: AutoencoderKL, text_encoder: CLIPTextModel, tokenizer: CLIPTokenizer
+) -> UNet2DConditionModel:
+    """Stage 3: epsilon-prediction denoiser on base-world latents (no held-out concept ever)."""
+    final = config.work_dir / "unet_final.safetensors"
+    torch.manual_seed(config.seed + 2)
+    unet = build_unet(text_encoder.config.hidden_size)
+    if not final.exists():
+        noise_scheduler = DDPMScheduler(
+            **{k: v for k, v in SCHEDULER_CONFIG.items() if k != "set_alpha_to_one"}
+        )
+        ema = EMAModel(unet.parameters(), decay=config.ema_decay)
+        text_cache: dict[str, torch.Tensor] = {}
+
+        def encode_captions(captions: list[str]) -> torch.Tensor:
+            missing = sorted(set(captions) - set(text_cache))
+            if missing:
+                ids = tokenizer(
+                    missing, padding="max_length", max_length=77, truncation=True, return_tensors="pt"
+                )
+                text_cache.update(zip(missing, text_encoder(ids.input_ids)[0], strict=True))
+            return torch.stack([text_cache[caption] for caption in captions])
+
+        def loss_fn(step: int) -> torch.Tensor:
+            seed = config.seed * 3_000_003 + step
+            images, captions = scene_tensors(
+                seed, config.unet_batch, held_out=False, dropout=config.caption_dropout
+            )
+            generator = torch.Generator().manual_seed(seed)
+            with torch.no_grad():
+                latents = vae.encode(images).latent_dist.sample(generator) * vae.config.scaling_factor
+                context = encode_captions(captions)
+            noise = torch.randn(latents.shape, generator=generator)
+            timesteps = torch.randint(0, 1000, (latents.shape[0],), generator=generator)
+            noisy = noise_scheduler.add_noise(latents, noise, timesteps)
+            prediction = unet(noisy, timesteps, encoder_hidden_states=context).sample
+            return torch.nn.functional.mse_loss(prediction, noise)
+
+        unet.train()
+        params = list(unet.parameters())
+        _run_stage("unet", config, {"unet": unet}, params, config.unet_lr, config.unet_steps, loss_fn, ema)
+        ema.copy_to(params)
+        save_file(unet.state_dict(), str(final))
+    unet.load_state_dict(load_file(str(final)))
+    return unet.eval()
+
+
+def save_assets(
+    out: Path,
+    clip_net: clip.model.CLIP,
+    vae: AutoencoderKL,
+    text_encoder: CLIPTextModel,
+    unet: UNet2DConditionModel,
+) -> None:
+    """Write `out/pipeline` (fp16 diffusers folder, swapped in atomically) and `out/clip/toyworld_clip.*`."""
+    out.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=out) as staging:
+        tokenizer_dir = write_clip_tokenizer_files(Path(staging) / "tokenizer_files")
+        pipe = StableDiffusionPipeline(
+            vae=vae,
+            text_encoder=text_encoder,
+            tokenizer=CLIPTokenizer.from_pretrained(tokenizer_dir),
+            unet=unet,
+            scheduler=DDIMScheduler(**SCHEDULER_CONFIG),
+            safety_checker=None,
+            feature_extractor=None,
+            requires_safety_checker=False,
+        ).to(torch.float16)
+        new = Path(staging) / "pipeline"
+        pipe.save_pretrained(new, safe_serialization=True)
+        target = out / "pipeline"
+        old = Path(staging) / "old"
+        if target.exists():
+            target.rename(old)
+        new.rename(target)
+    clip_model.save_tiny_clip(clip_net, out / "clip" / "toyworld_clip.pt")
+
+
+def train(config: ToyWorldTrainConfig) -> Path | None:
+    """Run (or resume) the stages and write the assets; returns the pipeline folder (None for one stage)."""
+    torch.set_num_threads(config.threads)
+    config.work_dir.mkdir(parents=True, exist_ok=True)
+    if config.stage == "vae":
+        train_vae(config)
+        return None
+    clip_net = train_clip(config)
+    if config.stage == "clip":
+        return None
+    text_encoder = clip_model.to_transformers_text_model(clip_net).requires_grad_(False)
+    vae = train_vae(config)
+    tokenizer = CLIPTokenizer.from_pretrained(write_clip_tokenizer_files(config.work_dir / "tokenizer"))
+    unet = train_unet(config, vae, text_encoder, tokenizer)
+    save_assets(Path(config.out), clip_net, vae, text_encoder, unet)
+    return Path(config.out) / "pipeline"
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    defaults = ToyWorldTrainConfig()
+    for name, value in vars(defaults).items():
+        kind = Path if isinstance(value, Path) else type(value)
+        parser.add_argument(f"--{name.replace('_', '-')}", type=kind, default=value)
+    parser.add_argument("--skip-report", action="store_true", help="do not run the quality report at the end")
+    args = vars(parser.parse_args(argv))
+    skip_report = args.pop("skip_report")
+    config = ToyWorldTrainConfig(**args)
+    pipeline_dir = train(config)
+    if pipeline_dir is None:
+        return
+    print(f"saved {pipeline_dir}")
+    if not skip_report:
+        from models.toyworld import evaluate
+
+        evaluate.main(
+            ["--pipeline", str(pipeline_dir), "--clip", str(Path(config.out) / "clip" / "toyworld_clip.pt")]
+        )
+
+
+if __name__ == "__main__":
+    main()
