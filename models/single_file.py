@@ -137,7 +137,7 @@ _CLIP_LAYER = re.compile(r"encoder\.layers\.(\d+)\.(.+)\.(weight|bias)")
 
 
 class SingleFileError(ValueError):
-    """A pipeline cannot be written, or a file read, as an LDM single-file checkpoint (the message says why)."""
+    """A pipeline cannot be written as an LDM single-file checkpoint (the message says why and what to do)."""
 
 
 def _unknown_key(component: str, key: str) -> SingleFileError:
@@ -184,14 +184,8 @@ def unet_to_ldm(state: Mapping[str, torch.Tensor], config: Mapping[str, object])
         if module in _UNET_TOP_LEVEL:
             ldm = f"{_UNET_TOP_LEVEL[module]}.{param}"
         elif m := _UNET_BLOCK.fullmatch(key):
-            direction, block, kind, index, rest = (
-                m.group(1),
-                int(m.group(2)),
-                m.group(3),
-                int(m.group(4)),
-                m.group(5),
-            )
-            down = direction == "down_blocks"
+            direction, block, kind, index, rest = m.groups()
+            block, index, down = int(block), int(index), direction == "down_blocks"
             if kind in ("downsamplers", "upsamplers"):
                 if index != 0 or rest not in ("conv.weight", "conv.bias"):
                     raise _unknown_key("UNet", key)
@@ -284,9 +278,8 @@ def open_clip_to_ldm(state: Mapping[str, torch.Tensor], prefix: str) -> dict[str
     fused: dict[tuple[int, str], dict[str, torch.Tensor]] = {}
     for key, tensor in state.items():
         if key == "text_projection.weight":
-            out[prefix + "text_projection"] = (
-                tensor.T
-            )  # OpenCLIP computes x @ P; transformers computes x @ W.T
+            # OpenCLIP computes x @ P, transformers x @ W.T: P = W.T
+            out[prefix + "text_projection"] = tensor.T
             continue
         inner = _text_model_key(key, component)
         if inner in _OPEN_CLIP_TOP_LEVEL:

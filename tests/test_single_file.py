@@ -8,6 +8,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from accelerate import init_empty_weights
 from diffusers import (
     AutoencoderKL,
     DiffusionPipeline,
@@ -15,14 +16,29 @@ from diffusers import (
     StableDiffusionXLPipeline,
     UNet2DConditionModel,
 )
-from diffusers.loaders.single_file_utils import convert_ldm_unet_checkpoint, convert_ldm_vae_checkpoint
+from diffusers.loaders.single_file_utils import (
+    convert_ldm_unet_checkpoint,
+    convert_ldm_vae_checkpoint,
+    infer_diffusers_model_type,
+)
 from peft import LoraConfig
 from safetensors import safe_open
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
 
 from models import single_file
 from models.pipelines import load_pipeline
-from models.single_file import SingleFileError, save_single_file, unet_to_ldm, vae_to_ldm
+from models.single_file import (
+    SD1_CLIP_PREFIX,
+    SD2_OPEN_CLIP_PREFIX,
+    SDXL_CLIP_PREFIX,
+    SDXL_OPEN_CLIP_PREFIX,
+    SingleFileError,
+    clip_to_ldm,
+    open_clip_to_ldm,
+    save_single_file,
+    unet_to_ldm,
+    vae_to_ldm,
+)
 from tests.tiny_models import TINY_IMAGE_SIZE, build_tiny_sd_pipeline, build_tiny_sdxl_pipeline
 
 TEXT_ENCODERS = {
@@ -52,8 +68,8 @@ def _tiny_sd2_pipeline() -> StableDiffusionPipeline:
 
 
 def _tiny_sdxl_distinct_widths() -> StableDiffusionXLPipeline:
-    """The tiny SDXL pipeline with its OpenCLIP-G encoder wider than CLIP-L (48 vs 32, as 1280 vs 768 in SDXL):
-    diffusers' single-file loader tells the two encoders apart by width only."""
+    """The shared tiny SDXL pipeline, with its OpenCLIP-G encoder widened to 48 if it is as narrow as CLIP-L
+    (real SDXL: 1280 vs 768): diffusers' single-file loader tells the two encoders apart by width only."""
     pipe = build_tiny_sdxl_pipeline(seed=0)
     clip_l, wide = pipe.text_encoder.config.hidden_size, 48
     if pipe.text_encoder_2.config.hidden_size != clip_l:
@@ -109,7 +125,7 @@ def _assert_same_weights(expected: torch.nn.Module, actual: torch.nn.Module) -> 
 def _image(pipe: DiffusionPipeline) -> np.ndarray:
     return pipe(
         "a red circle",
-        num_inference_steps=2,
+        num_inference_steps=1,
         height=TINY_IMAGE_SIZE,
         width=TINY_IMAGE_SIZE,
         generator=torch.Generator("cpu").manual_seed(7),
@@ -229,6 +245,72 @@ def test_vae_mapping_is_inverted_by_diffusers(levels: int, layers: int) -> None:
     back = convert_ldm_vae_checkpoint(vae_to_ldm(state, vae.config), vae.config)
     assert back.keys() == state.keys()
     assert all(torch.equal(back[k], state[k]) for k in state)
+
+
+def _released_size_checkpoint(arch: str) -> dict[str, torch.Tensor]:
+    """The released SD 1.5 / 2.1 / SDXL-base architectures, built on the meta device (shapes only, no memory)."""
+
+    def clip(hidden: int, layers: int, act: str, cls: type = CLIPTextModel) -> torch.nn.Module:
+        config = CLIPTextConfig(
+            hidden_size=hidden,
+            intermediate_size=4 * hidden,
+            num_hidden_layers=layers,
+            num_attention_heads=hidden // 64,
+            projection_dim=hidden,
+            hidden_act=act,
+        )
+        return cls(config)
+
+    with init_empty_weights():
+        vae = AutoencoderKL(
+            down_block_types=("DownEncoderBlock2D",) * 4,
+            up_block_types=("UpDecoderBlock2D",) * 4,
+            block_out_channels=(128, 256, 512, 512),
+            layers_per_block=2,
+        )
+        if arch == "sdxl":
+            unet = UNet2DConditionModel(
+                down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+                up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
+                block_out_channels=(320, 640, 1280),
+                transformer_layers_per_block=(1, 2, 10),
+                attention_head_dim=(5, 10, 20),
+                use_linear_projection=True,
+                addition_embed_type="text_time",
+                addition_time_embed_dim=256,
+                projection_class_embeddings_input_dim=2816,
+                cross_attention_dim=2048,
+            )
+            text = clip_to_ldm(clip(768, 12, "quick_gelu").state_dict(), SDXL_CLIP_PREFIX)
+            big_g = clip(1280, 32, "gelu", CLIPTextModelWithProjection)
+            text.update(open_clip_to_ldm(big_g.state_dict(), SDXL_OPEN_CLIP_PREFIX))
+        elif arch == "sd2":
+            unet = UNet2DConditionModel(
+                cross_attention_dim=1024, attention_head_dim=(5, 10, 20, 20), use_linear_projection=True
+            )
+            text = open_clip_to_ldm(clip(1024, 23, "gelu").state_dict(), SD2_OPEN_CLIP_PREFIX)
+        else:
+            unet = UNet2DConditionModel(cross_attention_dim=768, attention_head_dim=8)
+            text = clip_to_ldm(clip(768, 12, "quick_gelu").state_dict(), SD1_CLIP_PREFIX)
+    return {**unet_to_ldm(unet.state_dict(), unet.config), **vae_to_ldm(vae.state_dict(), vae.config), **text}
+
+
+@pytest.mark.parametrize(
+    "arch,diffusers_type,unet_keys,known_key,shape",
+    [
+        ("sd1", "v1", 686, "model.diffusion_model.output_blocks.2.1.conv.weight", (1280, 1280, 3, 3)),
+        ("sd2", "v2", 686, "model.diffusion_model.input_blocks.1.1.proj_in.weight", (320, 320)),
+        ("sdxl", "xl_base", 1680, "model.diffusion_model.label_emb.0.0.weight", (1280, 2816)),
+    ],
+)
+def test_released_sizes_are_recognised_by_diffusers(
+    arch: str, diffusers_type: str, unet_keys: int, known_key: str, shape: tuple[int, ...]
+) -> None:
+    checkpoint = _released_size_checkpoint(arch)
+    assert infer_diffusers_model_type(checkpoint) == diffusers_type
+    assert sum(k.startswith("model.diffusion_model.") for k in checkpoint) == unet_keys
+    assert sum(k.startswith("first_stage_model.") for k in checkpoint) == 248
+    assert tuple(checkpoint[known_key].shape) == shape
 
 
 def test_fp16_export_halves_floats(exported: dict, tmp_path: Path) -> None:
