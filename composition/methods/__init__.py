@@ -64,12 +64,16 @@ def generate(
     **options: Any,
 ) -> Result:
     """Run `method`; unknown methods and options are a `CompositionError` listing the valid ones."""
-    function = _lookup(method)
+    check_options(method, options)
+    return _lookup(method)(pipe, bank, prompt, steps, guidance, seed, **options)
+
+
+def check_options(method: str, options: dict[str, Any]) -> None:
+    """Raise `CompositionError` for an unknown method or option names it does not have."""
     known = set(method_options(method)) | {"height", "width", "progress"}
     unknown = sorted(set(options) - known)
     if unknown:
         raise CompositionError(f"{method} has no option(s) {unknown}; its options are {sorted(known)}.")
-    return function(pipe, bank, prompt, steps, guidance, seed, **options)
 
 
-__all__ = ["METHODS", "generate", "method_options"]
+__all__ = ["METHODS", "check_options", "generate", "method_options"]
