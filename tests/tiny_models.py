@@ -39,7 +39,7 @@ def _text_config(hidden: int = 32) -> CLIPTextConfig:
         hidden_size=hidden,
         intermediate_size=2 * hidden,
         num_hidden_layers=2,
-        num_attention_heads=4,
+        num_attention_heads=hidden // 8,
         max_position_embeddings=77,
         projection_dim=hidden,
         hidden_act="quick_gelu",
@@ -101,9 +101,13 @@ def build_tiny_sd_pipeline(seed: int = 0) -> StableDiffusionPipeline:
 
 
 def build_tiny_sdxl_pipeline(seed: int = 0) -> StableDiffusionXLPipeline:
-    """A seeded SDXL-style pipeline: two text encoders, text-time added conditioning, linear projections."""
+    """A seeded SDXL-style pipeline: two text encoders, text-time added conditioning, linear projections.
+
+    The encoders have different widths (32 and 48), as CLIP-L and OpenCLIP-G do (768/1280): diffusers'
+    single-file loader tells them apart by width.
+    """
     torch.manual_seed(seed)
-    hidden = 32
+    hidden, hidden_2 = 32, 48
     time_dim = 8
     unet = UNet2DConditionModel(
         sample_size=TINY_IMAGE_SIZE // 2,
@@ -118,8 +122,8 @@ def build_tiny_sdxl_pipeline(seed: int = 0) -> StableDiffusionXLPipeline:
         addition_embed_type="text_time",
         addition_time_embed_dim=time_dim,
         transformer_layers_per_block=(1, 2),
-        projection_class_embeddings_input_dim=6 * time_dim + hidden,
-        cross_attention_dim=2 * hidden,
+        projection_class_embeddings_input_dim=6 * time_dim + hidden_2,
+        cross_attention_dim=hidden + hidden_2,
         norm_num_groups=8,
     )
     scheduler = EulerDiscreteScheduler(
@@ -133,7 +137,7 @@ def build_tiny_sdxl_pipeline(seed: int = 0) -> StableDiffusionXLPipeline:
         unet=unet,
         vae=_vae(),
         text_encoder=CLIPTextModel(_text_config(hidden)),
-        text_encoder_2=CLIPTextModelWithProjection(_text_config(hidden)),
+        text_encoder_2=CLIPTextModelWithProjection(_text_config(hidden_2)),
         tokenizer=_tokenizer(),
         tokenizer_2=_tokenizer(pad_token="!"),
         scheduler=scheduler,
