@@ -1,0 +1,262 @@
+"""Steps/s and peak RSS of Atelier's DreamBooth trainer against a plain diffusers + PEFT training loop.
+
+Reference: the textbook DreamBooth-LoRA loop as diffusers' ``train_dreambooth_lora.py`` writes it — a
+Dataset that opens, transforms and tokenizes each image in ``__getitem__``, a DataLoader, PEFT LoRA
+attached with ``unet.add_adapter(LoraConfig(...))``, and every step a VAE encode of the pixel batch and a
+text-encoder pass before the UNet forward/backward and a (default, for-each) AdamW step. Atelier's
+``training.dreambooth.train`` runs the same model, batch size, targets (``vo``), rank, learning rate and
+number of steps, with its optimisations: text embeddings and VAE posteriors cached once (both encoders are
+frozen), images decoded once, a fused AdamW step, and a channels-last UNet. Both run in this one process on the same subject images and the same thread count.
+
+Model: the toy world (``assets/toyworld``) when installed, otherwise the toy world's architecture with
+random weights (speed does not depend on the weights; the table says which).
+
+Reported per side: steps/s of the training loop, wall time including setup (Atelier's caching is
+setup), and the peak resident-memory growth above the process's RSS just before that side started
+(sampled every 5 ms). Atelier runs first, so any allocator reuse favours the reference. The sides
+alternate for ``--repeats`` rounds; per side the best round is kept for each figure (the CPU is shared).
+
+    python -m benchmarks.train [--quick] [--steps N] [--batch B] [--threads T]
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import tempfile
+import threading
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import psutil
+import torch
+import torch.nn.functional as F
+from diffusers import DDIMScheduler, DDPMScheduler, StableDiffusionPipeline
+from peft import LoraConfig
+from PIL import Image, ImageOps
+from torchvision import transforms
+from transformers import CLIPTokenizer
+
+from models.adapters import resolve_targets
+from models.clip_tokenizer import write_clip_tokenizer_files
+from models.pipelines import default_base_model
+from models.toyworld.world import IMAGE_SIZE, Scene, SceneObject, render_scene
+from training.config import TrainConfig
+from training.dreambooth import train
+
+TARGET_SPEEDUP = 1.3
+PROMPT = "a photo of sks star"
+
+
+class PeakRss:
+    """Samples this process's RSS in a background thread; ``peak_growth`` is the max above the start value."""
+
+    def __init__(self, interval: float = 0.005) -> None:
+        self.process = psutil.Process()
+        self.interval = interval
+        self.start = self.peak = 0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            self.peak = max(self.peak, self.process.memory_info().rss)
+            time.sleep(self.interval)
+
+    def __enter__(self) -> PeakRss:
+        gc.collect()
+        self.start = self.peak = self.process.memory_info().rss
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join()
+
+    @property
+    def peak_growth(self) -> int:
+        return self.peak - self.start
+
+
+def toyworld_architecture(folder: Path) -> Path:
+    """Save a random-weight pipeline with the toy world's exact architecture into ``folder``."""
+    from models.toyworld import clip_model
+    from models.toyworld.train import SCHEDULER_CONFIG, build_unet, build_vae
+
+    text_encoder = clip_model.to_transformers_text_model(clip_model.build_tiny_clip(seed=0))
+    torch.manual_seed(0)
+    pipe = StableDiffusionPipeline(
+        vae=build_vae(),
+        text_encoder=text_encoder,
+        tokenizer=CLIPTokenizer.from_pretrained(write_clip_tokenizer_files(folder / "tokenizer_files")),
+        unet=build_unet(text_encoder.config.hidden_size),
+        scheduler=DDIMScheduler(**SCHEDULER_CONFIG),
+        safety_checker=None,
+        feature_extractor=None,
+        requires_safety_checker=False,
+    )
+    pipe.save_pretrained(folder / "pipeline")
+    return folder / "pipeline"
+
+
+def subject_images(folder: Path) -> Path:
+    folder.mkdir(parents=True, exist_ok=True)
+    for k, colour in enumerate(["red", "blue", "green", "yellow", "purple"]):
+        render_scene(Scene((SceneObject("star", colour),))).save(folder / f"{k}.png")
+    return folder
+
+
+class ReferenceDataset(torch.utils.data.Dataset):
+    """diffusers' DreamBoothDataset pattern: open, EXIF-rotate, transform and tokenize in ``__getitem__``."""
+
+    def __init__(self, folder: Path, tokenizer: CLIPTokenizer, size: int) -> None:
+        self.paths = sorted(folder.glob("*.png"))
+        self.tokenizer = tokenizer
+        self.transforms = transforms.Compose(
+            [
+                transforms.Resize(size, interpolation=transforms.InterpolationMode.BILINEAR),
+                transforms.CenterCrop(size),
+                transforms.ToTensor(),
+                transforms.Normalize([0.5], [0.5]),
+            ]
+        )
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def __getitem__(self, index: int) -> dict[str, torch.Tensor]:
+        image = ImageOps.exif_transpose(Image.open(self.paths[index])).convert("RGB")
+        ids = self.tokenizer(PROMPT, padding="max_length", max_length=self.tokenizer.model_max_length,
+                             truncation=True, return_tensors="pt").input_ids[0]  # fmt: skip
+        return {"pixel_values": self.transforms(image), "input_ids": ids}
+
+
+def reference_loop(
+    model: Path, images: Path, *, steps: int, batch: int, rank: int, lr: float, seed: int
+) -> float:
+    """The plain diffusers + PEFT loop; returns steps/s of the loop (setup excluded, like Atelier's figure)."""
+    torch.manual_seed(seed)
+    pipe = StableDiffusionPipeline.from_pretrained(model, torch_dtype=torch.float32, safety_checker=None)
+    unet, vae, text_encoder = pipe.unet, pipe.vae, pipe.text_encoder
+    for module in (unet, vae, text_encoder):
+        module.requires_grad_(False)
+    targets = resolve_targets(unet, "vo")
+    unet.add_adapter(LoraConfig(r=rank, lora_alpha=rank, init_lora_weights=True, target_modules=targets))
+    params = [p for p in unet.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=1e-2)
+    noise_scheduler = DDPMScheduler.from_config(pipe.scheduler.config)
+    dataset = ReferenceDataset(images, pipe.tokenizer, IMAGE_SIZE)
+    loader = torch.utils.data.DataLoader(dataset, batch_size=batch, shuffle=True, drop_last=True)
+    unet.train()
+    done, start = 0, time.perf_counter()
+    while done < steps:
+        for item in loader:
+            latents = vae.encode(item["pixel_values"]).latent_dist.sample() * vae.config.scaling_factor
+            hidden = text_encoder(item["input_ids"])[0]
+            noise = torch.randn_like(latents)
+            timesteps = torch.randint(0, noise_scheduler.config.num_train_timesteps, (latents.shape[0],))
+            prediction = unet(noise_scheduler.add_noise(latents, noise, timesteps), timesteps, hidden).sample
+            loss = F.mse_loss(prediction, noise)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(params, 1.0)
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            done += 1
+            if done == steps:
+                break
+    return steps / (time.perf_counter() - start)
+
+
+def atelier_run(
+    model: Path, images: Path, out: Path, *, steps: int, batch: int, rank: int, lr: float, seed: int
+) -> float:
+    config = TrainConfig(
+        pretrained_model_name_or_path=str(model),
+        instance_data_dir=str(images),
+        instance_prompt=PROMPT,
+        output_dir=str(out),
+        adapter="lora",
+        targets="vo",
+        adapter_config={"rank": rank, "alpha": float(rank)},
+        train_batch_size=batch,
+        max_train_steps=steps,
+        learning_rate=lr,
+        center_crop=True,
+        seed=seed,
+        checkpointing_steps=10**9,
+        validation_steps=0,
+        num_validation_images=1,
+        num_inference_steps=1,
+    )
+    return train(config).steps_per_second
+
+
+def measure(run: Callable[[], float]) -> dict[str, Any]:
+    started = time.perf_counter()
+    with PeakRss() as rss:
+        rate = run()
+    return {"steps_per_s": rate, "wall_s": time.perf_counter() - started, "peak_mb": rss.peak_growth / 2**20}
+
+
+def best(rounds: list[dict[str, Any]]) -> dict[str, Any]:
+    """Fastest steps/s, shortest wall time and smallest peak RSS over the rounds of one side."""
+    return {
+        "steps_per_s": max(r["steps_per_s"] for r in rounds),
+        "wall_s": min(r["wall_s"] for r in rounds),
+        "peak_mb": min(r["peak_mb"] for r in rounds),
+    }
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m benchmarks.train", description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="few steps (smoke run)")
+    parser.add_argument(
+        "--steps", type=int, default=None, help="training steps per side (default 40, quick 8)"
+    )
+    parser.add_argument("--batch", type=int, default=2)
+    parser.add_argument("--threads", type=int, default=1, help="torch threads for both sides")
+    parser.add_argument(
+        "--repeats", type=int, default=None, help="rounds per side, best kept (default 2, quick 1)"
+    )
+    args = parser.parse_args(argv)
+    steps = args.steps or (8 if args.quick else 40)
+    torch.set_num_threads(args.threads)
+    common = {"steps": steps, "batch": args.batch, "rank": 4, "lr": 1e-4, "seed": 0}
+    with tempfile.TemporaryDirectory(prefix="atelier-bench-train-") as tmp:
+        root = Path(tmp)
+        installed = default_base_model()
+        model = installed if installed is not None else toyworld_architecture(root / "model")
+        images = subject_images(root / "subject")
+        rounds: dict[str, list[dict[str, Any]]] = {"atelier": [], "reference": []}
+        for k in range(args.repeats or (1 if args.quick else 2)):
+            rounds["atelier"].append(
+                measure(lambda k=k: atelier_run(model, images, root / f"out{k}", **common))
+            )
+            rounds["reference"].append(measure(lambda: reference_loop(model, images, **common)))
+        atelier, reference = (best(rounds[side]) for side in ("atelier", "reference"))
+    what = (
+        "toy world"
+        if installed is not None
+        else "toy-world architecture, random weights (toy world not installed)"
+    )
+    speedup = atelier["steps_per_s"] / reference["steps_per_s"]
+    print(
+        f"model: {what}; {steps} steps, batch {args.batch}, LoRA r=4 on 'vo', {args.threads} thread(s), CPU"
+    )
+    print(f"{'':28}{'steps/s':>10}{'wall s':>10}{'peak RSS +MB':>14}")
+    for name, row in (("Atelier train()", atelier), ("diffusers+PEFT reference", reference)):
+        print(f"{name:28}{row['steps_per_s']:>10.2f}{row['wall_s']:>10.1f}{row['peak_mb']:>14.1f}")
+    print(f"speed ratio (Atelier / reference): {speedup:.2f}x  [target >= {TARGET_SPEEDUP}x: "
+          f"{'met' if speedup >= TARGET_SPEEDUP else 'NOT met'}]")  # fmt: skip
+    memory = reference["peak_mb"] / atelier["peak_mb"] if atelier["peak_mb"] > 0 else float("inf")
+    print(f"peak RSS growth ratio (reference / Atelier): {memory:.2f}x")
+    print(
+        f"wall-time ratio incl. setup (reference / Atelier): {reference['wall_s'] / atelier['wall_s']:.2f}x"
+    )
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
