@@ -16,6 +16,7 @@ import os
 import sys
 import traceback
 from pathlib import Path
+from typing import Any
 
 from app.events import CANCEL_FILE, EVENTS_FILE, JOB_FILE, EventWriter, FileFlag
 
@@ -34,8 +35,17 @@ def run_job(job_dir: Path) -> int:
         events.emit("failed", error=f"the job could not be read: {exc}", kind="input")
         return 2
     cancel = FileFlag(job_dir / CANCEL_FILE, parent_pid=os.getppid())
+    log = logging.getLogger("atelier.job")
+
+    def progress(step: int, total: int, **info: Any) -> None:
+        events.progress(step, total, **info)
+        if "loss" in info:
+            log.info("step %d/%d loss %.4f lr %.2e", step, total, info["loss"], info.get("lr", 0.0))
+        for image in info.get("validation_images") or []:
+            log.info("validation grid %s", image)
+
     try:
-        result = train(config, progress=events.progress, cancel=cancel)
+        result = train(config, progress=progress, cancel=cancel)
     except INPUT_ERRORS as exc:
         events.emit("failed", error=str(exc), kind="input")
         return 2
@@ -65,6 +75,11 @@ def main(argv: list[str] | None = None) -> int:
         print(f"usage: python -m app.worker JOB_DIR  (JOB_DIR must hold {JOB_FILE})", file=sys.stderr)
         return 2
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    import diffusers
+    import transformers
+
+    diffusers.utils.logging.disable_progress_bar()
+    transformers.utils.logging.disable_progress_bar()
     return run_job(Path(args[0]))
 
 

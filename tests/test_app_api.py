@@ -91,12 +91,13 @@ def test_upload_train_library_compose_and_score_through_the_api(running_app: Run
 
     dog = train_through_api(client, running_app.images, "sks", "dog")
     cat = train_through_api(client, running_app.images, "zwx", "cat")
-    status, losses, validation, log = client.predict(job_id=dog, api_name="/follow_job")
+    progress, status, losses, validation, log = client.predict(job_id=dog, api_name="/follow_job")
+    assert progress == "Step 3/3"
     assert "**completed**" in status and "is in the Library" in status, status
     assert log.strip(), "the log tail shows the worker's output"
     assert [row[0] for row in losses["data"]] == [1, 2, 3]
     assert len(validation) == 2 and all(Path(item["image"]).is_file() for item in validation)
-    status, *_ = client.predict(job_id=cat, api_name="/follow_job")
+    _, status, *_ = client.predict(job_id=cat, api_name="/follow_job")
     assert "**completed**" in status, status
 
     table, _ = client.predict(api_name="/library")

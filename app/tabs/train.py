@@ -44,12 +44,13 @@ def _input_for(field: dataclasses.Field, default: Any) -> gr.components.Componen
 
 def job_choices(studio: Studio) -> list[tuple[str, str]]:
     jobs = studio.store.list_jobs()
-    return [(f"{job.name} · {job.status} · {job.id}", job.id) for job in reversed(jobs)]
+    return [(f"{job.name} · {job.id}", job.id) for job in reversed(jobs)]
 
 
-def render(view: JobView) -> tuple[str, pd.DataFrame, list[str], str]:
-    """Status text, loss-curve frame, validation images and log tail of one job."""
+def render(view: JobView) -> tuple[str, str, pd.DataFrame, list[str], str]:
+    """Progress line, status text, loss-curve frame, validation images and log tail of one job."""
     job = view.job
+    progress_line = f"Step {job.step}/{job.total}" if job.total else ""
     lines = [f"**{job.name}** — `{job.id}` — **{job.status}**"]
     if view.position is not None:
         lines.append(f"Queued: position {view.position} (one training job runs at a time).")
@@ -65,8 +66,13 @@ def render(view: JobView) -> tuple[str, pd.DataFrame, list[str], str]:
         lines.append("This job can be resumed from its latest checkpoint.")
     if job.adapter_id:
         lines.append(f"Adapter `{job.adapter_id}` is in the Library.")
-    frame = pd.DataFrame(view.losses, columns=["step", "loss"])
-    return "\n\n".join(lines), frame, view.validation_images, "\n".join(view.log_tail)
+    frame = pd.DataFrame(
+        {
+            "step": pd.Series([s for s, _ in view.losses], dtype="int64"),
+            "loss": pd.Series([v for _, v in view.losses], dtype="float64"),
+        }
+    )
+    return progress_line, "\n\n".join(lines), frame, view.validation_images, "\n".join(view.log_tail)
 
 
 def build(studio: Studio) -> gr.Dropdown:
@@ -155,6 +161,7 @@ def build(studio: Studio) -> gr.Dropdown:
             with gr.Row():
                 job = gr.Dropdown(job_choices(studio), label="Job", value=None, elem_id="job-select", scale=4)
                 refresh = gr.Button("↻", scale=0, min_width=40)
+            progress_line = gr.Markdown(elem_id="job-progress", min_height=40)
             status = gr.Markdown("Start a job, or pick one to watch.", elem_id="job-status")
             with gr.Row():
                 cancel = gr.Button("Cancel", variant="stop", elem_id="cancel-job")
@@ -250,7 +257,7 @@ def build(studio: Studio) -> gr.Dropdown:
             raise gr.Error(str(exc)) from None
         return gr.update(choices=job_choices(studio)), f"Job `{record.id}` is {record.status}."
 
-    view_outputs = [status, loss_plot, validation, log]
+    view_outputs = [progress_line, status, loss_plot, validation, log]
     files.change(check, files, [upload_report, thumbs], api_name="check_uploads")
     family.change(pick_family, family, list(groups.values()), api_visibility="private")
     start.click(
@@ -277,13 +284,26 @@ def build(studio: Studio) -> gr.Dropdown:
         api_name="start_training",
     )
     job.change(
-        follow, job, view_outputs, api_name="follow_job", trigger_mode="multiple", concurrency_limit=None
+        follow,
+        job,
+        view_outputs,
+        api_name="follow_job",
+        trigger_mode="multiple",
+        concurrency_limit=None,
+        show_progress_on=progress_line,
     )
     cancel.click(
         lambda j: act("cancel", j), job, [job, status], api_name="cancel_job", concurrency_limit=None
     )
     resume.click(
         lambda j: act("resume", j), job, [job, status], api_name="resume_job", concurrency_limit=None
-    ).then(follow, job, view_outputs, concurrency_limit=None, api_visibility="private")
+    ).then(
+        follow,
+        job,
+        view_outputs,
+        concurrency_limit=None,
+        api_visibility="private",
+        show_progress_on=progress_line,
+    )
     refresh.click(lambda: gr.update(choices=job_choices(studio)), None, job, api_visibility="private")
     return job
