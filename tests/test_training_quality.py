@@ -1,0 +1,27 @@
+"""Toy-world DreamBooth quality (slow): each family learns the held-out star from five images (>= 90% of
+trigger samples) without language drift (no-trigger prompt accuracy within 5 points of the base model)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from models.pipelines import default_base_model
+from training.quality import CONCEPT_TARGET, DRIFT_LIMIT, format_report, run_report
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.mark.skipif(
+    default_base_model() is None, reason="the toy world is not installed under assets/toyworld"
+)
+def test_every_family_learns_the_held_out_concept_without_drift(tmp_path: Path) -> None:
+    torch.set_num_threads(1)
+    report = run_report(["lora", "krona", "boft", "hra"], out=tmp_path)
+    print(format_report(report))
+    assert report["base"]["concept_accuracy"] < 0.5  # the base model really does not know the concept
+    for row in report["families"]:
+        assert row["concept_accuracy"] >= CONCEPT_TARGET, row
+        assert row["drift"] <= DRIFT_LIMIT, row

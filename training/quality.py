@@ -1,0 +1,250 @@
+"""Toy-world quality report for DreamBooth training: does each adapter family learn a new concept
+without forgetting the rest?
+
+DreamBooth (Ruiz et al., 2023) on the project's toy world: every family (LoRA, DiffuseKronA, BOFT, HRA)
+with its default targets (``vo``) and default steps is trained on five images of a shape the base model
+never saw (the held-out ``star``), captioned per image ("a red sks on a white background": ``sks`` is
+the trigger). Then, judged by the deterministic checks of ``models.toyworld.checks``:
+
+* concept accuracy — seeded samples of trigger prompts in colours/backgrounds, the fraction showing a
+  star (target >= 90%), and the fraction also in the asked colour;
+* prompt accuracy — single-object prompts without the trigger, scored with every attribute, against the
+  base model on the same seeds (language drift: target within 5 points);
+* trainable parameters, adapter file size, steps/s and wall time; and whether DiffuseKronA reaches
+  LoRA's concept accuracy with fewer parameters (the DiffuseKronA claim).
+
+    python -m training.quality [--families lora krona ...] [--steps N] [--out DIR] [--json FILE]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import random
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from PIL import Image
+
+from models.adapters import FAMILIES
+from models.adapters.files import load_adapter_file
+from models.pipelines import default_base_model, load_pipeline
+from models.toyworld.checks import check_scene, read_object
+from models.toyworld.evaluate import GUIDANCE, STEPS, Case, single_object_cases
+from models.toyworld.world import BACKGROUNDS, BASE_COLOURS, Scene, SceneObject, place_objects, render_scene
+from training.config import TrainConfig
+from training.dreambooth import train
+
+SUBJECT_SHAPE = "star"
+TRIGGER = "sks"
+CONCEPT_TARGET = 0.90
+DRIFT_LIMIT = 0.05
+
+
+def caption(colour: str, background: str) -> str:
+    return f"a {colour} {TRIGGER} on a {background} background"
+
+
+def write_subject_images(folder: Path, count: int = 5, seed: int = 0) -> Path:
+    """``count`` seeded renders of the held-out shape (varied colour, place, size, background) + captions."""
+    folder.mkdir(parents=True, exist_ok=True)
+    rng = random.Random(seed)
+    backgrounds = list(BACKGROUNDS)
+    for index in range(count):
+        colour, background = BASE_COLOURS[index % len(BASE_COLOURS)], backgrounds[index % len(backgrounds)]
+        objects = place_objects(rng, [(SUBJECT_SHAPE, colour, "plain")])
+        render_scene(Scene(objects, background=background)).save(folder / f"subject-{index}.png")
+        (folder / f"subject-{index}.txt").write_text(caption(colour, background) + "\n", encoding="utf-8")
+    return folder
+
+
+def concept_cases(count: int) -> list[Case]:
+    """Trigger prompts over every base colour and background, seeded (scene = what should appear)."""
+    cases = []
+    for index in range(count):
+        colour = BASE_COLOURS[index % len(BASE_COLOURS)]
+        background = list(BACKGROUNDS)[(index // len(BASE_COLOURS)) % len(BACKGROUNDS)]
+        scene = Scene((SceneObject(SUBJECT_SHAPE, colour),), background=background)
+        cases.append(Case(scene, seed=5000 + index))
+    return cases
+
+
+def sample(pipe: Any, prompts: list[str], seeds: list[int], batch_size: int = 8) -> list[Image.Image]:
+    """One image per prompt, each from its own seeded generator, with the toy world's sampler settings."""
+    images: list[Image.Image] = []
+    for start in range(0, len(prompts), batch_size):
+        generators = [torch.Generator().manual_seed(seed) for seed in seeds[start : start + batch_size]]
+        images += pipe(
+            prompts[start : start + batch_size],
+            num_inference_steps=STEPS,
+            guidance_scale=GUIDANCE,
+            generator=generators,
+        ).images
+    return images
+
+
+def concept_scores(pipe: Any, cases: list[Case]) -> tuple[float, float]:
+    """(fraction showing the subject shape, fraction showing it in the asked colour) for trigger prompts."""
+    prompts = [caption(case.scene.objects[0].colour, case.scene.background) for case in cases]
+    readings = [read_object(image) for image in sample(pipe, prompts, [case.seed for case in cases])]
+    shape = [r is not None and r.shape == SUBJECT_SHAPE for r in readings]
+    colour = [
+        ok and r.colour == c.scene.objects[0].colour for ok, r, c in zip(shape, readings, cases, strict=True)
+    ]
+    return float(np.mean(shape)), float(np.mean(colour))
+
+
+def prompt_accuracy(pipe: Any, cases: list[Case]) -> float:
+    """Fraction of no-trigger single-object prompts whose image passes every check."""
+    images = sample(pipe, [case.scene.caption() for case in cases], [case.seed for case in cases])
+    return float(
+        np.mean([check_scene(im, case.scene)["all"] for im, case in zip(images, cases, strict=True)])
+    )
+
+
+def run_family(
+    family: str,
+    model: str,
+    subject: Path,
+    out: Path,
+    *,
+    steps: int | None,
+    concept: list[Case],
+    prompts: list[Case],
+) -> dict[str, Any]:
+    """Train one family on the subject and score it; returns one report row."""
+    config = TrainConfig(
+        pretrained_model_name_or_path=model,
+        instance_data_dir=str(subject),
+        instance_prompt=caption("red", "white"),
+        trigger_phrase=TRIGGER,
+        adapter=family,
+        output_dir=str(out / family),
+        max_train_steps=steps,
+        seed=0,
+        center_crop=True,
+        checkpointing_steps=10**9,
+        validation_steps=0,
+        num_validation_images=4,
+        validation_prompt=caption("blue", "black"),
+    )
+    started = time.perf_counter()
+    result = train(config)
+    wall = time.perf_counter() - started
+    pipe = load_pipeline(model, device="cpu", dtype="fp32")
+    load_adapter_file(result.adapter_path).attach(pipe.unet)
+    shape_rate, colour_rate = concept_scores(pipe, concept)
+    return {
+        "family": family,
+        "concept_accuracy": shape_rate,
+        "concept_colour_accuracy": colour_rate,
+        "prompt_accuracy": prompt_accuracy(pipe, prompts),
+        "trainable_parameters": result.trainable_parameters,
+        "file_bytes": result.adapter_path.stat().st_size,
+        "steps": result.steps,
+        "steps_per_second": result.steps_per_second,
+        "wall_seconds": wall,
+    }
+
+
+def run_report(
+    families: list[str],
+    *,
+    out: Path,
+    steps: int | None = None,
+    concept_count: int = 40,
+    prompt_count: int = 72,
+) -> dict[str, Any]:
+    """Train and score every family; the dict holds the base-model baseline and one row per family."""
+    model = default_base_model()
+    if model is None:
+        raise SystemExit(
+            "the toy world is not installed under assets/toyworld; train it with python -m models.toyworld.train"
+        )
+    subject = write_subject_images(out / "subject")
+    concept, prompts = concept_cases(concept_count), single_object_cases(prompt_count)
+    base = load_pipeline(model, device="cpu", dtype="fp32")
+    base_shape, base_colour = concept_scores(base, concept)
+    report: dict[str, Any] = {
+        "base": {"concept_accuracy": base_shape, "concept_colour_accuracy": base_colour,
+                 "prompt_accuracy": prompt_accuracy(base, prompts)},
+        "families": [],
+        "samples": {"concept": len(concept), "prompts": len(prompts)},
+    }  # fmt: skip
+    for family in families:
+        row = run_family(family, str(model), subject, out, steps=steps, concept=concept, prompts=prompts)
+        row["drift"] = report["base"]["prompt_accuracy"] - row["prompt_accuracy"]
+        row["passes"] = row["concept_accuracy"] >= CONCEPT_TARGET and row["drift"] <= DRIFT_LIMIT
+        report["families"].append(row)
+    rows = {row["family"]: row for row in report["families"]}
+    if "lora" in rows and "krona" in rows:
+        lora, krona = rows["lora"], rows["krona"]
+        report["krona_claim"] = {
+            "fewer_parameters": krona["trainable_parameters"] < lora["trainable_parameters"],
+            "reaches_lora_accuracy": krona["concept_accuracy"] >= lora["concept_accuracy"],
+        }
+    return report
+
+
+def format_report(report: dict[str, Any]) -> str:
+    base = report["base"]
+    lines = [
+        f"toy world, subject: held-out '{SUBJECT_SHAPE}' (trigger '{TRIGGER}'), {report['samples']['concept']} "
+        f"concept samples, {report['samples']['prompts']} no-trigger prompts",
+        f"base model: concept {base['concept_accuracy']:.0%} (colour too {base['concept_colour_accuracy']:.0%}), "
+        f"prompt accuracy {base['prompt_accuracy']:.1%}",
+        f"{'family':<7}{'concept':>9}{'+colour':>9}{'prompts':>9}{'drift':>8}{'params':>9}{'file KB':>9}"
+        f"{'steps':>7}{'steps/s':>9}{'wall s':>8}  pass",
+    ]
+    for row in report["families"]:
+        lines.append(
+            f"{row['family']:<7}{row['concept_accuracy']:>9.0%}{row['concept_colour_accuracy']:>9.0%}"
+            f"{row['prompt_accuracy']:>9.1%}{row['drift'] * 100:>+7.1f}p{row['trainable_parameters']:>9,}"
+            f"{row['file_bytes'] / 1024:>9.1f}{row['steps']:>7}{row['steps_per_second']:>9.2f}"
+            f"{row['wall_seconds']:>8.0f}  {'yes' if row['passes'] else 'NO'}"
+        )
+    if "krona_claim" in report:
+        claim = report["krona_claim"]
+        lines.append(
+            f"DiffuseKronA vs LoRA: fewer parameters: {'yes' if claim['fewer_parameters'] else 'no'}; "
+            f"reaches LoRA's concept accuracy: {'yes' if claim['reaches_lora_accuracy'] else 'no'}"
+        )
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m training.quality", description=__doc__.splitlines()[0])
+    parser.add_argument("--families", nargs="+", default=list(FAMILIES), choices=list(FAMILIES))
+    parser.add_argument(
+        "--steps", type=int, default=None, help="training steps (default: each family's default)"
+    )
+    parser.add_argument("--concept-samples", type=int, default=40)
+    parser.add_argument("--prompt-samples", type=int, default=72)
+    parser.add_argument(
+        "--out", type=Path, default=None, help="keep adapters and samples here (default: temporary)"
+    )
+    parser.add_argument("--json", type=Path, default=None, help="also write the report as JSON")
+    parser.add_argument("--threads", type=int, default=1, help="torch threads (1 is fastest on a shared CPU)")
+    args = parser.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    with tempfile.TemporaryDirectory(prefix="atelier-quality-") as tmp:
+        out = args.out or Path(tmp)
+        report = run_report(
+            args.families,
+            out=out,
+            steps=args.steps,
+            concept_count=args.concept_samples,
+            prompt_count=args.prompt_samples,
+        )
+    print(format_report(report))
+    if args.json:
+        args.json.write_text(json.dumps(report, indent=2), encoding="utf-8")
+    return 0 if all(row["passes"] for row in report["families"]) else 1
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
