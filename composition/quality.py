@@ -1,0 +1,219 @@
+"""Toy-world quality report of the composition methods: is every concept present in its own region?
+
+No paper of its own; it measures what the composition papers (LoRA Switch/Composite, Zhong et al. 2024;
+CMLoRA, Zou et al. 2025; CLoRA, Meral et al. 2024) claim, on the project's toy world, where deterministic pixel
+checks (`models.toyworld.checks`) replace human judgement. Concept adapters are trained with
+`training.dreambooth.train` on held-out toy concepts the base model never saw (the shapes "star" and "heart",
+the colour "purple"), each on its own subject images, then composed:
+
+- N=2: "a <c1> star and a <c2> heart": star left, heart right (mixed families LoRA+BOFT and KronA+HRA);
+- N=3: the same plus a "purple" colour adapter on the star (LoRA+LoRA+LoRA).
+
+For every method and seed the image passes when each concept is read in its own region (left: star, right:
+heart; N=3: the left object is also purple). Reported per setup × method: that all-present rate, the mean
+per-concept minimum CLIPScore (toy CLIP, Hessel scale), the prompt CLIPScore, UNet evaluations and wall time
+per image.
+
+    python -m composition.quality [--seeds 32] [--steps 25] [--work DIR] [--out report.json]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from composition.bank import AdapterBank
+from composition.methods import generate
+from composition.prompt import ConceptPrompt
+from composition.report import save_image, save_json
+
+GUIDANCE = 5.0
+"""The toy world's guidance scale (as in `models.toyworld.evaluate`)."""
+METHODS = ("merge", "switch", "composite", "cmlora", "clora")
+
+
+@dataclass(frozen=True)
+class ToyConcept:
+    """A held-out toy concept: its trigger word, the attribute it teaches, and how its subject images vary."""
+
+    trigger: str
+    kind: str  # "shape" or "colour"
+
+    def subject_scenes(self) -> list[tuple[Any, str]]:
+        """(scene, caption) pairs of single objects showing the concept under varied other attributes."""
+        from models.toyworld.world import BACKGROUNDS, BASE_COLOURS, BASE_SHAPES, concept_scene
+
+        pairs = []
+        others = BASE_COLOURS if self.kind == "shape" else BASE_SHAPES
+        for index, other in enumerate(others):
+            for background in BACKGROUNDS:
+                shape, colour = (self.trigger, other) if self.kind == "shape" else (other, self.trigger)
+                scene = concept_scene(shape, colour, background=background, seed=index)
+                pairs.append((scene, f"a {colour} {shape} on a {background} background"))
+        return pairs
+
+
+CONCEPTS = {
+    "star": ToyConcept("star", "shape"),
+    "heart": ToyConcept("heart", "shape"),
+    "purple": ToyConcept("purple", "colour"),
+}
+
+
+@dataclass(frozen=True)
+class Setup:
+    """One composition case: (concept, family) per adapter, the prompt, and what each region must show."""
+
+    name: str
+    adapters: tuple[tuple[str, str], ...]
+    prompt: str
+    expect: dict[str, dict[str, str]]
+
+
+SETUPS = (
+    Setup("N=2 lora+boft", (("star", "lora"), ("heart", "boft")), "a red star and a blue heart",
+          {"left": {"shape": "star"}, "right": {"shape": "heart"}}),
+    Setup("N=2 krona+hra", (("star", "krona"), ("heart", "hra")), "a red star and a blue heart",
+          {"left": {"shape": "star"}, "right": {"shape": "heart"}}),
+    Setup("N=3 lora+lora+lora", (("star", "lora"), ("heart", "lora"), ("purple", "lora")),
+          "a purple star and a blue heart",
+          {"left": {"shape": "star", "colour": "purple"}, "right": {"shape": "heart"}}),
+)  # fmt: skip
+
+
+def train_adapter(concept: str, family: str, work: Path, base_model: str | None, steps: int | None) -> Path:
+    """Train (or reuse) the adapter of `concept` in `family` with `training.dreambooth.train`."""
+    from models.toyworld.world import render_scene
+    from training.config import TrainConfig
+    from training.dreambooth import train
+
+    folder = work / f"{concept}-{family}"
+    done = folder / "adapter.path"
+    if done.is_file() and Path(done.read_text().strip()).is_file():
+        return Path(done.read_text().strip())
+    data = folder / "subject"
+    data.mkdir(parents=True, exist_ok=True)
+    for index, (scene, caption) in enumerate(CONCEPTS[concept].subject_scenes()):
+        save_image(render_scene(scene), data / f"{index:02d}.png")
+        (data / f"{index:02d}.txt").write_text(caption)
+    config = TrainConfig(
+        pretrained_model_name_or_path=base_model, instance_data_dir=str(data), instance_prompt=f"a {concept}",
+        trigger_phrase=concept, adapter=family, output_dir=str(folder / "run"), max_train_steps=steps,
+        seed=0, validation_steps=0, num_validation_images=1, checkpointing_steps=10**6,
+    )  # fmt: skip
+    result = train(config)
+    if result.adapter_path is None:
+        raise RuntimeError(f"training {concept} ({family}) produced no adapter file")
+    done.write_text(str(result.adapter_path))
+    return Path(result.adapter_path)
+
+
+def passes(image: Any, expect: dict[str, dict[str, str]]) -> bool:
+    """Whether every region shows an object with every expected attribute."""
+    from models.toyworld.checks import read_object
+
+    for region, attributes in expect.items():
+        reading = read_object(image, region)  # type: ignore[arg-type]
+        if reading is None or any(getattr(reading, k) != v for k, v in attributes.items()):
+            return False
+    return True
+
+
+def evaluate_setup(pipe: Any, setup: Setup, paths: list[Path], seeds: int, steps: int, methods: Sequence[str],
+                   images_dir: Path | None) -> dict[str, dict[str, float]]:  # fmt: skip
+    """All-present rate, CLIP scores, UNet evals and wall time per method for one setup."""
+    from evaluation import concept_scores, score
+
+    bank = AdapterBank(pipe, paths)
+    phrases = [concept for concept, _ in setup.adapters]
+    prompt = ConceptPrompt.build(setup.prompt, phrases)
+    rows: dict[str, dict[str, float]] = {}
+    for method in methods:
+        images, evals, walls = [], [], []
+        for seed in range(seeds):
+            start = time.perf_counter()
+            result = generate(method, pipe, bank, prompt, steps, GUIDANCE, seed)
+            walls.append(time.perf_counter() - start)
+            evals.append(result.unet_evals)
+            images.append(result.images[0])
+            if images_dir is not None:
+                save_image(
+                    result.images[0], images_dir / setup.name.replace(" ", "_") / f"{method}_{seed:03d}.png"
+                )
+        concept_min = concept_scores(images, [f"a {p}" for p in phrases]).minimum
+        rows[method] = {
+            "all_present": sum(passes(image, setup.expect) for image in images) / len(images),
+            "concept_min_clipscore": float(concept_min.mean()),
+            "clipscore": float(score(images, setup.prompt).clipscore_hessel.mean()),
+            "unet_evals": statistics.mean(evals),
+            "wall_s": statistics.mean(walls),
+        }
+    bank.close()
+    return rows
+
+
+def quality_report(seeds: int = 32, steps: int = 25, work: Path = Path("runs/composition-quality"),
+                   base_model: str | None = None, train_steps: int | None = None,
+                   methods: Sequence[str] = METHODS, setups: Sequence[Setup] = SETUPS,
+                   save_images: bool = False) -> dict[str, Any]:  # fmt: skip
+    """Train what is missing, evaluate every setup × method, return the report."""
+    from models.pipelines import load_pipeline
+
+    pipe = load_pipeline(base_model, device="cpu" if base_model is None else None)
+    report: dict[str, Any] = {"seeds": seeds, "steps": steps, "guidance": GUIDANCE, "setups": {}}
+    for setup in setups:
+        paths = [train_adapter(c, f, work, base_model, train_steps) for c, f in setup.adapters]
+        images_dir = work / "images" if save_images else None
+        report["setups"][setup.name] = {
+            "prompt": setup.prompt, "adapters": [f"{c}:{f}" for c, f in setup.adapters],
+            "methods": evaluate_setup(pipe, setup, paths, seeds, steps, methods, images_dir),
+        }  # fmt: skip
+    return report
+
+
+def format_table(report: dict[str, Any]) -> str:
+    """The report as an aligned text table."""
+    lines = [f"{'setup':22s} {'method':10s} {'all-present':>11s} {'concept-min':>11s} {'CLIPScore':>9s} "
+             f"{'UNet evals':>10s} {'wall s':>7s}"]  # fmt: skip
+    for name, entry in report["setups"].items():
+        for method, row in entry["methods"].items():
+            lines.append(
+                f"{name:22s} {method:10s} {100 * row['all_present']:>10.1f}% {row['concept_min_clipscore']:>11.3f} "
+                f"{row['clipscore']:>9.3f} {row['unet_evals']:>10.0f} {row['wall_s']:>7.2f}"
+            )
+    return "\n".join(lines)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="python -m composition.quality", description=__doc__.split("\n\n")[0]
+    )
+    parser.add_argument("--seeds", type=int, default=32)
+    parser.add_argument("--steps", type=int, default=25)
+    parser.add_argument("--train-steps", type=int, default=None, help="default: the family's default")
+    parser.add_argument("--base-model", default=None, help="default: the toy world")
+    parser.add_argument("--methods", nargs="+", default=list(METHODS), choices=METHODS)
+    parser.add_argument(
+        "--setups", nargs="+", default=[s.name for s in SETUPS], choices=[s.name for s in SETUPS]
+    )
+    parser.add_argument("--work", type=Path, default=Path("runs/composition-quality"))
+    parser.add_argument("--save-images", action="store_true")
+    parser.add_argument("--out", type=Path, default=None, help="JSON report path (default: WORK/report.json)")
+    args = parser.parse_args(argv)
+    chosen = [s for s in SETUPS if s.name in args.setups]
+    report = quality_report(args.seeds, args.steps, args.work, args.base_model, args.train_steps, args.methods,
+                            chosen, args.save_images)  # fmt: skip
+    save_json(report, args.out or args.work / "report.json")
+    print(format_table(report))
+    print(json.dumps({"written": str(args.out or args.work / "report.json")}))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
