@@ -278,7 +278,7 @@ def train(
             checkpoint_path = _save_checkpoint(plan, accelerator, handle, optimizer, lr_scheduler, step)
             cancelled = True
             break
-        losses, parts = [], None
+        losses: list[list[float]] = []  # per micro-batch: total, instance, prior
         for micro in range(accum):
             k = step * accum + micro
             gen = micro_batch_generator(cfg.seed, k, rank)
@@ -312,11 +312,14 @@ def train(
                     accelerator.clip_grad_norm_(params, cfg.max_grad_norm)
                 optimizer.step()
                 optimizer.zero_grad(set_to_none=True)
-            losses.append(loss.detach().float())
+            losses.append([loss.item(), parts.instance, parts.prior if parts.prior is not None else 0.0])
         lr = lr_scheduler.get_last_lr()[0]
         lr_scheduler.step()
         step += 1
-        last_loss = accelerator.gather(torch.stack(losses).mean().reshape(1)).mean().item()
+        means = accelerator.gather(torch.tensor(losses, device=accelerator.device).mean(dim=0, keepdim=True))
+        last_loss, instance_loss, prior_loss = means.mean(
+            dim=0
+        ).tolist()  # averaged over micro-batches, processes
         elapsed = time.perf_counter() - started
         eta = elapsed / (step - start_step) * (total - step)
         new_images = []
@@ -326,8 +329,8 @@ def train(
             checkpoint_path = _save_checkpoint(plan, accelerator, handle, optimizer, lr_scheduler, step)
         if accelerator.is_main_process:
             row = {"step": step, "loss": last_loss, "lr": lr, "time": round(elapsed, 4)}
-            if parts is not None and parts.prior is not None:
-                row |= {"instance_loss": parts.instance, "prior_loss": parts.prior}
+            if class_images:
+                row |= {"instance_loss": instance_loss, "prior_loss": prior_loss}
             log.write(**row)
             validation_images += [p for p in new_images if p]
             if progress is not None:
