@@ -71,14 +71,16 @@ def running_app(
 
 def train_through_api(client: Client, images: list[Path], trigger: str, class_word: str) -> str:
     """Start a job through the Train tab's API and follow it to the end; returns the job id."""
-    job_id, status = client.predict(
+    job_update, status = client.predict(
         paths=[handle_file(str(p)) for p in images],
         trig=trigger,
         cls=class_word,
         api_name="/start_training",
         **TRAIN_ARGS,
     )
+    job_id = job_update["value"]  # the job selector comes back as a component update (new choices + value)
     assert job_id.startswith("job-") and job_id in status
+    assert job_id in [value for _, value in job_update["choices"]]
     return job_id
 
 

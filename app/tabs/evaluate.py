@@ -68,8 +68,10 @@ def build(studio: Studio, last_images: gr.State) -> None:
             raise gr.Error(str(exc)) from None
         rows = scores.rows()
         frame = pd.DataFrame(rows)
-        metrics = [m for m in ("clipscore_100", "clip_i") if m in frame]
-        long = frame.melt(id_vars=["image"], value_vars=metrics, var_name="metric", value_name="score")
+        frame["image"] = [f"{i + 1}. {Path(name).name}" for i, name in enumerate(frame["image"])]
+        chart_frame = frame.assign(**({"clip_i x100": frame["clip_i"] * 100} if "clip_i" in frame else {}))
+        metrics = [m for m in ("clipscore_100", "clip_i x100") if m in chart_frame]
+        long = chart_frame.melt(id_vars=["image"], value_vars=metrics, var_name="metric", value_name="score")
         lines = [f"Model: `{scores.model}`, {len(rows)} image(s)."]
         lines += [
             f"- {name}: mean {s['mean']:.3f} (min {s['min']:.3f}, max {s['max']:.3f})"
