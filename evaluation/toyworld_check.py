@@ -2,7 +2,7 @@
 
 On a seeded set of rendered toy-world scenes, each image is scored against its own caption and against a
 mismatched one, in two ways:
-- `other scene`: the caption of a different scene of the set whose caption differs (a random derangement);
+- `other scene`: the caption of a random other scene of the set that does not also describe this image;
 - `one attribute`: the same caption with one attribute of the first object changed (its colour, or its shape
   when the colour cannot change) — a hard negative that only a CLIP which binds attributes gets right.
 The figure asked of the toy world's CLIP is: matched > mismatched for at least 90% of the `other scene` pairs.
@@ -80,17 +80,21 @@ def _pair_stats(matched_cos: torch.Tensor, mismatched_cos: torch.Tensor) -> Pair
     )
 
 
+def describes(caption_scene: Scene, image_scene: Scene) -> bool:
+    """True when `caption_scene`'s caption is also a correct caption of `image_scene`'s image."""
+    same_objects = [o.phrase() for o in caption_scene.objects] == [o.phrase() for o in image_scene.objects]
+    background_ok = not caption_scene.mention_background or caption_scene.background == image_scene.background
+    return same_objects and background_ok
+
+
 def other_scene_captions(scenes: Sequence[Scene], rng: random.Random) -> list[str]:
-    """For scene i, the caption of another scene j != i whose caption differs from scene i's."""
-    captions = [scene.caption() for scene in scenes]
-    if len(set(captions)) < 2:
-        raise EvaluationError("the check needs at least two scenes with different captions; raise --n")
+    """For scene i, the caption of a random other scene whose caption is not also true of scene i's image."""
     chosen = []
-    for i, caption in enumerate(captions):
-        j = i
-        while captions[j] == caption:
-            j = rng.randrange(len(captions))
-        chosen.append(captions[j])
+    for scene in scenes:
+        candidates = [other for other in scenes if not describes(other, scene)]
+        if not candidates:
+            raise EvaluationError("the check needs scenes with different content; raise --n")
+        chosen.append(rng.choice(candidates).caption())
     return chosen
 
 

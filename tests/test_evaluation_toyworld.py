@@ -8,21 +8,28 @@ import pytest
 
 from evaluation.toyworld_check import (
     REQUIRED_FRACTION,
+    describes,
     format_report,
     matched_vs_mismatched,
     one_attribute_caption,
     other_scene_captions,
 )
-from models.toyworld.world import sample_batch
+from models.toyworld.world import Scene, SceneObject, sample_batch
 
 
-def test_other_scene_captions_never_reuse_the_scene_caption() -> None:
+def test_other_scene_captions_never_describe_the_image() -> None:
     scenes = sample_batch(7, 60)
     others = other_scene_captions(scenes, random.Random(0))
-    captions = [scene.caption() for scene in scenes]
+    captions = {scene.caption(): scene for scene in scenes}
     assert len(others) == len(scenes)
-    assert all(other != own for other, own in zip(others, captions, strict=True))
-    assert set(others) <= set(captions)
+    for scene, other in zip(scenes, others, strict=True):
+        assert not describes(captions[other], scene)
+    plain = Scene((SceneObject("circle", "red"),), background="white", mention_background=False)
+    on_white = Scene((SceneObject("circle", "red", box=(2, 2, 12)),), background="white")
+    on_black = Scene((SceneObject("circle", "red"),), background="black")
+    assert describes(plain, on_black) and describes(on_white, plain)
+    assert not describes(on_white, on_black)
+    assert not describes(Scene((SceneObject("square", "red"),)), plain)
 
 
 def test_one_attribute_caption_changes_exactly_one_word() -> None:
