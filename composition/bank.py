@@ -27,9 +27,6 @@ from torch import nn
 
 from composition.errors import CompositionError
 
-TEXT_ENCODERS = ("text_encoder", "text_encoder_2")
-"""Pipeline components whose weights an adapter may also change (kohya LoRAs with text-encoder parts)."""
-
 
 class AdapterSource(Protocol):
     """What the bank needs from an adapter (an `AdapterFile` satisfies it)."""
@@ -255,11 +252,46 @@ def _default_name(source: AdapterSource | str | Path, index: int) -> str:
 
 
 def _text_encoder_weights(source: Any, pipe: Any) -> dict[str, dict[str, torch.Tensor]]:
-    """Effective text-encoder weights of an imported LoRA's text-encoder part, per pipeline component."""
-    method = getattr(source, "text_encoder_layer_weights", None)
-    if method is None:
+    """Effective text-encoder weights of an imported LoRA's text-encoder part, per pipeline component.
+
+    `source.text_encoder_tensors` holds kohya/A1111 keys (`lora_te_<module>` for SD 1.x/2.x, `lora_te1_` /
+    `lora_te2_` for SDXL's two encoders, each with `lora_down.weight`, `lora_up.weight` and optional `alpha`);
+    module names are kohya's underscore-joined paths. W' = W + (alpha / rank) · up @ down.
+    """
+    tensors: Mapping[str, torch.Tensor] = getattr(source, "text_encoder_tensors", None) or {}
+    if not tensors:
         return {}
-    components = {
-        name: getattr(pipe, name) for name in TEXT_ENCODERS if getattr(pipe, name, None) is not None
-    }
-    return {name: tensors for name, tensors in method(components).items() if tensors}
+    prefixes = {"lora_te_": "text_encoder", "lora_te1_": "text_encoder", "lora_te2_": "text_encoder_2"}
+    grouped: dict[tuple[str, str], dict[str, torch.Tensor]] = {}
+    for key, tensor in tensors.items():
+        prefix = next((p for p in prefixes if key.startswith(p)), None)
+        module, _, part = key[len(prefix) :].partition(".") if prefix else ("", "", "")
+        if prefix is None or part not in ("lora_down.weight", "lora_up.weight", "alpha"):
+            raise CompositionError(
+                f"text-encoder tensor {key!r} is not a kohya LoRA key this bank understands."
+            )
+        grouped.setdefault((prefixes[prefix], module), {})[part] = tensor
+    out: dict[str, dict[str, torch.Tensor]] = {}
+    lookups: dict[str, dict[str, str]] = {}
+    for (component, kohya_name), parts in grouped.items():
+        encoder = getattr(pipe, component, None)
+        if encoder is None:
+            raise CompositionError(f"the adapter changes {component}, which this pipeline does not have.")
+        if component not in lookups:
+            lookups[component] = {
+                n.replace(".", "_"): n for n, m in encoder.named_modules() if isinstance(m, nn.Linear)
+            }
+        name = lookups[component].get(kohya_name)
+        if name is None or "lora_down.weight" not in parts or "lora_up.weight" not in parts:
+            raise CompositionError(
+                f"text-encoder LoRA module {kohya_name!r} does not match this pipeline's {component}; "
+                "the LoRA was made for another base model."
+            )
+        down, up = parts["lora_down.weight"].float(), parts["lora_up.weight"].float()
+        rank = down.shape[0]
+        scale = float(parts["alpha"]) / rank if "alpha" in parts else 1.0
+        weight = encoder.get_submodule(name).weight
+        out.setdefault(component, {})[name] = weight.detach().float() + scale * (
+            up.flatten(1) @ down.flatten(1)
+        )
+    return out

@@ -121,3 +121,47 @@ def test_bank_errors_are_clear(tiny_sd_pipe) -> None:
         bank.activate(3)
     with pytest.raises(CompositionError, match="one per adapter"):
         bank.activate([1.0, 1.0])
+
+
+def _kohya_text_part(
+    encoder: torch.nn.Module, seed: int, prefix: str = "lora_te_"
+) -> dict[str, torch.Tensor]:
+    """kohya-style LoRA tensors (rank 2, alpha 1) on every q_proj of a CLIP text encoder."""
+    generator = torch.Generator().manual_seed(seed)
+    tensors = {}
+    for name, module in encoder.named_modules():
+        if name.endswith("q_proj"):
+            key = prefix + name.replace(".", "_")
+            tensors[f"{key}.lora_down.weight"] = torch.randn(2, module.in_features, generator=generator)
+            tensors[f"{key}.lora_up.weight"] = torch.randn(module.out_features, 2, generator=generator)
+            tensors[f"{key}.alpha"] = torch.tensor(1.0)
+    return tensors
+
+
+def test_text_encoder_parts_give_per_adapter_prompt_embeddings(tiny_sd_pipe) -> None:
+    from composition.sampling import EmbeddingCache
+
+    encoder = tiny_sd_pipe.text_encoder
+    with_text = FakeAdapter(1)
+    with_text.text_encoder_tensors = _kohya_text_part(encoder, 0)
+    name = next(n for n, _ in encoder.named_modules() if n.endswith("q_proj"))
+    key = "lora_te_" + name.replace(".", "_")
+    t = with_text.text_encoder_tensors
+    expected = (
+        encoder.get_submodule(name).weight + 0.5 * t[f"{key}.lora_up.weight"] @ t[f"{key}.lora_down.weight"]
+    )
+    base_weight = encoder.get_submodule(name).weight.detach().clone()
+    bank = AdapterBank(tiny_sd_pipe, [with_text, FakeAdapter(2)])
+    assert bank.has_text_encoder_parts(0) and not bank.has_text_encoder_parts(1)
+    bank.activate(0)
+    torch.testing.assert_close(encoder.get_submodule(name).weight, expected)
+    bank.deactivate()
+    assert torch.equal(encoder.get_submodule(name).weight, base_weight)
+    cache = EmbeddingCache(tiny_sd_pipe, bank, "", (32, 32))
+    base, own, other = cache.get("a dog"), cache.get("a dog", 0), cache.get("a dog", 1)
+    assert (own.hidden - base.hidden).abs().max() > 1e-3
+    assert other is base  # no text-encoder part: the base embeddings are shared
+    broken = FakeAdapter(3)
+    broken.text_encoder_tensors = {"lora_te_no_such_layer.lora_down.weight": torch.zeros(2, 32)}
+    with pytest.raises(CompositionError, match="does not match this pipeline"):
+        AdapterBank(tiny_sd_pipe, [broken])

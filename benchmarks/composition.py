@@ -1,0 +1,273 @@
+"""Composition benchmark: UNet evaluations, wall time and memory of every method, side by side, as ratios.
+
+    python -m benchmarks.composition [--quick] [--steps S] [--size PX] [--device cpu|cuda]
+
+One process, one randomly initialised pipeline with the SD 1.5 architecture (UNet 860M, CLIP ViT-L text
+encoder, SD VAE; built from configs, nothing downloaded) at a reduced image size on CPU (128 px: latent 16×16)
+so every method runs in minutes; `--quick` swaps in a narrow SD-shaped UNet. Adapters are random LoRA-style
+weight changes on the default `vo` targets (composition cost does not depend on the family: the bank swaps
+tensors). Printed, for N = 2, 3, 4 adapters:
+- UNet evaluations and wall time per image of merge, switch, composite, cmlora, clora, and ratios against the
+  single-adapter run (targets: switch, merge ~1.0×) and cmlora against composite (target <= 0.6×);
+- clora's working-memory peak (process RSS above the level before the call, sampled every 2 ms; CUDA: peak
+  allocated) at N = 4 over N = 2 (target <= 1.5×);
+- bank activation time against one UNet forward (target <= 1%), and merged-adapter generation against the
+  base path and diffusers' own `StableDiffusionPipeline.__call__` (target: within ±3%).
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import tempfile
+import threading
+import time
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import psutil
+import torch
+from diffusers import AutoencoderKL, DDIMScheduler, StableDiffusionPipeline, UNet2DConditionModel
+from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
+
+from composition import AdapterBank, ConceptPrompt, generate
+from models.adapters import resolve_targets
+from models.clip_tokenizer import VOCAB_SIZE, write_clip_tokenizer_files
+
+CONCEPTS = ("zq star", "vx heart", "kp circle", "wm square")
+
+
+class RandomAdapter:
+    """An adapter source: W + σ·B·A (rank 4) on the `vo` targets, seeded."""
+
+    family = "lora"
+
+    def __init__(self, seed: int) -> None:
+        self.seed, self.metadata, self.trigger_phrase = seed, {"name": f"random{seed}"}, CONCEPTS[seed % 4]
+
+    def check_compatible(self, unet: torch.nn.Module) -> None:
+        """Always compatible: built for this UNet."""
+
+    def layer_weights(self, unet: torch.nn.Module) -> dict[str, torch.Tensor]:
+        generator = torch.Generator().manual_seed(self.seed)
+        weights = {}
+        for name in resolve_targets(unet, "vo"):
+            weight = unet.get_submodule(name).weight.detach()
+            up = torch.randn(weight.shape[0], 4, generator=generator) * 0.02
+            down = torch.randn(4, weight.shape[1], generator=generator) * 0.02
+            weights[name] = weight + (up @ down).to(weight)
+        return weights
+
+
+def build_pipeline(quick: bool, size: int, device: str) -> StableDiffusionPipeline:
+    """SD 1.5-architecture pipeline from configs (random weights); `quick`: a narrow UNet of the same shape."""
+    torch.manual_seed(0)
+    widths = (64, 128, 256, 256) if quick else (320, 640, 1280, 1280)
+    unet = UNet2DConditionModel(
+        sample_size=size // 8, block_out_channels=widths, layers_per_block=2, cross_attention_dim=768,
+        attention_head_dim=8, down_block_types=("CrossAttnDownBlock2D",) * 3 + ("DownBlock2D",),
+        up_block_types=("UpBlock2D",) + ("CrossAttnUpBlock2D",) * 3,
+    )  # fmt: skip
+    text = CLIPTextModel(
+        CLIPTextConfig(
+            vocab_size=VOCAB_SIZE,
+            hidden_size=768,
+            intermediate_size=3072,
+            num_hidden_layers=12,
+            num_attention_heads=12,
+            max_position_embeddings=77,
+            hidden_act="quick_gelu",
+        )
+    )
+    vae = AutoencoderKL(
+        block_out_channels=(128, 256, 512, 512), layers_per_block=2, latent_channels=4,
+        down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4, sample_size=size,
+    )  # fmt: skip
+    with tempfile.TemporaryDirectory() as folder:
+        write_clip_tokenizer_files(folder)
+        tokenizer = CLIPTokenizer.from_pretrained(folder)
+    scheduler = DDIMScheduler(
+        beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", clip_sample=False,
+        set_alpha_to_one=False, steps_offset=1,
+    )  # fmt: skip
+    pipe = StableDiffusionPipeline(
+        unet=unet, vae=vae, text_encoder=text, tokenizer=tokenizer, scheduler=scheduler, safety_checker=None,
+        feature_extractor=None, requires_safety_checker=False,
+    )  # fmt: skip
+    pipe.set_progress_bar_config(disable=True)
+    return pipe.to(device)
+
+
+class PeakMemory:
+    """Peak memory above the level at entry: CUDA peak allocated, else sampled process RSS."""
+
+    def __init__(self, device: str) -> None:
+        self.device, self.peak, self._stop = device, 0, threading.Event()
+
+    def __enter__(self) -> PeakMemory:
+        if self.device.startswith("cuda"):
+            torch.cuda.synchronize()
+            torch.cuda.reset_peak_memory_stats()
+            self._base = torch.cuda.memory_allocated()
+            return self
+        process = psutil.Process()
+        self._base = process.memory_info().rss
+
+        def sample() -> None:
+            while not self._stop.is_set():
+                self.peak = max(self.peak, process.memory_info().rss - self._base)
+                time.sleep(0.002)
+
+        self._thread = threading.Thread(target=sample, daemon=True)
+        self._thread.start()
+        return self
+
+    def __exit__(self, *_: object) -> None:
+        if self.device.startswith("cuda"):
+            torch.cuda.synchronize()
+            self.peak = torch.cuda.max_memory_allocated() - self._base
+        else:
+            self._stop.set()
+            self._thread.join()
+
+
+def timed(function: Callable[[], Any], device: str) -> tuple[Any, float]:
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+    start = time.perf_counter()
+    out = function()
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+    return out, time.perf_counter() - start
+
+
+def run_methods(
+    pipe: Any, n: int, steps: int, device: str, clora_options: dict[str, Any], repeats: int
+) -> dict[str, dict]:
+    """UNet evals, best-of-`repeats` wall seconds and memory peak per image for a single-adapter run and every
+    method with N adapters; runs are interleaved round-robin so machine-load drift hits all methods alike."""
+    bank = AdapterBank(pipe, [RandomAdapter(i) for i in range(n)])
+    single_bank = AdapterBank(pipe, [RandomAdapter(0)])
+    text = " and ".join(f"a {c}" for c in CONCEPTS[:n])
+    prompt = ConceptPrompt.build(text, list(CONCEPTS[:n]), plains=[c.split()[1] for c in CONCEPTS[:n]])
+    single_prompt = ConceptPrompt.build(text, [CONCEPTS[0]])
+    generate("cmlora", pipe, bank, prompt, steps, 7.5, 0)  # measures and caches the frequency profile
+    runs = {
+        "single": lambda: generate("merge", pipe, single_bank, single_prompt, steps, 7.5, 1),
+        **{
+            m: (
+                lambda m=m: generate(
+                    m, pipe, bank, prompt, steps, 7.5, 1, **(clora_options if m == "clora" else {})
+                )
+            )
+            for m in ("merge", "switch", "composite", "cmlora", "clora")
+        },
+    }
+    rows: dict[str, dict] = {m: {"walls": [], "peak": 0} for m in runs}
+    for _ in range(repeats):
+        for method, run in runs.items():
+            with PeakMemory(device) as memory:
+                result, wall = timed(run, device)
+            row = rows[method]
+            row["walls"].append(wall)
+            row.update(evals=result.unet_evals, extras=result.extras, peak=max(row["peak"], memory.peak))
+    for row in rows.values():
+        row["wall"] = min(row["walls"])
+    bank.close()
+    single_bank.close()
+    return rows
+
+
+def activation_cost(pipe: Any, device: str, repeats: int = 50) -> dict[str, float]:
+    """Seconds per bank activation (one adapter, a weighted sum) and per UNet forward (CFG batch of 2)."""
+    bank = AdapterBank(pipe, [RandomAdapter(0), RandomAdapter(1)])
+    unet = pipe.unet
+    side = unet.config.sample_size
+    x = torch.randn(2, 4, side, side, device=device, dtype=unet.dtype)
+    context = torch.randn(2, 77, 768, device=device, dtype=unet.dtype)
+    with torch.no_grad():
+        unet(x, torch.tensor(500, device=device), encoder_hidden_states=context)
+        forward = statistics.median(
+            timed(lambda: unet(x, torch.tensor(500, device=device), encoder_hidden_states=context), device)[1]
+            for _ in range(5)
+        )
+    swap = statistics.median(timed(lambda k=k: bank.activate(k % 2), device)[1] for k in range(repeats))
+    mix = statistics.median(
+        timed(lambda k=k: bank.activate([1.0, 0.5 + 0.01 * k]), device)[1] for k in range(repeats // 5)
+    )
+    bank.close()
+    return {"forward": forward, "swap": swap, "mix": mix}
+
+
+def merged_vs_base(pipe: Any, steps: int, device: str, repeats: int) -> dict[str, float]:
+    """Best-of-`repeats` wall time: merged 2-adapter generation, the same loop with no adapter, and diffusers' __call__."""
+    bank = AdapterBank(pipe, [RandomAdapter(0), RandomAdapter(1)])
+    text = f"a {CONCEPTS[0]} and a {CONCEPTS[1]}"
+    merged = ConceptPrompt.build(text, list(CONCEPTS[:2]))
+    base = ConceptPrompt.build(text, list(CONCEPTS[:2]), weights=[0.0, 0.0])
+    side = pipe.unet.config.sample_size * pipe.vae_scale_factor
+    runs: dict[str, list[float]] = {"merged": [], "base": [], "diffusers": []}
+    for _ in range(repeats):  # interleaved, so drifting machine load hits all three alike
+        runs["merged"].append(timed(lambda: generate("merge", pipe, bank, merged, steps, 7.5, 1), device)[1])
+        runs["base"].append(timed(lambda: generate("merge", pipe, bank, base, steps, 7.5, 1), device)[1])
+        generator = torch.Generator("cpu").manual_seed(1)
+
+        def call(g: torch.Generator = generator) -> Any:
+            return pipe(
+                text, num_inference_steps=steps, guidance_scale=7.5, generator=g, height=side, width=side
+            )
+
+        runs["diffusers"].append(timed(call, device)[1])
+    bank.close()
+    return {k: min(v) for k, v in runs.items()}
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m benchmarks.composition")
+    parser.add_argument("--quick", action="store_true", help="narrow UNet, 6 steps")
+    parser.add_argument("--steps", type=int, default=None)
+    parser.add_argument("--size", type=int, default=128, help="image side in pixels (latent = size / 8)")
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--repeats", type=int, default=3, help="timing repeats (the best run counts)")
+    parser.add_argument(
+        "--threads", type=int, default=1, help="torch CPU threads (1: least disturbed by load)"
+    )
+    args = parser.parse_args(None if argv is None else list(argv))
+    steps = args.steps or (6 if args.quick else 10)
+    torch.set_num_threads(args.threads)
+    pipe = build_pipeline(args.quick, args.size, args.device)
+    clora_options = {"preset": "light", "refine_rounds": 2}
+    print(f"device={args.device} unet={'narrow' if args.quick else 'SD1.5'} size={args.size}px steps={steps} "
+          f"threads={torch.get_num_threads()} clora options={clora_options}")  # fmt: skip
+    header = f"{'N':>2} {'method':10s} {'evals':>6} {'wall s':>8} {'evals/1':>8} {'wall/1':>7} {'vs composite':>13}"
+    print(header)
+    clora_peak: dict[int, int] = {}
+    for n in (2, 3, 4):
+        rows = run_methods(pipe, n, steps, args.device, clora_options, args.repeats)
+        single = rows["single"]
+        for method, row in rows.items():
+            vs = ""
+            if method == "cmlora":
+                comp = rows["composite"]
+                vs = f"{row['evals'] / comp['evals']:.2f}x/{row['wall'] / comp['wall']:.2f}x"
+            print(f"{n:>2} {method:10s} {row['evals']:>6} {row['wall']:>8.2f} {row['evals'] / single['evals']:>7.2f}x "
+                  f"{row['wall'] / single['wall']:>6.2f}x {vs:>13}")  # fmt: skip
+        extras = rows["cmlora"]["extras"]
+        print(f"   cmlora: shallow evals {extras['shallow_evals']}, refresh steps {extras['refresh_steps']}, "
+              f"order {extras['order']}")  # fmt: skip
+        clora_peak[n] = rows["clora"]["peak"]
+        print(f"   clora working-memory peak: {clora_peak[n] / 2**20:.0f} MiB")
+    print(f"clora peak memory N=4 / N=2: {clora_peak[4] / max(clora_peak[2], 1):.2f}x (target <= 1.5x)")
+    cost = activation_cost(pipe, args.device)
+    print(f"bank activation: swap {cost['swap'] * 1e6:.0f} us = {100 * cost['swap'] / cost['forward']:.3f}% of one "
+          f"UNet forward ({cost['forward'] * 1e3:.0f} ms); weighted-sum {cost['mix'] * 1e3:.1f} ms = "
+          f"{100 * cost['mix'] / cost['forward']:.2f}% (target <= 1%)")  # fmt: skip
+    speed = merged_vs_base(pipe, steps, args.device, args.repeats)
+    print(f"merged generation {speed['merged']:.2f} s vs base {speed['base']:.2f} s: "
+          f"{100 * (speed['merged'] / speed['base'] - 1):+.1f}%; vs diffusers __call__ {speed['diffusers']:.2f} s: "
+          f"{100 * (speed['merged'] / speed['diffusers'] - 1):+.1f}% (target within ±3%)")  # fmt: skip
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
