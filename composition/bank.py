@@ -166,7 +166,7 @@ class AdapterBank:
     @torch.no_grad()
     def activate(self, selection: Selection) -> None:
         """Swap in one adapter (an index), a weighted sum (one weight per adapter) or the base (None)."""
-        weights = self._as_weights(selection)
+        weights = self.weights_for(selection)
         if weights == self._active:
             return
         for key, param in self._params.items():
@@ -187,7 +187,8 @@ class AdapterBank:
         finally:
             self.activate(None if previous is None else list(previous))
 
-    def _as_weights(self, selection: Selection) -> tuple[float, ...] | None:
+    def weights_for(self, selection: Selection) -> tuple[float, ...] | None:
+        """A selection as one weight per adapter (None for the base); bad indices/lengths are an error."""
         if selection is None:
             return None
         if isinstance(selection, int):

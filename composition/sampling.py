@@ -81,7 +81,7 @@ class EmbeddingCache:
 
     def get(self, text: str, selection: Selection = None) -> PromptEmbeds:
         """Embeddings of `text` with the text-encoder parts of `selection` active."""
-        weights = self.bank._as_weights(selection)
+        weights = self.bank.weights_for(selection)
         if weights is not None:
             weights = tuple(w if self.bank.has_text_encoder_parts(i) else 0.0 for i, w in enumerate(weights))
             weights = weights if any(weights) else None
