@@ -54,6 +54,8 @@ class JobView:
     losses: list[tuple[int, float]]
     validation_images: list[str]
     log_tail: list[str] = field(default_factory=list)
+    note: str | None = None
+    """What a running job does before its first step (e.g. generating class images)."""
 
     @property
     def resumable(self) -> bool:
@@ -182,6 +184,7 @@ class JobRunner:
             position=self.queue_position(job_id) if job.status == "queued" else None,
             eta=progress.get("eta") if job.status in ("running", "cancelling") else None,
             lr=progress.get("lr"),
+            note=progress.get("note") if job.status == "running" else None,
             losses=losses,
             validation_images=[
                 str(p) for p in sorted((out / "validation").glob("step-*.png"), key=_step_key)
@@ -291,6 +294,11 @@ class JobRunner:
         for event in events:
             if event["event"] == "progress" and "loss" in event:
                 latest = event
+            elif event["event"] == "progress" and "class_images" in event:
+                done, total = event["class_images"]
+                self._progress[job_id] = {
+                    "note": f"generating class images for prior preservation: {done}/{total}"
+                }
             elif event["event"] in TERMINAL_EVENTS:
                 self._terminal = event
         if latest:

@@ -9,6 +9,7 @@ weights inside that pipeline.
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import threading
 import time
@@ -286,7 +287,7 @@ class Studio:
         """The same seeds with every method (default options), each image scored by CLIPScore against the prompt."""
         outputs = []
         for index, method in enumerate(methods):
-            output = self.compose(ComposeRequest(**{**request.__dict__, "method": method, "options": {}}))
+            output = self.compose(dataclasses.replace(request, method=method, options={}))
             output.clip_scores = self.clip_scores(output.images, request.prompt)
             outputs.append(output)
             if progress is not None:

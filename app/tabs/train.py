@@ -58,6 +58,8 @@ def render(view: JobView) -> tuple[str, str, pd.DataFrame, list[str], str]:
         lines.append(
             f"Step {job.step}/{job.total}" + (f", loss {job.loss:.4f}" if job.loss is not None else "")
         )
+    if view.note:
+        lines.append(view.note)
     if view.eta is not None:
         lines.append(f"ETA {view.eta:.0f} s")
     if job.error:
