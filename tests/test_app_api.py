@@ -167,6 +167,16 @@ def test_bad_uploads_show_their_message_and_start_nothing(running_app: RunningAp
                 **TRAIN_ARGS,
             )
         assert message in str(caught.value)
+    notes = tmp_path / "notes.txt"
+    notes.write_text("a text file with its real name")
+    with pytest.raises(AppError, match="Invalid file type"):
+        client.predict(paths=[handle_file(str(notes))], api_name="/check_uploads")
+    oversized = httpx.post(
+        f"{running_app.url}gradio_api/upload",
+        files={"files": ("big.png", b"\x89PNG" + bytes(21 * 2**20), "image/png")},
+        timeout=120,
+    )
+    assert oversized.status_code == 413
     assert running_app.studio.store.list_jobs() == jobs_before
 
 
