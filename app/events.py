@@ -61,6 +61,26 @@ def read_events(path: Path, offset: int = 0) -> tuple[list[dict[str, Any]], int]
     return events, offset + consumed
 
 
+def tail(path: Path, lines: int) -> list[str]:
+    """The last ``lines`` lines of a text file (empty when missing); reads at most the last 64 KiB."""
+    if not path.is_file():
+        return []
+    with path.open("rb") as handle:
+        handle.seek(max(0, path.stat().st_size - 65536))
+        text = handle.read().decode("utf-8", errors="replace")
+    return text.splitlines()[-lines:]
+
+
+def last_terminal(events: list[dict[str, Any]]) -> dict[str, Any] | None:
+    """The terminal event of the last run in ``events`` (None when the last run never reported one)."""
+    for event in reversed(events):
+        if event["event"] in TERMINAL_EVENTS:
+            return event
+        if event["event"] == "started":
+            return None
+    return None
+
+
 class FileFlag:
     """A cancel flag shared across processes: set when ``path`` exists or the parent process has exited."""
 

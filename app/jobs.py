@@ -27,7 +27,16 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from app.events import CANCEL_FILE, EVENTS_FILE, JOB_FILE, LOG_FILE, TERMINAL_EVENTS, read_events
+from app.events import (
+    CANCEL_FILE,
+    EVENTS_FILE,
+    JOB_FILE,
+    LOG_FILE,
+    TERMINAL_EVENTS,
+    last_terminal,
+    read_events,
+    tail,
+)
 from app.store import JobRecord, Store, StoreError, new_id
 
 logger = logging.getLogger(__name__)
@@ -230,7 +239,7 @@ class JobRunner:
         """Settle jobs left running by a previous app process (see the module docstring)."""
         for job in self.store.list_jobs(("running", "cancelling")):
             events, _ = read_events(self.jobs_dir / job.id / EVENTS_FILE)
-            terminal = _last_terminal(events)
+            terminal = last_terminal(events)
             if terminal is not None:
                 self._settle(job, terminal, exit_code=None)
             else:
@@ -243,7 +252,7 @@ class JobRunner:
         for job in self.store.list_jobs(("completed",)):
             if job.adapter_id is None:
                 events, _ = read_events(self.jobs_dir / job.id / EVENTS_FILE)
-                terminal = _last_terminal(events)
+                terminal = last_terminal(events)
                 if terminal is not None and terminal["event"] == "completed":
                     self._settle(job, terminal, exit_code=None)
 
@@ -372,26 +381,6 @@ class JobRunner:
             return self.store.get_job(job_id)
         except StoreError as exc:
             raise JobError(str(exc)) from None
-
-
-def tail(path: Path, lines: int) -> list[str]:
-    """The last ``lines`` lines of a text file (empty when missing); reads at most the last 64 KiB."""
-    if not path.is_file():
-        return []
-    with path.open("rb") as handle:
-        handle.seek(max(0, path.stat().st_size - 65536))
-        text = handle.read().decode("utf-8", errors="replace")
-    return text.splitlines()[-lines:]
-
-
-def _last_terminal(events: list[dict[str, Any]]) -> dict[str, Any] | None:
-    """The terminal event of the last run in ``events`` (None when the last run never reported one)."""
-    for event in reversed(events):
-        if event["event"] in TERMINAL_EVENTS:
-            return event
-        if event["event"] == "started":
-            return None
-    return None
 
 
 def _step_key(path: Path) -> int:

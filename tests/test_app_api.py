@@ -143,6 +143,36 @@ def test_upload_train_library_compose_and_score_through_the_api(running_app: Run
     assert Path(csv_file).read_text().count("\n") == 3
 
 
+def test_import_rename_and_delete_through_the_api(running_app: RunningApp, tmp_path: Path) -> None:
+    library = running_app.studio.library
+    if not library.records():
+        pytest.skip("needs the adapters trained by the flow test")
+    source = tmp_path / "shared.safetensors"
+    source.write_bytes(library.path(library.records()[0]).read_bytes())
+    client = Client(running_app.url, verbose=False)
+
+    table, selected, message = client.predict(
+        path=handle_file(str(source)), name="dog copy", trigger="sks dog", api_name="/import_adapter"
+    )
+    new_id = selected["value"]
+    assert "Imported **dog copy** (lora" in message
+    assert [row[0] for row in table["data"] if row[7] == new_id] == ["dog copy"]
+    assert library.get(new_id).source == "imported"
+    assert library.path(library.get(new_id)).read_bytes() == source.read_bytes()
+
+    table, _, message = client.predict(adapter_id=new_id, name="  renamed dog ", api_name="/rename_adapter")
+    assert [row[0] for row in table["data"] if row[7] == new_id] == ["renamed dog"]
+    with pytest.raises(AppError, match="name is empty"):
+        client.predict(adapter_id=new_id, name="   ", api_name="/rename_adapter")
+
+    folder = library.path(library.get(new_id)).parent
+    table, selected, message, _ = client.predict(adapter_id=new_id, api_name="/delete_adapter")
+    assert new_id not in [row[7] for row in table["data"]] and "Deleted **renamed dog**" in message
+    assert not folder.exists()
+    with pytest.raises(AppError, match="no adapter"):
+        client.predict(adapter_id=new_id, api_name="/adapter_details")
+
+
 def test_bad_uploads_show_their_message_and_start_nothing(running_app: RunningApp, tmp_path: Path) -> None:
     fake = tmp_path / "holiday.png"
     fake.write_text("not an image at all")

@@ -124,7 +124,11 @@ def build(studio: Studio) -> tuple[gr.Dropdown, gr.State]:
             info = gr.Markdown(elem_id="compose-info")
             scores = gr.Dataframe(label="Method comparison", interactive=False, visible=False)
             masks = gr.Gallery(
-                label="CLoRA masks (white: where the adapter acts)", columns=4, height=200, visible=False
+                format="png",
+                label="CLoRA masks (white: where the adapter acts)",
+                columns=4,
+                height=200,
+                visible=False,
             )
 
     def generate(
