@@ -40,7 +40,7 @@ from models.clip_tokenizer import write_clip_tokenizer_files
 from models.toyworld import clip_model
 from models.toyworld.checkpoint import load_state, save_state
 from models.toyworld.paths import TOYWORLD_DIR
-from models.toyworld.world import IMAGE_SIZE, images_to_array, render_scene, sample_batch
+from models.toyworld.world import IMAGE_SIZE, images_to_array, render_scene, sample_batch, twin_scene
 
 SCHEDULER_CONFIG = {
     "num_train_timesteps": 1000,
@@ -67,6 +67,8 @@ class ToyWorldTrainConfig:
     clip_steps: int = 500
     clip_batch: int = 64
     clip_lr: float = 1e-3
+    scorer_steps: int = 600
+    """Hard-negative continuation of the CLIP that becomes the shipped scorer (stage `scorer`)."""
     vae_steps: int = 500
     vae_batch: int = 16
     vae_lr: float = 1e-3
@@ -79,14 +81,15 @@ class ToyWorldTrainConfig:
     threads: int = 1
     """Torch threads; 1 is several times faster than 2 when the two cores are shared with other jobs."""
     stage: str = "all"
-    """`clip`, `vae` or `unet` trains only that stage (clip and vae may run in parallel); `all` runs all."""
+    """`clip`, `scorer` or `vae` trains only that stage (scorer needs clip; vae runs in parallel to them);
+    `all` runs (or resumes) every stage and saves the assets."""
 
     def __post_init__(self) -> None:
         for name in ("clip_steps", "vae_steps", "unet_steps", "clip_batch", "vae_batch", "unet_batch"):
             if getattr(self, name) <= 0:
                 raise ValueError(f"{name} must be positive, got {getattr(self, name)}")
-        if self.stage not in ("all", "clip", "vae", "unet"):
-            raise ValueError(f"stage must be all, clip, vae or unet, got {self.stage!r}")
+        if self.stage not in ("all", "clip", "scorer", "vae", "unet"):
+            raise ValueError(f"stage must be all, clip, scorer, vae or unet, got {self.stage!r}")
         if not 0.0 <= self.caption_dropout < 1.0:
             raise ValueError(f"caption_dropout must be in [0, 1), got {self.caption_dropout}")
 
@@ -162,22 +165,36 @@ def encode_text_truncated(model: clip.model.CLIP, tokens: torch.Tensor) -> torch
     return x[torch.arange(x.shape[0]), tokens[:, :length].argmax(dim=-1)] @ model.text_projection
 
 
+def clip_batch_loss(model: clip.model.CLIP, images: torch.Tensor, captions: list[str]) -> torch.Tensor:
+    """Symmetric InfoNCE of a batch of matching (image in [-1, 1], caption) pairs."""
+    image_features = model.encode_image(clip_model.normalize_images(images))
+    text_features = encode_text_truncated(model, clip.tokenize(captions))
+    image_features = image_features / image_features.norm(dim=-1, keepdim=True)
+    text_features = text_features / text_features.norm(dim=-1, keepdim=True)
+    logits = model.logit_scale.exp().clamp(max=100) * image_features @ text_features.t()
+    target = torch.arange(len(captions))
+    ce = torch.nn.functional.cross_entropy
+    return (ce(logits, target) + ce(logits.t(), target)) / 2
+
+
+def twin_tensors(seed: int, count: int) -> tuple[torch.Tensor, list[str]]:
+    """`count // 2` random scenes (all concepts) followed by their one-attribute twins (hard negatives)."""
+    rng = random.Random(seed)
+    scenes = sample_batch(seed, count // 2, held_out=True)
+    scenes += [twin_scene(scene, rng) for scene in scenes]
+    images = torch.from_numpy(images_to_array([render_scene(scene) for scene in scenes]))
+    return images, [scene.caption() for scene in scenes]
+
+
 def train_clip(config: ToyWorldTrainConfig) -> clip.model.CLIP:
-    """Stage 1: contrastive tiny CLIP on all concepts (held-out ones included: it is the scorer)."""
+    """Stage 1: contrastive tiny CLIP on all concepts (random batches); its text tower conditions the UNet."""
     final = config.work_dir / "clip_final.safetensors"
     model = clip_model.build_tiny_clip(config.seed)
     if not final.exists():
 
         def loss_fn(step: int) -> torch.Tensor:
             images, captions = scene_tensors(config.seed * 1_000_003 + step, config.clip_batch, held_out=True)
-            image_features = model.encode_image(clip_model.normalize_images(images))
-            text_features = encode_text_truncated(model, clip.tokenize(captions))
-            image_features = image_features / image_features.norm(dim=-1, keepdim=True)
-            text_features = text_features / text_features.norm(dim=-1, keepdim=True)
-            logits = model.logit_scale.exp().clamp(max=100) * image_features @ text_features.t()
-            target = torch.arange(len(captions))
-            ce = torch.nn.functional.cross_entropy
-            return (ce(logits, target) + ce(logits.t(), target)) / 2
+            return clip_batch_loss(model, images, captions)
 
         model.train()
         _run_stage(
@@ -188,6 +205,28 @@ def train_clip(config: ToyWorldTrainConfig) -> clip.model.CLIP:
             config.clip_lr,
             config.clip_steps,
             loss_fn,
+        )
+        save_file(model.state_dict(), str(final))
+    model.load_state_dict(load_file(str(final)))
+    return model.eval()
+
+
+def train_scorer(config: ToyWorldTrainConfig, base: clip.model.CLIP) -> clip.model.CLIP:
+    """Stage 1b: continue a copy of the CLIP on batches of scenes and their one-attribute twins, which forces
+    it to tell attributes apart (shape above all); this copy is the shipped scorer (`TOYWORLD_CLIP`)."""
+    final = config.work_dir / "scorer_final.safetensors"
+    model = clip_model.build_tiny_clip(config.seed)
+    model.load_state_dict(base.state_dict())
+    if not final.exists():
+
+        def loss_fn(step: int) -> torch.Tensor:
+            images, captions = twin_tensors(config.seed * 4_000_003 + step, config.clip_batch)
+            return clip_batch_loss(model, images, captions)
+
+        model.train()
+        params = list(model.parameters())
+        _run_stage(
+            "scorer", config, {"clip": model}, params, config.clip_lr / 2, config.scorer_steps, loss_fn
         )
         save_file(model.state_dict(), str(final))
     model.load_state_dict(load_file(str(final)))
@@ -343,11 +382,14 @@ def train(config: ToyWorldTrainConfig) -> Path | None:
     clip_net = train_clip(config)
     if config.stage == "clip":
         return None
+    scorer = train_scorer(config, clip_net)
+    if config.stage == "scorer":
+        return None
     text_encoder = clip_model.to_transformers_text_model(clip_net).requires_grad_(False)
     vae = train_vae(config)
     tokenizer = CLIPTokenizer.from_pretrained(write_clip_tokenizer_files(config.work_dir / "tokenizer"))
     unet = train_unet(config, vae, text_encoder, tokenizer)
-    save_assets(Path(config.out), clip_net, vae, text_encoder, unet)
+    save_assets(Path(config.out), scorer, vae, text_encoder, unet)
     return Path(config.out) / "pipeline"
 
 

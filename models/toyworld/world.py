@@ -256,3 +256,20 @@ def images_to_array(images: list[Image.Image]) -> np.ndarray:
     """Stack PIL images into a float32 (N, 3, H, W) array in [-1, 1] (the VAE's input range)."""
     stacked = np.stack([np.asarray(img.convert("RGB"), dtype=np.float32) for img in images])
     return stacked.transpose(0, 3, 1, 2) / 127.5 - 1.0
+
+
+def twin_scene(scene: Scene, rng: random.Random) -> Scene:
+    """The same scene with one attribute changed (an object's shape, colour or texture, or the background):
+    a hard negative for contrastive training. Any concept, held-out ones included, may be drawn."""
+    kind = rng.choice(("shape", "shape", "colour", "texture", "background"))
+    if kind == "background":
+        other = next(name for name in BACKGROUNDS if name != scene.background)
+        return Scene(scene.objects, background=other, mention_background=True)
+    index = rng.randrange(len(scene.objects))
+    obj = scene.objects[index]
+    pool = {"shape": SHAPES, "colour": tuple(COLOURS), "texture": TEXTURES}[kind]
+    value = rng.choice([name for name in pool if name != getattr(obj, kind)])
+    attributes = {"shape": obj.shape, "colour": obj.colour, "texture": obj.texture, kind: value}
+    changed = SceneObject(attributes["shape"], attributes["colour"], attributes["texture"], obj.box)
+    objects = tuple(changed if i == index else o for i, o in enumerate(scene.objects))
+    return Scene(objects, background=scene.background, mention_background=scene.mention_background)
