@@ -106,7 +106,7 @@ def test_shallow_forward_with_a_fresh_cache_equals_the_full_forward(
     added = None
     if which == "sdxl":
         added = {
-            "text_embeds": torch.randn(2, 32),
+            "text_embeds": torch.randn(2, pipe.text_encoder_2.config.projection_dim),
             "time_ids": torch.tensor([[32, 32, 0, 0, 32, 32]] * 2).float(),
         }
     cache = DeepFeatureCache()

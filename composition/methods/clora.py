@@ -20,6 +20,9 @@ Departures from the reference, on purpose:
   alone with that gradient (exact by the chain rule: ∇z L = Σ_b J_bᵀ ∂L/∂A_b). One branch's graph at a time,
   at the price of one extra conditional forward per branch per update.
 
+`unet_evals` counts every UNet forward of one image: each branch's CFG pair per step, plus two conditional
+forwards per branch per latent-update round (maps without a graph, then the branch's backward pass).
+
 Presets (`preset=`): `reference` (default) = the reference's settings: latent updates at every step
 i < 0.6·steps (30 of 50), 20 extra refinement rounds at 0, 0.2 and 0.4 of the steps (0, 10, 20 of 50),
 step size 20, temperature 0.5, α = 0.3. `light` = the same with 4 refinement rounds, for CPU previews.
