@@ -255,44 +255,60 @@ def _default_name(source: AdapterSource | str | Path, index: int) -> str:
 def _text_encoder_weights(source: Any, pipe: Any) -> dict[str, dict[str, torch.Tensor]]:
     """Effective text-encoder weights of an imported LoRA's text-encoder part, per pipeline component.
 
-    `source.text_encoder_tensors` holds kohya/A1111 keys (`lora_te_<module>` for SD 1.x/2.x, `lora_te1_` /
-    `lora_te2_` for SDXL's two encoders, each with `lora_down.weight`, `lora_up.weight` and optional `alpha`);
-    module names are kohya's underscore-joined paths. W' = W + (alpha / rank) · up @ down.
+    `source.text_encoder_tensors` holds diffusers-format keys, as `lora_state_dict` gives them for kohya/A1111
+    files (`text_encoder.<module>.to_q_lora.down.weight` plus `....alpha`, or the newer `lora_linear_layer` /
+    PEFT `lora_A`/`lora_B` names; `text_encoder_2.` for SDXL's second encoder). diffusers'
+    `convert_state_dict_to_peft` maps them to PEFT names; W' = W + (alpha / rank) · B @ A.
     """
+    from diffusers.utils.state_dict_utils import StateDictType, convert_state_dict_to_peft
+
     tensors: Mapping[str, torch.Tensor] = getattr(source, "text_encoder_tensors", None) or {}
-    if not tensors:
-        return {}
-    prefixes = {"lora_te_": "text_encoder", "lora_te1_": "text_encoder", "lora_te2_": "text_encoder_2"}
-    grouped: dict[tuple[str, str], dict[str, torch.Tensor]] = {}
-    for key, tensor in tensors.items():
-        prefix = next((p for p in prefixes if key.startswith(p)), None)
-        module, _, part = key[len(prefix) :].partition(".") if prefix else ("", "", "")
-        if prefix is None or part not in ("lora_down.weight", "lora_up.weight", "alpha"):
-            raise CompositionError(
-                f"text-encoder tensor {key!r} is not a kohya LoRA key this bank understands."
-            )
-        grouped.setdefault((prefixes[prefix], module), {})[part] = tensor
+    components = ("text_encoder", "text_encoder_2")
+    stray = sorted(k for k in tensors if not k.startswith(tuple(f"{c}." for c in components)))
+    if stray:
+        raise CompositionError(
+            f"text-encoder tensor {stray[0]!r} names no text encoder this bank understands."
+        )
     out: dict[str, dict[str, torch.Tensor]] = {}
-    lookups: dict[str, dict[str, str]] = {}
-    for (component, kohya_name), parts in grouped.items():
+    for component in components:
+        part = {
+            k.removeprefix(f"{component}."): v for k, v in tensors.items() if k.startswith(f"{component}.")
+        }
+        if not part:
+            continue
         encoder = getattr(pipe, component, None)
         if encoder is None:
             raise CompositionError(f"the adapter changes {component}, which this pipeline does not have.")
-        if component not in lookups:
-            lookups[component] = {
-                n.replace(".", "_"): n for n, m in encoder.named_modules() if isinstance(m, nn.Linear)
-            }
-        name = lookups[component].get(kohya_name)
-        if name is None or "lora_down.weight" not in parts or "lora_up.weight" not in parts:
-            raise CompositionError(
-                f"text-encoder LoRA module {kohya_name!r} does not match this pipeline's {component}; "
-                "the LoRA was made for another base model."
+        layers = {k: v for k, v in part.items() if not k.endswith(".alpha")}
+        alphas = {
+            k.removesuffix(".alpha"): torch.as_tensor(v) for k, v in part.items() if k.endswith(".alpha")
+        }
+        if not any(".lora_A." in k or ".lora_B." in k for k in layers):
+            kind = (
+                StateDictType.DIFFUSERS
+                if any("lora_linear_layer" in k for k in layers)
+                else StateDictType.DIFFUSERS_OLD
             )
-        down, up = parts["lora_down.weight"].float(), parts["lora_up.weight"].float()
-        rank = down.shape[0]
-        scale = float(parts["alpha"]) / rank if "alpha" in parts else 1.0
-        weight = encoder.get_submodule(name).weight
-        out.setdefault(component, {})[name] = weight.detach().float() + scale * (
-            up.flatten(1) @ down.flatten(1)
-        )
+            layers = convert_state_dict_to_peft(layers, original_type=kind)
+            alphas = convert_state_dict_to_peft(alphas, original_type=kind) if alphas else {}
+        pairs: dict[str, dict[str, torch.Tensor]] = {}
+        for key, tensor in layers.items():
+            module, _, kind_name = key.rpartition(".lora_")
+            pairs.setdefault(module, {})[kind_name] = tensor
+        for module, pair in pairs.items():
+            try:
+                weight = encoder.get_submodule(module).weight
+            except AttributeError:
+                raise CompositionError(
+                    f"text-encoder LoRA layer {module!r} does not match this pipeline's {component}; "
+                    "the LoRA was made for another base model."
+                ) from None
+            if set(pair) != {"A.weight", "B.weight"}:
+                raise CompositionError(f"text-encoder LoRA layer {module!r} lacks its down or up matrix.")
+            down, up = pair["A.weight"].float(), pair["B.weight"].float()
+            alpha = alphas.get(f"{module}.lora_A.weight")
+            scale = float(alpha) / down.shape[0] if alpha is not None else 1.0
+            out.setdefault(component, {})[module] = weight.detach().float() + scale * (
+                up.flatten(1) @ down.flatten(1)
+            )
     return out

@@ -123,36 +123,37 @@ def test_bank_errors_are_clear(tiny_sd_pipe) -> None:
         bank.activate([1.0, 1.0])
 
 
-def _kohya_text_part(
-    encoder: torch.nn.Module, seed: int, prefix: str = "lora_te_"
-) -> dict[str, torch.Tensor]:
-    """kohya-style LoRA tensors (rank 2, alpha 1) on every q_proj of a CLIP text encoder."""
+def _kohya_file(pipe, path, seed: int) -> dict[str, torch.Tensor]:
+    """A kohya/A1111 LoRA file (rank 2, alpha 1) on the first to_v of the UNet and every q_proj of the text
+    encoder; returns its tensors."""
+    from safetensors.torch import save_file
+
     generator = torch.Generator().manual_seed(seed)
     tensors = {}
-    for name, module in encoder.named_modules():
-        if name.endswith("q_proj"):
-            key = prefix + name.replace(".", "_")
-            tensors[f"{key}.lora_down.weight"] = torch.randn(2, module.in_features, generator=generator)
-            tensors[f"{key}.lora_up.weight"] = torch.randn(module.out_features, 2, generator=generator)
-            tensors[f"{key}.alpha"] = torch.tensor(1.0)
+    layers = [("lora_te_", n, m) for n, m in pipe.text_encoder.named_modules() if n.endswith("q_proj")]
+    layers.append(("lora_unet_", "down_blocks.0.attentions.0.transformer_blocks.0.attn1.to_v", None))
+    for prefix, name, module in layers:
+        module = module or pipe.unet.get_submodule(name)
+        key = prefix + name.replace(".", "_")
+        tensors[f"{key}.lora_down.weight"] = torch.randn(2, module.in_features, generator=generator)
+        tensors[f"{key}.lora_up.weight"] = torch.randn(module.out_features, 2, generator=generator)
+        tensors[f"{key}.alpha"] = torch.tensor(1.0)
+    save_file(tensors, str(path))
     return tensors
 
 
-def test_text_encoder_parts_give_per_adapter_prompt_embeddings(tiny_sd_pipe) -> None:
+def test_kohya_text_encoder_parts_give_per_adapter_prompt_embeddings(tiny_sd_pipe, tmp_path) -> None:
     from composition.sampling import EmbeddingCache
 
     encoder = tiny_sd_pipe.text_encoder
-    with_text = FakeAdapter(1)
-    with_text.text_encoder_tensors = _kohya_text_part(encoder, 0)
+    tensors = _kohya_file(tiny_sd_pipe, tmp_path / "kohya.safetensors", 0)
     name = next(n for n, _ in encoder.named_modules() if n.endswith("q_proj"))
     key = "lora_te_" + name.replace(".", "_")
-    t = with_text.text_encoder_tensors
-    expected = (
-        encoder.get_submodule(name).weight + 0.5 * t[f"{key}.lora_up.weight"] @ t[f"{key}.lora_down.weight"]
-    )
     base_weight = encoder.get_submodule(name).weight.detach().clone()
-    bank = AdapterBank(tiny_sd_pipe, [with_text, FakeAdapter(2)])
-    assert bank.has_text_encoder_parts(0) and not bank.has_text_encoder_parts(1)
+    expected = base_weight + 0.5 * tensors[f"{key}.lora_up.weight"] @ tensors[f"{key}.lora_down.weight"]
+    bank = AdapterBank(tiny_sd_pipe, [tmp_path / "kohya.safetensors", FakeAdapter(2)])
+    assert bank.entries[0].family == "lora" and bank.has_text_encoder_parts(0)
+    assert not bank.has_text_encoder_parts(1)
     bank.activate(0)
     torch.testing.assert_close(encoder.get_submodule(name).weight, expected)
     bank.deactivate()
@@ -162,6 +163,6 @@ def test_text_encoder_parts_give_per_adapter_prompt_embeddings(tiny_sd_pipe) -> 
     assert (own.hidden - base.hidden).abs().max() > 1e-3
     assert other is base  # no text-encoder part: the base embeddings are shared
     broken = FakeAdapter(3)
-    broken.text_encoder_tensors = {"lora_te_no_such_layer.lora_down.weight": torch.zeros(2, 32)}
+    broken.text_encoder_tensors = {"text_encoder.no.such.layer.lora_A.weight": torch.zeros(2, 32)}
     with pytest.raises(CompositionError, match="does not match this pipeline"):
         AdapterBank(tiny_sd_pipe, [broken])
