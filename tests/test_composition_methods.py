@@ -105,3 +105,32 @@ def test_bad_inputs_give_clear_errors(tiny_sd_pipe) -> None:
         generate("switch", tiny_sd_pipe, bank, prompt, steps=0)
     assert method_options("switch") == {"interval": 5}
     assert method_options("clora")["refine_rounds"] == 20
+
+
+def test_clora_branchwise_backprop_equals_the_joint_gradient(tiny_sd_pipe) -> None:
+    import torch
+
+    from composition.attention_store import AttentionStore, capture_cross_attention
+    from composition.contrastive import contrastive_loss
+    from composition.methods.clora import CloraOptions, _branches, _cond_maps, _update_latents
+    from composition.sampling import Sampler
+
+    bank, prompt = _two_concepts(tiny_sd_pipe)
+    sampler, store, opts = Sampler(tiny_sd_pipe, 3, 5.0, 0), AttentionStore(), CloraOptions(step_size=1.0)
+    with capture_cross_attention(tiny_sd_pipe.unet, store, opts.capture_factor), torch.no_grad():
+        branches = _branches(tiny_sd_pipe, bank, prompt, sampler)
+        t, start = sampler.timesteps[0], sampler.latents.clone()
+        loss = _update_latents(sampler, bank, store, branches, t, opts)
+        branchwise = start - sampler.latents  # step size 1: the gradient itself
+        with torch.enable_grad():
+            z = start.clone().requires_grad_(True)
+            maps = []
+            for branch in branches:
+                bank.activate(branch.selection)
+                maps.append(_cond_maps(sampler, store, z, t, branch))
+            joint_loss = contrastive_loss(maps, [b.indices for b in branches], opts.temperature)
+            (joint,) = torch.autograd.grad(joint_loss, z)
+    bank.deactivate()
+    assert abs(loss - float(joint_loss.detach())) < 1e-5
+    assert joint.abs().max() > 0
+    torch.testing.assert_close(branchwise, joint, rtol=1e-4, atol=1e-6)

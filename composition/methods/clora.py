@@ -148,7 +148,7 @@ def _update_latents(
         leaves = [m.detach().requires_grad_(True) for m in maps]
         loss = contrastive_loss(leaves, [b.indices for b in branches], opts.temperature)
         if not loss.requires_grad:  # fewer than two concepts: nothing to contrast
-            return float(loss)
+            return float(loss.detach())
         grads = torch.autograd.grad(loss, leaves, allow_unused=True)
     moving = latents.clone().requires_grad_(True)
     for branch, grad in zip(branches, grads, strict=True):
@@ -158,7 +158,7 @@ def _update_latents(
         with torch.enable_grad():
             _cond_maps(sampler, store, moving, t, branch).backward(grad)
     sampler.latents = (latents - opts.step_size * moving.grad).detach()
-    return float(loss)
+    return float(loss.detach())
 
 
 def generate(
