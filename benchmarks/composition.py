@@ -10,7 +10,8 @@ tensors). Printed, for N = 2, 3, 4 adapters:
 - UNet evaluations and wall time per image of merge, switch, composite, cmlora, clora, and ratios against the
   single-adapter run (targets: switch, merge ~1.0×) and cmlora against composite (target <= 0.6×);
 - clora's working-memory peak (process RSS above the level before the call, sampled every 2 ms; CUDA: peak
-  allocated) at N = 4 over N = 2 (target <= 1.5×);
+  allocated) at N = 4 over N = 2 (target <= 1.5×), and the peak of one latent update done Atelier's way
+  (one branch's graph at a time) against the reference's way (all branches' graphs alive) at N = 2 and 4;
 - bank activation time against one UNet forward (target <= 1%), and merged-adapter generation against the
   base path and diffusers' own `StableDiffusionPipeline.__call__` (target: within ±3%).
 """
@@ -35,6 +36,7 @@ from models.adapters import resolve_targets
 from models.clip_tokenizer import VOCAB_SIZE, write_clip_tokenizer_files
 
 CONCEPTS = ("zq star", "vx heart", "kp circle", "wm square")
+PARTS = ("methods", "memory", "activation", "speed")
 
 
 class RandomAdapter:
@@ -178,6 +180,37 @@ def run_methods(
     return rows
 
 
+def clora_update_memory(pipe: Any, n: int, device: str, joint: bool) -> int:
+    """Peak memory of one CLoRA latent update with N adapters: Atelier's one-branch-at-a-time backprop, or
+    (`joint`) the reference's way, every branch's graph alive for one backward over the joint loss."""
+    from composition.attention_store import AttentionStore, capture_cross_attention
+    from composition.contrastive import contrastive_loss
+    from composition.methods.clora import CloraOptions, _branches, _cond_maps, _update_latents
+    from composition.sampling import Sampler
+
+    bank = AdapterBank(pipe, [RandomAdapter(i) for i in range(n)])
+    text = " and ".join(f"a {c}" for c in CONCEPTS[:n])
+    prompt = ConceptPrompt.build(text, list(CONCEPTS[:n]), plains=[c.split()[1] for c in CONCEPTS[:n]])
+    sampler, store, opts = Sampler(pipe, 10, 7.5, 0), AttentionStore(), CloraOptions()
+    with capture_cross_attention(pipe.unet, store), torch.no_grad():
+        branches = _branches(pipe, bank, prompt, sampler)
+        t = sampler.timesteps[0]
+        with PeakMemory(device) as memory:
+            if joint:
+                with torch.enable_grad():
+                    z = sampler.latents.clone().requires_grad_(True)
+                    maps = []
+                    for branch in branches:
+                        bank.activate(branch.selection)
+                        maps.append(_cond_maps(sampler, store, z, t, branch))
+                    loss = contrastive_loss(maps, [b.indices for b in branches], opts.temperature)
+                    torch.autograd.grad(loss, z)
+            else:
+                _update_latents(sampler, bank, store, branches, t, opts)
+    bank.close()
+    return memory.peak
+
+
 def activation_cost(pipe: Any, device: str, repeats: int = 50) -> dict[str, float]:
     """Seconds per bank activation (one adapter, a weighted sum) and per UNet forward (CFG batch of 2)."""
     bank = AdapterBank(pipe, [RandomAdapter(0), RandomAdapter(1)])
@@ -232,6 +265,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument(
         "--threads", type=int, default=1, help="torch CPU threads (1: least disturbed by load)"
     )
+    parser.add_argument(
+        "--parts",
+        nargs="+",
+        default=list(PARTS),
+        choices=PARTS,
+        help="which measurements to run (default: all)",
+    )
     args = parser.parse_args(None if argv is None else list(argv))
     steps = args.steps or (6 if args.quick else 10)
     torch.set_num_threads(args.threads)
@@ -239,11 +279,31 @@ def main(argv: Sequence[str] | None = None) -> int:
     clora_options = {"preset": "light", "refine_rounds": 2}
     print(f"device={args.device} unet={'narrow' if args.quick else 'SD1.5'} size={args.size}px steps={steps} "
           f"threads={torch.get_num_threads()} clora options={clora_options}")  # fmt: skip
-    header = f"{'N':>2} {'method':10s} {'evals':>6} {'wall s':>8} {'evals/1':>8} {'wall/1':>7} {'vs composite':>13}"
-    print(header)
+    if "methods" in args.parts:
+        report_methods(pipe, steps, args.device, clora_options, args.repeats)
+    if "memory" in args.parts:
+        report_update_memory(pipe, args.device)
+    if "activation" in args.parts:
+        cost = activation_cost(pipe, args.device)
+        print(f"bank activation: swap {cost['swap'] * 1e6:.0f} us = {100 * cost['swap'] / cost['forward']:.3f}% of "
+              f"one UNet forward ({cost['forward'] * 1e3:.0f} ms); weighted-sum {cost['mix'] * 1e3:.1f} ms = "
+              f"{100 * cost['mix'] / cost['forward']:.2f}% (target <= 1%)")  # fmt: skip
+    if "speed" in args.parts:
+        speed = merged_vs_base(pipe, steps, args.device, args.repeats)
+        print(f"merged generation {speed['merged']:.2f} s vs base {speed['base']:.2f} s: "
+              f"{100 * (speed['merged'] / speed['base'] - 1):+.1f}%; vs diffusers __call__ {speed['diffusers']:.2f} s: "
+              f"{100 * (speed['merged'] / speed['diffusers'] - 1):+.1f}% (target within ±3%)")  # fmt: skip
+    return 0
+
+
+def report_methods(pipe: Any, steps: int, device: str, clora_options: dict[str, Any], repeats: int) -> None:
+    """Print the per-method table for N = 2, 3, 4 and clora's peak-memory ratio."""
+    print(
+        f"{'N':>2} {'method':10s} {'evals':>6} {'wall s':>8} {'evals/1':>8} {'wall/1':>7} {'vs composite':>13}"
+    )
     clora_peak: dict[int, int] = {}
     for n in (2, 3, 4):
-        rows = run_methods(pipe, n, steps, args.device, clora_options, args.repeats)
+        rows = run_methods(pipe, n, steps, device, clora_options, repeats)
         single = rows["single"]
         for method, row in rows.items():
             vs = ""
@@ -251,22 +311,24 @@ def main(argv: Sequence[str] | None = None) -> int:
                 comp = rows["composite"]
                 vs = f"{row['evals'] / comp['evals']:.2f}x/{row['wall'] / comp['wall']:.2f}x"
             print(f"{n:>2} {method:10s} {row['evals']:>6} {row['wall']:>8.2f} {row['evals'] / single['evals']:>7.2f}x "
-                  f"{row['wall'] / single['wall']:>6.2f}x {vs:>13}")  # fmt: skip
+                  f"{row['wall'] / single['wall']:>6.2f}x {vs:>13}", flush=True)  # fmt: skip
         extras = rows["cmlora"]["extras"]
         print(f"   cmlora: shallow evals {extras['shallow_evals']}, refresh steps {extras['refresh_steps']}, "
               f"order {extras['order']}")  # fmt: skip
         clora_peak[n] = rows["clora"]["peak"]
-        print(f"   clora working-memory peak: {clora_peak[n] / 2**20:.0f} MiB")
+        print(f"   clora working-memory peak: {clora_peak[n] / 2**20:.0f} MiB", flush=True)
     print(f"clora peak memory N=4 / N=2: {clora_peak[4] / max(clora_peak[2], 1):.2f}x (target <= 1.5x)")
-    cost = activation_cost(pipe, args.device)
-    print(f"bank activation: swap {cost['swap'] * 1e6:.0f} us = {100 * cost['swap'] / cost['forward']:.3f}% of one "
-          f"UNet forward ({cost['forward'] * 1e3:.0f} ms); weighted-sum {cost['mix'] * 1e3:.1f} ms = "
-          f"{100 * cost['mix'] / cost['forward']:.2f}% (target <= 1%)")  # fmt: skip
-    speed = merged_vs_base(pipe, steps, args.device, args.repeats)
-    print(f"merged generation {speed['merged']:.2f} s vs base {speed['base']:.2f} s: "
-          f"{100 * (speed['merged'] / speed['base'] - 1):+.1f}%; vs diffusers __call__ {speed['diffusers']:.2f} s: "
-          f"{100 * (speed['merged'] / speed['diffusers'] - 1):+.1f}% (target within ±3%)")  # fmt: skip
-    return 0
+
+
+def report_update_memory(pipe: Any, device: str) -> None:
+    """Print one latent update's peak memory, branch-at-a-time vs the reference's joint graph, N = 2 and 4."""
+    peak = {
+        (n, joint): clora_update_memory(pipe, n, device, joint) for n in (2, 4) for joint in (False, True)
+    }
+    mib = {k: v / 2**20 for k, v in peak.items()}
+    print(f"one clora latent update, peak MiB: branch-at-a-time N=2 {mib[2, False]:.0f}, N=4 {mib[4, False]:.0f} "
+          f"({peak[4, False] / max(peak[2, False], 1):.2f}x); reference-style joint graph N=2 {mib[2, True]:.0f}, "
+          f"N=4 {mib[4, True]:.0f} ({peak[4, True] / max(peak[2, True], 1):.2f}x)", flush=True)  # fmt: skip
 
 
 if __name__ == "__main__":
