@@ -61,6 +61,14 @@ FAMILY_FLAGS = {
 }
 
 
+EXPORTS = {
+    "lora": {"exports/peft", "exports/pytorch_lora_weights.safetensors", "exports/kohya_lora.safetensors"},
+    "krona": {"exports/lycoris_lokr.safetensors"},
+    "boft": {"exports/peft"},
+    "hra": {"exports/peft"},
+}
+
+
 @pytest.mark.parametrize("family", sorted(FAMILY_FLAGS))
 def test_cli_trains_every_family(family: str, tiny_sd_path: Path, subject_dir: Path, tmp_path: Path) -> None:
     out = tmp_path / "out"
@@ -78,6 +86,8 @@ def test_cli_trains_every_family(family: str, tiny_sd_path: Path, subject_dir: P
     assert all(r["loss"] > 0 and r["lr"] == FAMILY_TRAINING_DEFAULTS[family].learning_rate for r in rows)
     grid = Image.open(out / "validation" / "step-2.png")
     assert grid.size == (2 * 32, 32)  # two 32 px samples side by side
+    exported = {p.relative_to(out).as_posix() for p in (out / "exports").iterdir()}
+    assert exported == EXPORTS[family]
     card = (out / "README.md").read_text()
     assert "a photo of sks heart" in card and "validation/step-2.png" in card and adapter.fingerprint in card
     # the adapter changed the UNet: effective weights differ from the base model's

@@ -3,7 +3,7 @@
 ``adapter.safetensors`` is Atelier's adapter file (``models.adapters.files``: safetensors with the
 family, config, targets, base-model fingerprint and trigger phrase in the header). Next to it go the
 formats other tools read: diffusers/kohya LoRA for LoRA, LyCORIS LoKr for DiffuseKronA, and the PEFT
-layout for every family; then ``README.md``. Every file is written atomically by its writer.
+layout for LoRA, BOFT and HRA; then ``README.md``. Every file is written atomically by its writer.
 """
 
 from __future__ import annotations
@@ -29,7 +29,9 @@ def _exporters(family: str) -> dict[str, tuple[Any, str]]:
     """Export name → (function, file or folder name) for ``family``."""
     from models.adapters import exports
 
-    table: dict[str, tuple[Any, str]] = {"peft": (exports.export_peft, "peft")}
+    table: dict[str, tuple[Any, str]] = {}
+    if FAMILIES[family].peft_config is not None:  # PEFT has no DiffuseKronA type
+        table["peft"] = (exports.export_peft, "peft")
     if family == "lora":
         table["diffusers"] = (exports.export_diffusers_lora, "pytorch_lora_weights.safetensors")
         table["kohya"] = (exports.export_kohya_lora, "kohya_lora.safetensors")
