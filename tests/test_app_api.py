@@ -166,10 +166,10 @@ def test_import_rename_and_delete_through_the_api(running_app: RunningApp, tmp_p
         client.predict(adapter_id=new_id, name="   ", api_name="/rename_adapter")
 
     folder = library.path(library.get(new_id)).parent
-    table, selected, message, _ = client.predict(adapter_id=new_id, api_name="/delete_adapter")
+    table, selected, message = client.predict(adapter_id=new_id, api_name="/delete_adapter")
     assert new_id not in [row[7] for row in table["data"]] and "Deleted **renamed dog**" in message
     assert not folder.exists()
-    with pytest.raises(AppError, match="no adapter"):
+    with pytest.raises(AppError, match=f"{new_id} is not in the list of choices"):
         client.predict(adapter_id=new_id, api_name="/adapter_details")
 
 
