@@ -73,6 +73,7 @@ def _atomic(path: Path, write: callable) -> None:  # type: ignore[valid-type]
     os.close(fd)
     try:
         write(tmp)
+        os.chmod(tmp, 0o644)
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
