@@ -1,11 +1,16 @@
-"""The toy-world CLIPScore check: its negatives are real mismatches, and (slow) the toy CLIP passes it."""
+"""On the toy world: the default CLIP is the toy CLIP and scores like its own API; the matched-vs-mismatched
+check uses real mismatches, and (slow) the toy CLIP passes it."""
 
 from __future__ import annotations
 
 import random
+from pathlib import Path
 
 import pytest
+import torch
+import torch.nn.functional as F
 
+import evaluation
 from evaluation.toyworld_check import (
     REQUIRED_FRACTION,
     describes,
@@ -14,7 +19,8 @@ from evaluation.toyworld_check import (
     one_attribute_caption,
     other_scene_captions,
 )
-from models.toyworld.world import Scene, SceneObject, sample_batch
+from models.clip_compat import clip
+from models.toyworld.world import Scene, SceneObject, render_scene, sample_batch
 
 
 def test_other_scene_captions_never_describe_the_image() -> None:
@@ -38,6 +44,26 @@ def test_one_attribute_caption_changes_exactly_one_word() -> None:
         own, changed = scene.caption().split(), one_attribute_caption(scene, rng, held_out=True).split()
         assert len(own) == len(changed)
         assert sum(a != b for a, b in zip(own, changed, strict=True)) == 1
+
+
+def test_default_model_is_the_toy_clip_and_matches_its_own_encode_image_and_text() -> None:
+    from models.toyworld.paths import TOYWORLD_CLIP
+
+    scenes = sample_batch(11, 6, held_out=True)
+    images = [render_scene(scene) for scene in scenes]
+    prompts = [scene.caption() for scene in scenes]
+    scores = evaluation.score(images, prompts, device="cpu", batch_size=4)
+    assert scores.model == str(TOYWORLD_CLIP)
+    model, preprocess = clip.load(str(TOYWORLD_CLIP), device="cpu", jit=False)
+    with torch.no_grad():
+        image_emb = model.encode_image(torch.stack([preprocess(image) for image in images]))
+        text_emb = model.encode_text(clip.tokenize(prompts))
+    expected = F.cosine_similarity(image_emb, text_emb, dim=-1)
+    torch.testing.assert_close(scores.text_cosine, expected, atol=1e-6, rtol=0)
+    twin = evaluation.score(
+        images, prompts, model=Path(TOYWORLD_CLIP).with_suffix(".safetensors"), device="cpu"
+    )
+    assert torch.equal(twin.text_cosine, scores.text_cosine)
 
 
 @pytest.mark.slow
