@@ -22,6 +22,7 @@ from models.adapters.exports import (
     import_kohya_lora,
 )
 from models.adapters.family import AdapterFileError
+from models.pipelines import load_pipeline
 from tests.test_adapters import perturb, run, unet_inputs
 
 PIPES = ("tiny_sd_pipe", "tiny_sdxl_pipe")
@@ -47,18 +48,21 @@ def generate(pipe, seed: int = 0) -> np.ndarray:
 def test_lora_exports_load_in_diffusers_and_match_atelier(pipe_name: str, request, tmp_path: Path) -> None:
     pipe = request.getfixturevalue(pipe_name)
     pipe.set_progress_bar_config(disable=True)
+    fresh = load_pipeline(
+        request.getfixturevalue(pipe_name.replace("_pipe", "_path")), device="cpu", dtype="fp32"
+    )
+    fresh.set_progress_bar_config(disable=True)
     handle = attach(pipe.unet, "lora", {"rank": 2, "alpha": 6.0}, "qkvo")
     perturb(handle)
     ours = generate(pipe)
     export_diffusers_lora(handle, tmp_path / "diffusers" / "pytorch_lora_weights.safetensors")
     export_kohya_lora(handle, tmp_path / "kohya.safetensors")
     handle.detach()
-    base = generate(pipe)
+    base = generate(fresh)
     assert np.abs(ours - base).max() > 1e-3  # the adapter visibly changes the image
 
-    pipe.load_lora_weights(str(tmp_path / "diffusers"), weight_name="pytorch_lora_weights.safetensors")
-    np.testing.assert_allclose(generate(pipe), ours, atol=1e-4)
-    pipe.unload_lora_weights()
+    fresh.load_lora_weights(str(tmp_path / "diffusers"), weight_name="pytorch_lora_weights.safetensors")
+    np.testing.assert_allclose(generate(fresh), ours, atol=1e-4)
 
     kohya = load_file(tmp_path / "kohya.safetensors")
     name = "lora_unet_" + handle.targets[0].replace(".", "_")
@@ -89,6 +93,12 @@ def test_kohya_import_keeps_per_layer_rank_alpha_and_text_encoder(tiny_sd_pipe, 
     down, up = tensors[f"{first}.lora_down.weight"], tensors[f"{first}.lora_up.weight"]
     tensors[f"{first}.lora_down.weight"] = torch.cat([down, torch.zeros_like(down)])  # rank 4, same ΔW·(r/α)
     tensors[f"{first}.lora_up.weight"] = torch.cat([up, torch.zeros_like(up)], dim=1)
+    conv = (
+        "lora_unet_down_blocks_0_attentions_0_proj_in"  # a 1x1 Conv2d in SD 1.x, as kohya LoRAs often touch
+    )
+    conv_down, conv_up = torch.randn(2, 32, 1, 1), torch.randn(32, 2, 1, 1)
+    tensors |= {f"{conv}.lora_down.weight": conv_down, f"{conv}.lora_up.weight": conv_up}
+    tensors[f"{conv}.alpha"] = torch.tensor(1.0)
     te = "lora_te_text_model_encoder_layers_0_self_attn_q_proj"
     tensors |= {f"{te}.lora_down.weight": torch.ones(2, 32), f"{te}.lora_up.weight": torch.ones(32, 2)}
     tensors[f"{te}.alpha"] = torch.tensor(2.0)
@@ -96,13 +106,22 @@ def test_kohya_import_keeps_per_layer_rank_alpha_and_text_encoder(tiny_sd_pipe, 
 
     imported = import_kohya_lora(tmp_path / "edited.safetensors", unet)
     assert imported.config.rank == 2 and imported.config.rank_pattern == {handle.targets[0]: 4}
-    assert imported.config.alpha_pattern == {handle.targets[0]: 1.0}
+    conv_name = "down_blocks.0.attentions.0.proj_in"
+    assert imported.config.alpha_pattern == {handle.targets[0]: 1.0, conv_name: 1.0}
     assert any("text_model.encoder.layers.0" in key for key in imported.text_encoder_tensors)
     weights = imported.layer_weights(unet)
     base = unet.get_submodule(handle.targets[0]).weight
     torch.testing.assert_close(weights[handle.targets[0]] - base, (expected[handle.targets[0]] - base) / 4)
     for layer in handle.targets[1:]:
         torch.testing.assert_close(weights[layer], expected[layer])
+    assert imported.targets[0] == conv_name and imported.layer_shapes[conv_name] == (32, 32, 1, 1)
+    conv_delta = 0.5 * (conv_up.flatten(1) @ conv_down.flatten(1)).reshape(32, 32, 1, 1)
+    torch.testing.assert_close(weights[conv_name], unet.get_submodule(conv_name).weight + conv_delta)
+    inputs = unet_inputs(unet)
+    attached = imported.attach(unet)
+    adapted = run(unet, inputs)
+    attached.merge()
+    torch.testing.assert_close(run(unet, inputs), adapted, atol=1e-4, rtol=0)
 
 
 def test_kohya_import_rejects_foreign_and_mismatched_files(
@@ -141,6 +160,7 @@ def test_lycoris_lokr_export_is_kron_of_w1_w2(tiny_sd_pipe, tmp_path: Path) -> N
         export_peft(handle, tmp_path / "peft")
 
 
+@pytest.mark.filterwarnings("ignore:.*(CUDA extension|boft_n_butterfly_factor).*:UserWarning")
 @pytest.mark.parametrize("family", ["lora", "boft", "hra"])
 def test_peft_export_loads_with_peft(family: str, tiny_sd_pipe, tmp_path: Path) -> None:
     unet = tiny_sd_pipe.unet
