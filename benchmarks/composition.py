@@ -195,6 +195,7 @@ def clora_update_memory(pipe: Any, n: int, device: str, joint: bool) -> int:
     with capture_cross_attention(pipe.unet, store), torch.no_grad():
         branches = _branches(pipe, bank, prompt, sampler)
         t = sampler.timesteps[0]
+        _update_latents(sampler, bank, store, branches, t, opts)  # warm-up: one-time allocations stay out
         with PeakMemory(device) as memory:
             if joint:
                 with torch.enable_grad():
