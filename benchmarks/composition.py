@@ -4,7 +4,8 @@
 
 One process, one randomly initialised pipeline with the SD 1.5 architecture (UNet 860M, CLIP ViT-L text
 encoder, SD VAE; built from configs, nothing downloaded) at a reduced image size on CPU (128 px: latent 16×16)
-so every method runs in minutes; `--quick` swaps in a narrow SD-shaped UNet. Adapters are random LoRA-style
+so every method runs in minutes; `--quick` swaps in a narrow SD-shaped UNet with a 2-layer text encoder and a
+small VAE, so that, as in real SD, the UNet still dominates the cost. Adapters are random LoRA-style
 weight changes on the default `vo` targets (composition cost does not depend on the family: the bank swaps
 tensors). Printed, for N = 2, 3, 4 adapters:
 - UNet evaluations and wall time per image of merge, switch, composite, cmlora, clora, and ratios against the
@@ -75,14 +76,15 @@ def build_pipeline(quick: bool, size: int, device: str) -> StableDiffusionPipeli
             vocab_size=VOCAB_SIZE,
             hidden_size=768,
             intermediate_size=3072,
-            num_hidden_layers=12,
+            num_hidden_layers=2 if quick else 12,
             num_attention_heads=12,
             max_position_embeddings=77,
             hidden_act="quick_gelu",
         )
     )
     vae = AutoencoderKL(
-        block_out_channels=(128, 256, 512, 512), layers_per_block=2, latent_channels=4,
+        block_out_channels=(32, 32, 64, 64) if quick else (128, 256, 512, 512), layers_per_block=1 if quick else 2,
+        latent_channels=4, norm_num_groups=16 if quick else 32,
         down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4, sample_size=size,
     )  # fmt: skip
     with tempfile.TemporaryDirectory() as folder:
@@ -258,7 +260,7 @@ def merged_vs_base(pipe: Any, steps: int, device: str, repeats: int) -> dict[str
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m benchmarks.composition")
-    parser.add_argument("--quick", action="store_true", help="narrow UNet, 6 steps")
+    parser.add_argument("--quick", action="store_true", help="narrow UNet, small text encoder and VAE")
     parser.add_argument("--steps", type=int, default=None)
     parser.add_argument("--size", type=int, default=128, help="image side in pixels (latent = size / 8)")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
@@ -274,7 +276,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         help="which measurements to run (default: all)",
     )
     args = parser.parse_args(None if argv is None else list(argv))
-    steps = args.steps or (6 if args.quick else 10)
+    steps = args.steps or 10
     torch.set_num_threads(args.threads)
     pipe = build_pipeline(args.quick, args.size, args.device)
     clora_options = {"preset": "light", "refine_rounds": 2}
