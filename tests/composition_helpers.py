@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
 
 import torch
 from torch import nn
@@ -41,3 +42,18 @@ class FakeAdapter:
 def unet_state(unet: nn.Module) -> dict[str, torch.Tensor]:
     """A detached copy of every UNet parameter."""
     return {k: v.detach().clone() for k, v in unet.state_dict().items()}
+
+
+@contextmanager
+def torch_threads(count: int) -> Iterator[None]:
+    """Run a block with `count` torch CPU threads, then restore the previous setting.
+
+    The composition tests run hundreds of tiny UNet calls; on a loaded 2-core machine two threads per call
+    oversubscribe the cores and run 10-40x slower than one.
+    """
+    previous = torch.get_num_threads()
+    torch.set_num_threads(count)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(previous)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -11,10 +12,17 @@ import torch
 from composition import AdapterBank, CompositionError, ConceptPrompt, generate
 from models.adapters import attach
 from models.adapters.files import save_adapter_file
+from tests.composition_helpers import torch_threads
 
 FAMILIES = ("boft", "hra", "krona", "lora")
 CONFIGS = {"lora": {"rank": 4}, "krona": None, "boft": {"block_num": 4, "block_size": 0}, "hra": {"r": 4}}
 X, T = torch.randn(1, 4, 16, 16, generator=torch.Generator().manual_seed(0)), torch.tensor(350)
+
+
+@pytest.fixture(autouse=True)
+def _one_torch_thread() -> Iterator[None]:
+    with torch_threads(1):
+        yield
 
 
 def _forward(pipe) -> torch.Tensor:

@@ -2,13 +2,21 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+
 import pytest
 import torch
 from peft import LoraConfig
 from peft.tuners.lora import LoraLayer
 
 from composition import AdapterBank, CompositionError
-from tests.composition_helpers import FakeAdapter, unet_state
+from tests.composition_helpers import FakeAdapter, torch_threads, unet_state
+
+
+@pytest.fixture(autouse=True)
+def _one_torch_thread() -> Iterator[None]:
+    with torch_threads(1):
+        yield
 
 
 def test_activate_and_deactivate_restore_base_exactly(tiny_sd_pipe) -> None:

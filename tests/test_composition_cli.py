@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -12,6 +13,13 @@ from PIL import Image
 from composition.__main__ import main, parse_adapter
 from models.adapters import attach
 from models.adapters.files import save_adapter_file
+from tests.composition_helpers import torch_threads
+
+
+@pytest.fixture(autouse=True)
+def _one_torch_thread() -> Iterator[None]:
+    with torch_threads(1):
+        yield
 
 
 def _lora_file(pipe, seed: int, trigger: str, folder: Path) -> Path:

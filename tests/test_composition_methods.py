@@ -2,16 +2,24 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+
 import numpy as np
 import pytest
 
 from composition import AdapterBank, CompositionError, ConceptPrompt, generate
 from composition.methods import METHODS, method_options
 from composition.methods.cmlora import refresh_steps
-from tests.composition_helpers import FakeAdapter
+from tests.composition_helpers import FakeAdapter, torch_threads
 
 STEPS = 3
 FAST = {"clora": {"preset": "light", "refine_rounds": 1}, "cmlora": {"profile_steps": 1}}
+
+
+@pytest.fixture(autouse=True)
+def _one_torch_thread() -> Iterator[None]:
+    with torch_threads(1):
+        yield
 
 
 def _pixels(result) -> np.ndarray:

@@ -3,6 +3,8 @@ DeepCache-style shallow forward, frequency profiles."""
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+
 import numpy as np
 import pytest
 import torch
@@ -12,6 +14,13 @@ from composition.attention_store import AttentionStore, capture_cross_attention,
 from composition.contrastive import branch_masks, concept_mask, contrastive_loss, fuse, normalised_token_maps
 from composition.feature_cache import DeepFeatureCache, full_forward, shallow_forward
 from composition.frequency import frequency_order, high_frequency_energy, radial_profile
+from tests.composition_helpers import torch_threads
+
+
+@pytest.fixture(autouse=True)
+def _one_torch_thread() -> Iterator[None]:
+    with torch_threads(1):
+        yield
 
 
 def test_token_indices_follow_the_tokenizer(tiny_sd_pipe) -> None:
