@@ -36,10 +36,12 @@ def run_job(job_dir: Path) -> int:
         return 2
     cancel = FileFlag(job_dir / CANCEL_FILE, parent_pid=os.getppid())
     log = logging.getLogger("atelier.job")
+    logged_steps: set[int] = set()
 
     def progress(step: int, total: int, **info: Any) -> None:
         events.progress(step, total, **info)
-        if "loss" in info:
+        if "loss" in info and step not in logged_steps:
+            logged_steps.add(step)
             log.info("step %d/%d loss %.4f lr %.2e", step, total, info["loss"], info.get("lr", 0.0))
         for image in info.get("validation_images") or []:
             log.info("validation grid %s", image)
