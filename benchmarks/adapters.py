@@ -13,7 +13,8 @@ the `vo` targets it prints:
   base forward — target 1.00 ± 0.03.
 
 Base and adapted runs alternate (order flipped every round); a ratio is the median of the per-round
-ratios over `--repeats` rounds, which cancels most of the shared CPU's load swings.
+ratios over `--repeats` rounds (3x as many for the cheaper merged inference), which cancels most of the
+shared CPU's load swings.
 
     python -m benchmarks.adapters [--quick] [--threads T] [--repeats R] [--families lora,krona,...]
 """
@@ -126,7 +127,7 @@ def bench_family(
     )
     handle.merge()
     merged_ratio, base_inf = paired(
-        lambda: inference(base_unet, inputs), lambda: inference(adapted_unet, inputs), repeats
+        lambda: inference(base_unet, inputs), lambda: inference(adapted_unet, inputs), 3 * repeats
     )
     handle.detach()
     return {
