@@ -12,7 +12,8 @@ tensors). Printed, for N = 2, 3, 4 adapters:
   single-adapter run (targets: switch, merge ~1.0×) and cmlora against composite (target <= 0.6×);
 - clora's working-memory peak (process RSS above the level before the call, sampled every 2 ms; CUDA: peak
   allocated) at N = 4 over N = 2 (target <= 1.5×), and the peak of one latent update done Atelier's way
-  (one branch's graph at a time) against the reference's way (all branches' graphs alive) at N = 2 and 4;
+  (one branch's graph at a time) against the reference's way (all branches' graphs alive) at N = 2 and 4,
+  both as process memory and as the bytes autograd graphs hold (saved-tensor hooks: exact on any device);
 - bank activation time against one UNet forward (target <= 1%), and merged-adapter generation against the
   base path and diffusers' own `StableDiffusionPipeline.__call__` (target: within ±3%).
 """
@@ -182,9 +183,46 @@ def run_methods(
     return rows
 
 
-def clora_update_memory(pipe: Any, n: int, device: str, joint: bool) -> int:
+class _Saved:
+    """A tensor autograd saved for backward; releases its storage's count when the graph lets go of it."""
+
+    def __init__(self, tensor: torch.Tensor, ledger: GraphBytes) -> None:
+        self.tensor, self.ledger = tensor, ledger
+        self.key = (tensor.untyped_storage().data_ptr(), tensor.device)
+        ledger.hold(self.key, tensor.untyped_storage().nbytes())
+
+    def __del__(self) -> None:
+        self.ledger.release(self.key)
+
+
+class GraphBytes:
+    """Peak bytes of distinct storages held by autograd graphs (saved-tensor hooks; device-independent)."""
+
+    def __init__(self) -> None:
+        self.refs: dict[tuple, list[int]] = {}
+        self.live = self.peak = 0
+
+    def hold(self, key: tuple, nbytes: int) -> None:
+        entry = self.refs.setdefault(key, [0, nbytes])
+        if entry[0] == 0:
+            self.live += nbytes
+            self.peak = max(self.peak, self.live)
+        entry[0] += 1
+
+    def release(self, key: tuple) -> None:
+        entry = self.refs[key]
+        entry[0] -= 1
+        if entry[0] == 0:
+            self.live -= entry[1]
+
+    def hooks(self) -> Any:
+        return torch.autograd.graph.saved_tensors_hooks(lambda t: _Saved(t, self), lambda saved: saved.tensor)
+
+
+def clora_update_memory(pipe: Any, n: int, device: str, joint: bool) -> tuple[int, int]:
     """Peak memory of one CLoRA latent update with N adapters: Atelier's one-branch-at-a-time backprop, or
-    (`joint`) the reference's way, every branch's graph alive for one backward over the joint loss."""
+    (`joint`) the reference's way, every branch's graph alive for one backward over the joint loss.
+    Returns (process peak above the start level, peak bytes held by autograd graphs)."""
     from composition.attention_store import AttentionStore, capture_cross_attention
     from composition.contrastive import contrastive_loss
     from composition.methods.clora import CloraOptions, _branches, _cond_maps, _update_latents
@@ -198,7 +236,8 @@ def clora_update_memory(pipe: Any, n: int, device: str, joint: bool) -> int:
         branches = _branches(pipe, bank, prompt, sampler)
         t = sampler.timesteps[0]
         _update_latents(sampler, bank, store, branches, t, opts)  # warm-up: one-time allocations stay out
-        with PeakMemory(device) as memory:
+        graph = GraphBytes()
+        with PeakMemory(device) as memory, graph.hooks():
             if joint:
                 with torch.enable_grad():
                     z = sampler.latents.clone().requires_grad_(True)
@@ -211,7 +250,7 @@ def clora_update_memory(pipe: Any, n: int, device: str, joint: bool) -> int:
             else:
                 _update_latents(sampler, bank, store, branches, t, opts)
     bank.close()
-    return memory.peak
+    return memory.peak, graph.peak
 
 
 def activation_cost(pipe: Any, device: str, repeats: int = 50) -> dict[str, float]:
@@ -325,13 +364,13 @@ def report_methods(pipe: Any, steps: int, device: str, clora_options: dict[str, 
 
 def report_update_memory(pipe: Any, device: str) -> None:
     """Print one latent update's peak memory, branch-at-a-time vs the reference's joint graph, N = 2 and 4."""
-    peak = {
-        (n, joint): clora_update_memory(pipe, n, device, joint) for n in (2, 4) for joint in (False, True)
-    }
-    mib = {k: v / 2**20 for k, v in peak.items()}
-    print(f"one clora latent update, peak MiB: branch-at-a-time N=2 {mib[2, False]:.0f}, N=4 {mib[4, False]:.0f} "
-          f"({peak[4, False] / max(peak[2, False], 1):.2f}x); reference-style joint graph N=2 {mib[2, True]:.0f}, "
-          f"N=4 {mib[4, True]:.0f} ({peak[4, True] / max(peak[2, True], 1):.2f}x)", flush=True)  # fmt: skip
+    for label, which in (("process peak", 0), ("autograd-graph peak", 1)):
+        peak = {(n, j): clora_update_memory(pipe, n, device, j)[which] for n in (2, 4) for j in (False, True)}
+        mib = {k: v / 2**20 for k, v in peak.items()}
+        print(f"one clora latent update, {label} MiB: branch-at-a-time N=2 {mib[2, False]:.1f}, N=4 "
+              f"{mib[4, False]:.1f} ({peak[4, False] / max(peak[2, False], 1):.2f}x); reference-style joint graph "
+              f"N=2 {mib[2, True]:.1f}, N=4 {mib[4, True]:.1f} ({peak[4, True] / max(peak[2, True], 1):.2f}x)",
+              flush=True)  # fmt: skip
 
 
 if __name__ == "__main__":
