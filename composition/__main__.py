@@ -168,8 +168,10 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                     scale = image.size[0] // result.extras["masks"].shape[-1]
                     names = result.extras["mask_names"]
                     record["masks"] = [
-                        save_image(m, args.out / f"{method}_seed{seed}_mask_{n}.png").name
-                        for m, n in zip(mask_images(result.extras["masks"], scale), names, strict=True)
+                        save_image(m, args.out / f"{method}_seed{seed}_mask{i}_{n}.png").name
+                        for i, (m, n) in enumerate(
+                            zip(mask_images(result.extras["masks"], scale), names, strict=True)
+                        )
                     ]
                 record["extras"] = jsonable_extras(result.extras)
                 records.append(record)

@@ -97,8 +97,15 @@ class AdapterBank:
         self._base: dict[str, torch.Tensor] = {}
         self._weights: list[dict[str, torch.Tensor]] = []
         self.entries: list[BankEntry] = []
+        if names is not None and len(set(names)) != len(names):
+            raise CompositionError(f"adapter names {list(names)} repeat; give each adapter its own name.")
+        labels = (
+            list(names)
+            if names is not None
+            else _unique([_default_name(s, i) for i, s in enumerate(sources)])
+        )
         for index, source in enumerate(sources):
-            name = names[index] if names is not None else _default_name(source, index)
+            name = labels[index]
             if isinstance(source, str | Path):
                 source = load_source(source, unet)
             try:
@@ -250,6 +257,16 @@ def _default_name(source: AdapterSource | str | Path, index: int) -> str:
         return Path(source).stem
     name = getattr(source, "name", None) or dict(getattr(source, "metadata", {}) or {}).get("name")
     return str(name) if name else f"adapter{index + 1}"
+
+
+def _unique(names: list[str]) -> list[str]:
+    """Default names made distinct (`adapter`, `adapter-2`, ...): trainers often name every file alike."""
+    seen: dict[str, int] = {}
+    out = []
+    for name in names:
+        seen[name] = seen.get(name, 0) + 1
+        out.append(name if seen[name] == 1 else f"{name}-{seen[name]}")
+    return out
 
 
 def _text_encoder_weights(source: Any, pipe: Any) -> dict[str, dict[str, torch.Tensor]]:

@@ -124,6 +124,9 @@ def test_bank_errors_are_clear(tiny_sd_pipe) -> None:
     missing.layer_weights = lambda unet: {"no.such.layer": torch.zeros(3, 3)}
     with pytest.raises(CompositionError, match="does not have"):
         AdapterBank(tiny_sd_pipe, [missing])
+    with pytest.raises(CompositionError, match="repeat"):
+        AdapterBank(tiny_sd_pipe, [FakeAdapter(1), FakeAdapter(2)], names=["a", "a"])
+    assert AdapterBank(tiny_sd_pipe, [FakeAdapter(1), FakeAdapter(1)]).names == ["fake1", "fake1-2"]
     bank = AdapterBank(tiny_sd_pipe, [FakeAdapter(1)])
     with pytest.raises(CompositionError, match="out of range"):
         bank.activate(3)
