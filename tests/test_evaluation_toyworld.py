@@ -61,7 +61,7 @@ def test_default_model_is_the_toy_clip_and_matches_its_own_encode_image_and_text
     expected = F.cosine_similarity(image_emb, text_emb, dim=-1)
     torch.testing.assert_close(scores.text_cosine, expected, atol=1e-6, rtol=0)
     twin = evaluation.score(
-        images, prompts, model=Path(TOYWORLD_CLIP).with_suffix(".safetensors"), device="cpu"
+        images, prompts, model=Path(TOYWORLD_CLIP).with_suffix(".safetensors"), device="cpu", batch_size=4
     )
     assert torch.equal(twin.text_cosine, scores.text_cosine)
 
