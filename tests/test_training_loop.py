@@ -252,3 +252,25 @@ def test_v_prediction_model_trains(tiny_sd_path: Path, subject_dir: Path, tmp_pa
     vel = train(tiny_config(model, subject_dir, tmp_path / "vel", max_train_steps=2, snr_gamma=5.0))
     assert vel.final_loss is not None and eps.final_loss is not None and vel.final_loss != eps.final_loss
     assert load_file(vel.adapter_path).keys() == load_file(eps.adapter_path).keys()
+
+
+def test_captioned_class_images_use_their_captions(tiny_sd_pipe: Any, tmp_path: Path) -> None:
+    from training.conditioning import TrainingSet
+    from training.data import load_training_images
+    from training.prior import ensure_class_images
+
+    prompts = ["a red circle on a white background", "a blue square on a black background"]
+    files = ensure_class_images(
+        tiny_sd_pipe, tmp_path, prompts, 3, resolution=32, seed=1, num_inference_steps=2, guidance_scale=5.0
+    )
+    assert [p.with_suffix(".txt").read_text().strip() for p in files] == [prompts[0], prompts[1], prompts[0]]
+    images = load_training_images(files, 32, center_crop=True)
+    train_set = TrainingSet(
+        tiny_sd_pipe, images[:1], "a sks star", images, "unused class prompt", 32,
+        device=torch.device("cpu"), cache_latents=True, random_flip=False,
+    )  # fmt: skip
+    assert train_set.prompts == [
+        prompts[0],
+        prompts[1],
+    ]  # the instance's sidecar caption, then class captions
+    assert [e.prompt_index for e in train_set.classes] == [0, 1, 0]

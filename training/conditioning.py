@@ -113,7 +113,7 @@ class TrainingSet:
             return Example(prompt_index(prompt), is_class, image_to_tensor(image.image), time_ids.float())
 
         self.instance = [example(im, im.caption or instance_prompt, False) for im in instance]
-        self.classes = [example(im, class_prompt or "", True) for im in class_images]
+        self.classes = [example(im, im.caption or class_prompt or "", True) for im in class_images]
         self.prompts = prompts
         self.prompt_embeds, self.pooled_embeds = encode_prompts(pipe, prompts, device)
         if cache_latents:

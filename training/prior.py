@@ -2,15 +2,16 @@
 
 DreamBooth (Ruiz et al., 2023) regularises fine-tuning with images of the subject's class ("a dog")
 sampled from the frozen base model, so the model keeps its prior for the class while learning the
-subject. The images are generated once, seeded by (seed, image number), and cached in the class
-folder: a second run — or a resumed one — reuses them, and adding more only generates the missing
-ones. Each file is written atomically (temporary name, then rename).
+subject. Several prompts may be given (each image then carries its caption in a ``.txt`` sidecar),
+which preserves a broader prior than one class prompt. The images are generated once, seeded by
+(seed, image number), and cached in the class folder: a second run — or a resumed one — reuses them,
+and adding more only generates the missing ones. Each file is written atomically (temporary name, then rename).
 """
 
 from __future__ import annotations
 
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import torch
@@ -31,7 +32,7 @@ def existing_class_images(folder: Path) -> list[Path]:
 def ensure_class_images(
     pipe: DiffusionPipeline,
     folder: Path,
-    prompt: str,
+    prompt: str | Sequence[str],
     count: int,
     *,
     resolution: int,
@@ -44,8 +45,11 @@ def ensure_class_images(
 
     Missing images are sampled from ``pipe`` (with its adapters disabled by the caller) as
     ``class-<k>.png``; image ``k`` always comes from generator seed ``seed + k``, so the cache is
-    reproducible and independent of how many images were generated in earlier runs.
+    reproducible and independent of how many images were generated in earlier runs. With several
+    prompts, image ``k`` uses ``prompts[k % len(prompts)]`` and gets a ``class-<k>.txt`` caption sidecar,
+    which the trainer then uses instead of the class prompt (captioned regularisation images).
     """
+    prompts = [prompt] if isinstance(prompt, str) else list(prompt)
     folder.mkdir(parents=True, exist_ok=True)
     have = existing_class_images(folder)
     missing = count - len(have)
@@ -55,7 +59,7 @@ def ensure_class_images(
         chunk = numbers[start : start + CLASS_BATCH]
         generators = [torch.Generator("cpu").manual_seed(seed + k) for k in chunk]
         images = pipe(
-            [prompt] * len(chunk),
+            [prompts[k % len(prompts)] for k in chunk],
             height=resolution,
             width=resolution,
             num_inference_steps=num_inference_steps,
@@ -66,6 +70,10 @@ def ensure_class_images(
         for k, image in zip(chunk, images, strict=True):
             final = folder / f"class-{k:05d}.png"
             partial = folder / f".class-{k:05d}.png.tmp"
+            if len(prompts) > 1:
+                caption = folder / f".class-{k:05d}.txt.tmp"
+                caption.write_text(prompts[k % len(prompts)] + "\n", encoding="utf-8")
+                os.replace(caption, folder / f"class-{k:05d}.txt")
             image.save(partial, format="PNG")
             os.replace(partial, final)
         if progress is not None:

@@ -2,27 +2,31 @@
 without forgetting the rest?
 
 DreamBooth (Ruiz et al., 2023) on the project's toy world: every family (LoRA, DiffuseKronA, BOFT, HRA)
-with its default targets (``vo``) and default steps is trained on five images of a shape the base model
-never saw (the held-out ``star``), captioned per image ("a red sks on a white background": ``sks`` is
-the trigger). Then, judged by the deterministic checks of ``models.toyworld.checks``:
+with the given targets (default ``vo``, the project default) and the family's default steps and learning
+rate is trained on five images of a shape the base model never saw (the held-out ``star``), captioned per
+image ("a red sks on a white background": ``sks`` is the trigger), batch 4, with prior preservation on
+captioned regularisation images of the base world (rendered scenes, the "real class images" variant of
+DreamBooth's prior loss). Then, judged by the deterministic checks of ``models.toyworld.checks``:
 
 * concept accuracy — seeded samples of trigger prompts in colours/backgrounds, the fraction showing a
   star (target >= 90%), and the fraction also in the asked colour;
-* prompt accuracy — single-object prompts without the trigger, scored with every attribute, against the
-  base model on the same seeds (language drift: target within 5 points);
+* prompt accuracy — single-object prompts without the trigger, scored on colour, shape and background,
+  against the base model on the same seeds (language drift: target within 5 points);
 * trainable parameters, adapter file size, steps/s and wall time; and whether DiffuseKronA reaches
   LoRA's concept accuracy with fewer parameters (the DiffuseKronA claim).
 
-    python -m training.quality [--families lora krona ...] [--steps N] [--out DIR] [--json FILE]
+    python -m training.quality [--families lora krona ...] [--targets vo] [--no-prior] [--out DIR] [--json FILE]
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import random
 import tempfile
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -35,7 +39,15 @@ from models.adapters.files import load_adapter_file
 from models.pipelines import default_base_model, load_pipeline
 from models.toyworld.checks import check_scene, read_object
 from models.toyworld.evaluate import GUIDANCE, STEPS, Case, single_object_cases
-from models.toyworld.world import BACKGROUNDS, BASE_COLOURS, Scene, SceneObject, place_objects, render_scene
+from models.toyworld.world import (
+    BACKGROUNDS,
+    BASE_COLOURS,
+    Scene,
+    SceneObject,
+    place_objects,
+    render_scene,
+    sample_batch,
+)
 from training.config import TrainConfig
 from training.dreambooth import train
 
@@ -43,6 +55,19 @@ SUBJECT_SHAPE = "star"
 TRIGGER = "sks"
 CONCEPT_TARGET = 0.90
 DRIFT_LIMIT = 0.05
+PROMPT_CHECKS = ("colour", "shape", "background")
+
+
+@dataclass(frozen=True)
+class QualitySettings:
+    """The training protocol of the report (everything else is the family's default)."""
+
+    targets: str | list[str] = "vo"
+    steps: int | None = None
+    learning_rate: float | None = None
+    batch_size: int = 4
+    prior: bool = True
+    regularisation_images: int = 64
 
 
 def caption(colour: str, background: str) -> str:
@@ -59,6 +84,15 @@ def write_subject_images(folder: Path, count: int = 5, seed: int = 0) -> Path:
         objects = place_objects(rng, [(SUBJECT_SHAPE, colour, "plain")])
         render_scene(Scene(objects, background=background)).save(folder / f"subject-{index}.png")
         (folder / f"subject-{index}.txt").write_text(caption(colour, background) + "\n", encoding="utf-8")
+    return folder
+
+
+def write_regularisation_images(folder: Path, count: int, seed: int = 777) -> Path:
+    """``count`` rendered base-world scenes (no held-out concept) with their captions as sidecars."""
+    folder.mkdir(parents=True, exist_ok=True)
+    for index, scene in enumerate(sample_batch(seed, count, held_out=False)):
+        render_scene(scene).save(folder / f"class-{index:05d}.png")
+        (folder / f"class-{index:05d}.txt").write_text(scene.caption() + "\n", encoding="utf-8")
     return folder
 
 
@@ -99,11 +133,14 @@ def concept_scores(pipe: Any, cases: list[Case]) -> tuple[float, float]:
 
 
 def prompt_accuracy(pipe: Any, cases: list[Case]) -> float:
-    """Fraction of no-trigger single-object prompts whose image passes every check."""
+    """Fraction of no-trigger single-object prompts whose image has the right colour, shape and background.
+
+    Texture is left out: the toy world's 4x VAE renders it unreliably even for the base model (its own
+    report: 26%), so it would only add noise to the drift measurement.
+    """
     images = sample(pipe, [case.scene.caption() for case in cases], [case.seed for case in cases])
-    return float(
-        np.mean([check_scene(im, case.scene)["all"] for im, case in zip(images, cases, strict=True)])
-    )
+    checks = [check_scene(im, case.scene) for im, case in zip(images, cases, strict=True)]
+    return float(np.mean([all(check[key] for key in PROMPT_CHECKS) for check in checks]))
 
 
 def run_family(
@@ -112,25 +149,39 @@ def run_family(
     subject: Path,
     out: Path,
     *,
-    steps: int | None,
+    settings: QualitySettings,
     concept: list[Case],
     prompts: list[Case],
 ) -> dict[str, Any]:
     """Train one family on the subject and score it; returns one report row."""
+    prior: dict[str, Any] = {}
+    if settings.prior:
+        prior = {
+            "with_prior_preservation": True,
+            "class_data_dir": str(
+                write_regularisation_images(out / "regularisation", settings.regularisation_images)
+            ),
+            "class_prompt": "a scene",  # unused: every regularisation image has its caption
+            "num_class_images": settings.regularisation_images,
+        }
     config = TrainConfig(
         pretrained_model_name_or_path=model,
         instance_data_dir=str(subject),
         instance_prompt=caption("red", "white"),
         trigger_phrase=TRIGGER,
         adapter=family,
+        targets=settings.targets,
         output_dir=str(out / family),
-        max_train_steps=steps,
+        max_train_steps=settings.steps,
+        learning_rate=settings.learning_rate,
+        train_batch_size=settings.batch_size,
         seed=0,
         center_crop=True,
         checkpointing_steps=10**9,
         validation_steps=0,
         num_validation_images=4,
         validation_prompt=caption("blue", "black"),
+        **prior,
     )
     started = time.perf_counter()
     result = train(config)
@@ -155,11 +206,12 @@ def run_report(
     families: list[str],
     *,
     out: Path,
-    steps: int | None = None,
+    settings: QualitySettings | None = None,
     concept_count: int = 40,
     prompt_count: int = 72,
 ) -> dict[str, Any]:
     """Train and score every family; the dict holds the base-model baseline and one row per family."""
+    settings = settings or QualitySettings()
     model = default_base_model()
     if model is None:
         raise SystemExit(
@@ -174,9 +226,12 @@ def run_report(
                  "prompt_accuracy": prompt_accuracy(base, prompts)},
         "families": [],
         "samples": {"concept": len(concept), "prompts": len(prompts)},
+        "settings": dataclasses.asdict(settings),
     }  # fmt: skip
     for family in families:
-        row = run_family(family, str(model), subject, out, steps=steps, concept=concept, prompts=prompts)
+        row = run_family(
+            family, str(model), subject, out, settings=settings, concept=concept, prompts=prompts
+        )
         row["drift"] = report["base"]["prompt_accuracy"] - row["prompt_accuracy"]
         row["passes"] = row["concept_accuracy"] >= CONCEPT_TARGET and row["drift"] <= DRIFT_LIMIT
         report["families"].append(row)
@@ -197,6 +252,7 @@ def format_report(report: dict[str, Any]) -> str:
         f"concept samples, {report['samples']['prompts']} no-trigger prompts",
         f"base model: concept {base['concept_accuracy']:.0%} (colour too {base['concept_colour_accuracy']:.0%}), "
         f"prompt accuracy {base['prompt_accuracy']:.1%}",
+        "protocol: " + ", ".join(f"{k}={v}" for k, v in report["settings"].items()),
         f"{'family':<7}{'concept':>9}{'+colour':>9}{'prompts':>9}{'drift':>8}{'params':>9}{'file KB':>9}"
         f"{'steps':>7}{'steps/s':>9}{'wall s':>8}  pass",
     ]
@@ -222,6 +278,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--steps", type=int, default=None, help="training steps (default: each family's default)"
     )
+    parser.add_argument("--learning-rate", type=float, default=None, help="default: each family's default")
+    parser.add_argument("--targets", nargs="+", default=["vo"], help="target preset or module patterns")
+    parser.add_argument("--batch", type=int, default=4, help="instance images per step")
+    parser.add_argument("--no-prior", action="store_true", help="train without prior preservation")
     parser.add_argument("--concept-samples", type=int, default=40)
     parser.add_argument("--prompt-samples", type=int, default=72)
     parser.add_argument(
@@ -236,7 +296,13 @@ def main(argv: list[str] | None = None) -> int:
         report = run_report(
             args.families,
             out=out,
-            steps=args.steps,
+            settings=QualitySettings(
+                targets=args.targets[0] if len(args.targets) == 1 else args.targets,
+                steps=args.steps,
+                learning_rate=args.learning_rate,
+                batch_size=args.batch,
+                prior=not args.no_prior,
+            ),
             concept_count=args.concept_samples,
             prompt_count=args.prompt_samples,
         )
