@@ -6,11 +6,14 @@ checks (`models.toyworld.checks`) replace human judgement. Concept adapters are 
 `training.dreambooth.train` on held-out toy concepts the base model never saw (the shapes "star" and "heart",
 the colour "purple"), each on its own subject images, then composed:
 
-- N=2: "a <c1> star and a <c2> heart": star left, heart right (mixed families LoRA+BOFT and KronA+HRA);
-- N=3: the same plus a "purple" colour adapter on the star (LoRA+LoRA+LoRA).
+- N=2: "a purple square and a blue heart": purple left, heart right (mixed families LoRA+BOFT and
+  KronA+HRA);
+- N=3: "a purple star and a blue heart", with a star adapter too (LoRA+LoRA+LoRA).
 
-For every method and seed the image passes when each concept is read in its own region (left: star, right:
-heart; N=3: the left object is also purple). clora runs its `light` preset by default (4 refinement rounds
+For every method and seed the image passes when each concept is read in its own region (left: purple, N=3
+also a star; right: heart). The star is only in N=3 because the toy world's 4x VAE cannot draw stars at the
+size of a two-object scene: re-encoded true renders of stars 16 px wide or smaller read as stars in <= 30%
+(hearts: 100%), so N=3 measures the VAE's ceiling as much as the methods. clora runs its `light` preset by default (4 refinement rounds
 instead of the reference's 20, to fit the CPU budget; `--clora-preset reference` for the full one). Reported
 per setup × method: that all-present rate, the mean
 per-concept minimum CLIPScore (toy CLIP, Hessel scale), the prompt CLIPScore, UNet evaluations and wall time
@@ -79,10 +82,10 @@ class Setup:
 
 
 SETUPS = (
-    Setup("N=2 lora+boft", (("star", "lora"), ("heart", "boft")), "a red star and a blue heart",
-          {"left": {"shape": "star"}, "right": {"shape": "heart"}}),
-    Setup("N=2 krona+hra", (("star", "krona"), ("heart", "hra")), "a red star and a blue heart",
-          {"left": {"shape": "star"}, "right": {"shape": "heart"}}),
+    Setup("N=2 lora+boft", (("purple", "lora"), ("heart", "boft")), "a purple square and a blue heart",
+          {"left": {"colour": "purple"}, "right": {"shape": "heart"}}),
+    Setup("N=2 krona+hra", (("purple", "krona"), ("heart", "hra")), "a purple square and a blue heart",
+          {"left": {"colour": "purple"}, "right": {"shape": "heart"}}),
     Setup("N=3 lora+lora+lora", (("star", "lora"), ("heart", "lora"), ("purple", "lora")),
           "a purple star and a blue heart",
           {"left": {"shape": "star", "colour": "purple"}, "right": {"shape": "heart"}}),

@@ -1,5 +1,6 @@
 """A real browser (Debian's headless Chromium driven by Playwright) clicks through train → library → compose →
-evaluate on the tiny SD model and saves a screenshot of each tab to ``docs/screenshots/`` (shown in the README).
+evaluate, on the tiny SD model and on the toy world (the default base model, when installed); the toy-world run
+saves a screenshot of each tab to ``docs/screenshots/`` (shown in the README).
 
 Needs ``/usr/bin/chromium`` (``apt-get install chromium``); ``playwright install`` is not used. Run with
 ``make test-browser`` or ``pytest -m browser``.
@@ -9,11 +10,14 @@ from __future__ import annotations
 
 import os
 import shutil
+from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
 
-from tests.test_app_api import RunningApp, running_app, tiny_clip  # noqa: F401  (fixtures)
+from tests.test_app_api import RunningApp, start_app, tiny_clip  # noqa: F401  (fixture)
+from tests.test_app_jobs import make_subject_images
 
 CHROMIUM = Path("/usr/bin/chromium")
 CHROMIUM_ARGS = [
@@ -34,6 +38,61 @@ pytestmark = [
 ]
 
 
+@dataclass(frozen=True)
+class World:
+    """What the click-through uses on one base model."""
+
+    name: str
+    class_word: str
+    train_steps: int
+    prompt: str
+    denoise_steps: int
+    upload_report: str
+    screenshots: bool
+
+
+TINY = World("tiny", "dog", 3, "a photo of sks dog on grass", 4, "subject-2.png: 64x48", screenshots=False)
+TOY = World(
+    "toyworld", "heart", 300, "a red sks heart on a white background", 25, "subject-2.png: 32x32", screenshots=True
+)
+
+
+def _toy_world_assets() -> tuple[Path, Path] | None:
+    from models.pipelines import default_base_model
+    from models.toyworld.paths import TOYWORLD_DIR
+
+    base, clip = default_base_model(), TOYWORLD_DIR / "clip" / "toyworld_clip.pt"
+    return (Path(base), clip) if base is not None and clip.is_file() else None
+
+
+@pytest.fixture(params=[TINY, TOY], ids=lambda world: world.name)
+def world_app(
+    request: pytest.FixtureRequest,
+    tiny_sd_path: Path,
+    tiny_clip: Path,
+    tmp_path_factory: pytest.TempPathFactory,  # noqa: F811
+) -> Iterator[tuple[World, RunningApp]]:
+    """The app on the tiny model (random images) or on the toy world (renders of its held-out heart)."""
+    world: World = request.param
+    subject = tmp_path_factory.mktemp("subject")
+    if world is TINY:
+        base, clip, images = tiny_sd_path, tiny_clip, make_subject_images(subject)
+    else:
+        assets = _toy_world_assets()
+        if assets is None:
+            pytest.skip("the toy world is not installed under assets/toyworld")
+        from training.quality import write_subject_images
+
+        base, clip = assets
+        images = sorted(write_subject_images(subject, count=5).glob("*.png"))
+    demo, studio, url = start_app(tmp_path_factory.mktemp("atelier-data"), base, clip)
+    try:
+        yield world, RunningApp(url, studio, images)
+    finally:
+        demo.close()
+        studio.close()
+
+
 def save_screenshot(page, name: str, tmp_path: Path) -> Path:
     """Screenshot the whole page into docs/screenshots/<name>.png (written aside, then renamed)."""
     SCREENSHOTS.mkdir(parents=True, exist_ok=True)
@@ -45,8 +104,16 @@ def save_screenshot(page, name: str, tmp_path: Path) -> Path:
     return target
 
 
-def test_click_through_train_library_compose_evaluate(running_app: RunningApp, tmp_path: Path) -> None:  # noqa: F811
+def test_click_through_train_library_compose_evaluate(
+    world_app: tuple[World, RunningApp], tmp_path: Path
+) -> None:
     from playwright.sync_api import expect, sync_playwright
+
+    world, running_app = world_app
+
+    def shot(name: str) -> None:
+        if world.screenshots:
+            save_screenshot(page, name, tmp_path)
 
     with sync_playwright() as playwright:
         browser = playwright.chromium.launch(executable_path=str(CHROMIUM), args=CHROMIUM_ARGS)
@@ -58,52 +125,53 @@ def test_click_through_train_library_compose_evaluate(running_app: RunningApp, t
             page.locator("#train-files input[type=file]").set_input_files(
                 [str(p) for p in running_app.images]
             )
-            expect(page.locator("#upload-report")).to_contain_text("subject-2.png: 64x48", timeout=60_000)
-            page.locator("#train-class-word textarea, #train-class-word input").first.fill("dog")
-            page.locator("#train-steps input").fill("3")
+            expect(page.locator("#upload-report")).to_contain_text(world.upload_report, timeout=60_000)
+            page.locator("#train-class-word textarea, #train-class-word input").first.fill(world.class_word)
+            page.locator("#train-steps input").fill(str(world.train_steps))
             page.get_by_text("Advanced training options").click()
-            page.locator("#train-validation-steps input").fill("2")
+            page.locator("#train-validation-steps input").fill(str(max(world.train_steps // 2, 1)))
             page.locator("#train-validation-images input").fill("1")
-            page.locator("#train-validation-denoise input").fill("4")
+            page.locator("#train-validation-denoise input").fill(str(world.denoise_steps))
             page.locator("#start-training").click()
             expect(page.locator("#job-status")).to_contain_text("completed", timeout=TRAIN_TIMEOUT_MS)
-            expect(page.locator("#job-status")).to_contain_text("Step 3/3")
-            save_screenshot(page, "train", tmp_path)
+            expect(page.locator("#job-status")).to_contain_text(
+                f"Step {world.train_steps}/{world.train_steps}"
+            )
+            shot("train")
 
             # Library: the new adapter is listed; its details and sample grid open.
             page.get_by_role("tab", name="Library").click()
-            expect(page.locator("#library-table")).to_contain_text("sks dog", timeout=30_000)
+            expect(page.locator("#library-table")).to_contain_text(f"sks {world.class_word}", timeout=30_000)
             page.locator("#library-select input").click()
             page.get_by_role("option").first.click()
             expect(page.locator("#library-details")).to_contain_text("parameters", timeout=30_000)
-            save_screenshot(page, "library", tmp_path)
+            shot("library")
 
             # Compose: pick the adapter, write a prompt, generate.
             page.get_by_role("tab", name="Compose").click()
             page.locator("#compose-adapters input").click()
             page.get_by_role("option").first.click()
-            expect(page.locator("#compose-table")).to_contain_text("sks dog", timeout=30_000)
-            page.locator("#compose-prompt textarea, #compose-prompt input").first.fill(
-                "a photo of sks dog on grass"
-            )
-            page.locator("#compose-steps input").fill("4")
-            page.locator("#compose-images input").fill("2")
+            expect(page.locator("#compose-table")).to_contain_text(f"sks {world.class_word}", timeout=30_000)
+            page.locator("#compose-prompt textarea, #compose-prompt input").first.fill(world.prompt)
+            page.locator("#compose-steps input").fill(str(world.denoise_steps))
+            page.locator("#compose-images input").fill("4")
             page.locator("#compose-generate").click()
-            expect(page.locator("#compose-info")).to_contain_text("2 image(s)", timeout=120_000)
-            expect(page.locator("#compose-gallery img")).to_have_count(2, timeout=30_000)
-            save_screenshot(page, "compose", tmp_path)
+            expect(page.locator("#compose-info")).to_contain_text("4 image(s)", timeout=120_000)
+            expect(page.locator("#compose-gallery img")).to_have_count(4, timeout=30_000)
+            shot("compose")
 
             # Evaluate: score the gallery against the prompt.
             page.get_by_role("tab", name="Evaluate").click()
-            page.locator("#evaluate-prompts textarea").fill("a photo of sks dog on grass")
+            page.locator("#evaluate-prompts textarea").fill(world.prompt)
             page.locator("#evaluate-score").click()
             expect(page.locator("#evaluate-summary")).to_contain_text("clipscore_100: mean", timeout=120_000)
-            save_screenshot(page, "evaluate", tmp_path)
+            shot("evaluate")
         finally:
             browser.close()
-    assert {p.name for p in SCREENSHOTS.glob("*.png")} >= {
-        "train.png",
-        "library.png",
-        "compose.png",
-        "evaluate.png",
-    }
+    if world.screenshots:
+        assert {p.name for p in SCREENSHOTS.glob("*.png")} >= {
+            "train.png",
+            "library.png",
+            "compose.png",
+            "evaluate.png",
+        }

@@ -3,13 +3,13 @@ without forgetting the rest?
 
 DreamBooth (Ruiz et al., 2023) on the project's toy world: every family (LoRA, DiffuseKronA, BOFT, HRA)
 with the given targets (default ``vo``, the project default) and the family's default steps and learning
-rate is trained on five images of a shape the base model never saw (the held-out ``star``), captioned per
+rate is trained on five images of a shape the base model never saw (the held-out ``heart``), captioned per
 image ("a red sks on a white background": ``sks`` is the trigger), batch 4, with prior preservation on
 captioned regularisation images of the base world (rendered scenes, the "real class images" variant of
 DreamBooth's prior loss). Then, judged by the deterministic checks of ``models.toyworld.checks``:
 
 * concept accuracy — seeded samples of trigger prompts in colours/backgrounds, the fraction showing a
-  star (target >= 90%), and the fraction also in the asked colour;
+  heart (target >= 90%), and the fraction also in the asked colour;
 * prompt accuracy — single-object prompts without the trigger, scored on colour, shape and background,
   against the base model on the same seeds (language drift: target within 5 points);
 * trainable parameters, adapter file size, steps/s and wall time; and whether DiffuseKronA reaches
@@ -51,7 +51,10 @@ from models.toyworld.world import (
 from training.config import TrainConfig
 from training.dreambooth import train
 
-SUBJECT_SHAPE = "star"
+SUBJECT_SHAPE = "heart"
+"""The subject. Not the other held-out shape, the star: the toy world's 4x VAE cannot draw it reliably (true
+renders re-encoded read as stars in 55% of single-object scenes, <= 30% below 16 px; hearts: 100%), which
+would cap any adapter's score below the target."""
 TRIGGER = "sks"
 CONCEPT_TARGET = 0.90
 DRIFT_LIMIT = 0.05
