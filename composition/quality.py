@@ -119,15 +119,17 @@ def train_adapter(concept: str, family: str, work: Path, base_model: str | None,
     return Path(result.adapter_path)
 
 
-def passes(image: Any, expect: dict[str, dict[str, str]]) -> bool:
-    """Whether every region shows an object with every expected attribute."""
+def region_passes(image: Any, region: str, attributes: dict[str, str]) -> bool:
+    """Whether `region` of the image shows an object with every expected attribute."""
     from models.toyworld.checks import read_object
 
-    for region, attributes in expect.items():
-        reading = read_object(image, region)  # type: ignore[arg-type]
-        if reading is None or any(getattr(reading, k) != v for k, v in attributes.items()):
-            return False
-    return True
+    reading = read_object(image, region)  # type: ignore[arg-type]
+    return reading is not None and all(getattr(reading, k) == v for k, v in attributes.items())
+
+
+def passes(image: Any, expect: dict[str, dict[str, str]]) -> bool:
+    """Whether every region shows an object with every expected attribute."""
+    return all(region_passes(image, region, attributes) for region, attributes in expect.items())
 
 
 def evaluate_setup(pipe: Any, setup: Setup, paths: list[Path], seeds: int, steps: int, methods: Sequence[str],
@@ -159,6 +161,11 @@ def evaluate_setup(pipe: Any, setup: Setup, paths: list[Path], seeds: int, steps
             concept_min = clipscore = None
         rows[method] = {
             "all_present": sum(passes(image, setup.expect) for image in images) / len(images),
+            **{  # each concept on its own: which one a failing method loses
+                f"{region}_present": sum(region_passes(image, region, attrs) for image in images)
+                / len(images)
+                for region, attrs in setup.expect.items()
+            },
             "concept_min_clipscore": concept_min,
             "clipscore": clipscore,
             "unet_evals": statistics.mean(evals),
@@ -194,17 +201,22 @@ def quality_report(seeds: int = 32, steps: int = 25, work: Path = Path("runs/com
     return report
 
 
+def _percent(value: float | None) -> str:
+    return "n/a" if value is None else f"{100 * value:.0f}%"
+
+
 def format_table(report: dict[str, Any]) -> str:
     """The report as an aligned text table."""
-    lines = [f"{'setup':22s} {'method':10s} {'all-present':>11s} {'concept-min':>11s} {'CLIPScore':>9s} "
-             f"{'UNet evals':>10s} {'wall s':>7s}"]  # fmt: skip
+    lines = [f"{'setup':22s} {'method':10s} {'all-present':>11s} {'left':>6s} {'right':>6s} {'concept-min':>11s} "
+             f"{'CLIPScore':>9s} {'UNet evals':>10s} {'wall s':>7s}"]  # fmt: skip
     for name, entry in report["setups"].items():
         for method, row in entry["methods"].items():
             concept, clip = (
                 "n/a" if v is None else f"{v:.3f}" for v in (row["concept_min_clipscore"], row["clipscore"])
             )
             lines.append(
-                f"{name:22s} {method:10s} {100 * row['all_present']:>10.1f}% {concept:>11s} {clip:>9s} "
+                f"{name:22s} {method:10s} {100 * row['all_present']:>10.1f}% "
+                f"{_percent(row.get('left_present')):>6s} {_percent(row.get('right_present')):>6s} {concept:>11s} {clip:>9s} "
                 f"{row['unet_evals']:>10.0f} {row['wall_s']:>7.2f}"
             )
     return "\n".join(lines)

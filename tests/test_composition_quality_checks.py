@@ -1,0 +1,38 @@
+"""The composition quality report's pixel verdicts on true renders (fast): a region passes only with every
+expected attribute, and the table shows each concept's own rate beside the all-present rate."""
+
+from __future__ import annotations
+
+from composition.quality import SETUPS, format_table, passes, region_passes
+from models.toyworld.world import Scene, SceneObject, render_scene
+
+EXPECT = SETUPS[0].expect  # left: purple, right: heart
+
+
+def scene(left: tuple[str, str], right: tuple[str, str]) -> Scene:
+    return Scene(
+        (SceneObject(left[0], left[1], box=(2, 8, 12)), SceneObject(right[0], right[1], box=(18, 8, 12)))
+    )
+
+
+def test_both_concepts_in_their_regions_pass() -> None:
+    image = render_scene(scene(("square", "purple"), ("heart", "blue")))
+    assert passes(image, EXPECT)
+
+
+def test_a_missing_or_swapped_concept_fails_its_region_only() -> None:
+    no_heart = render_scene(scene(("square", "purple"), ("circle", "blue")))
+    assert region_passes(no_heart, "left", EXPECT["left"])
+    assert not region_passes(no_heart, "right", EXPECT["right"])
+    assert not passes(no_heart, EXPECT)
+    swapped = render_scene(scene(("heart", "blue"), ("square", "purple")))
+    assert not region_passes(swapped, "left", EXPECT["left"])
+    assert not region_passes(swapped, "right", EXPECT["right"])
+
+
+def test_table_lists_per_concept_rates() -> None:
+    row = {"all_present": 0.25, "left_present": 0.5, "right_present": 0.75, "concept_min_clipscore": None,
+           "clipscore": 0.5, "unet_evals": 60, "wall_s": 1.0}  # fmt: skip
+    table = format_table({"setups": {"N=2 x": {"methods": {"cmlora": row}}}})
+    line = table.splitlines()[1]
+    assert line.split()[3:7] == ["25.0%", "50%", "75%", "n/a"]
