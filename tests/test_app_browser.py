@@ -53,7 +53,7 @@ class World:
 
 TINY = World("tiny", "dog", 3, "a photo of sks dog on grass", 4, "subject-2.png: 64x48", screenshots=False)
 TOY = World(
-    "toyworld", "heart", 300, "a red sks heart on a white background", 25, "subject-2.png: 32x32", screenshots=True
+    "toyworld", "heart", 120, "a red sks heart on a white background", 25, "subject-2.png: 32x32", screenshots=True
 )
 
 
