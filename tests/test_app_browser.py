@@ -53,7 +53,13 @@ class World:
 
 TINY = World("tiny", "dog", 3, "a photo of sks dog on grass", 4, "subject-2.png: 64x48", screenshots=False)
 TOY = World(
-    "toyworld", "heart", 120, "a red sks heart on a white background", 25, "subject-2.png: 32x32", screenshots=True
+    "toyworld",
+    "heart",
+    120,
+    "a red sks heart on a white background",
+    25,
+    "subject-2.png: 32x32",
+    screenshots=True,
 )
 
 
@@ -69,8 +75,8 @@ def _toy_world_assets() -> tuple[Path, Path] | None:
 def world_app(
     request: pytest.FixtureRequest,
     tiny_sd_path: Path,
-    tiny_clip: Path,
-    tmp_path_factory: pytest.TempPathFactory,  # noqa: F811
+    tiny_clip: Path,  # noqa: F811  (the imported fixture)
+    tmp_path_factory: pytest.TempPathFactory,
 ) -> Iterator[tuple[World, RunningApp]]:
     """The app on the tiny model (random images) or on the toy world (renders of its held-out heart)."""
     world: World = request.param
