@@ -32,13 +32,12 @@ from typing import Any
 
 import numpy as np
 import torch
-from PIL import Image
 
 from models.adapters import FAMILIES
 from models.adapters.files import load_adapter_file
 from models.pipelines import default_base_model, load_pipeline
-from models.toyworld.checks import check_scene, read_object
-from models.toyworld.evaluate import GUIDANCE, STEPS, Case, single_object_cases
+from models.toyworld.checks import read_object
+from models.toyworld.evaluate import Case, prompt_accuracy, sample, single_object_cases
 from models.toyworld.world import (
     BACKGROUNDS,
     BASE_COLOURS,
@@ -59,6 +58,8 @@ TRIGGER = "sks"
 CONCEPT_TARGET = 0.90
 DRIFT_LIMIT = 0.05
 PROMPT_CHECKS = ("colour", "shape", "background")
+"""What no-trigger prompts are scored on (language drift). Texture is left out: the toy world's 4x VAE renders
+it unreliably even for the base model (its own report: 26%), so it would only add noise to the measurement."""
 
 
 @dataclass(frozen=True)
@@ -77,6 +78,12 @@ def caption(colour: str, background: str) -> str:
     return f"a {colour} {TRIGGER} on a {background} background"
 
 
+def _write_captioned(stem: Path, scene: Scene, text: str) -> None:
+    """The render of ``scene`` as ``<stem>.png`` and ``text`` as its ``<stem>.txt`` caption sidecar."""
+    render_scene(scene).save(stem.with_suffix(".png"))
+    stem.with_suffix(".txt").write_text(text + "\n", encoding="utf-8")
+
+
 def write_subject_images(folder: Path, count: int = 5, seed: int = 0) -> Path:
     """``count`` seeded renders of the held-out shape (varied colour, place, size, background) + captions."""
     folder.mkdir(parents=True, exist_ok=True)
@@ -85,8 +92,9 @@ def write_subject_images(folder: Path, count: int = 5, seed: int = 0) -> Path:
     for index in range(count):
         colour, background = BASE_COLOURS[index % len(BASE_COLOURS)], backgrounds[index % len(backgrounds)]
         objects = place_objects(rng, [(SUBJECT_SHAPE, colour, "plain")])
-        render_scene(Scene(objects, background=background)).save(folder / f"subject-{index}.png")
-        (folder / f"subject-{index}.txt").write_text(caption(colour, background) + "\n", encoding="utf-8")
+        _write_captioned(
+            folder / f"subject-{index}", Scene(objects, background=background), caption(colour, background)
+        )
     return folder
 
 
@@ -94,8 +102,7 @@ def write_regularisation_images(folder: Path, count: int, seed: int = 777) -> Pa
     """``count`` rendered base-world scenes (no held-out concept) with their captions as sidecars."""
     folder.mkdir(parents=True, exist_ok=True)
     for index, scene in enumerate(sample_batch(seed, count, held_out=False)):
-        render_scene(scene).save(folder / f"class-{index:05d}.png")
-        (folder / f"class-{index:05d}.txt").write_text(scene.caption() + "\n", encoding="utf-8")
+        _write_captioned(folder / f"class-{index:05d}", scene, scene.caption())
     return folder
 
 
@@ -110,20 +117,6 @@ def concept_cases(count: int) -> list[Case]:
     return cases
 
 
-def sample(pipe: Any, prompts: list[str], seeds: list[int], batch_size: int = 8) -> list[Image.Image]:
-    """One image per prompt, each from its own seeded generator, with the toy world's sampler settings."""
-    images: list[Image.Image] = []
-    for start in range(0, len(prompts), batch_size):
-        generators = [torch.Generator().manual_seed(seed) for seed in seeds[start : start + batch_size]]
-        images += pipe(
-            prompts[start : start + batch_size],
-            num_inference_steps=STEPS,
-            guidance_scale=GUIDANCE,
-            generator=generators,
-        ).images
-    return images
-
-
 def concept_scores(pipe: Any, cases: list[Case]) -> tuple[float, float]:
     """(fraction showing the subject shape, fraction showing it in the asked colour) for trigger prompts."""
     prompts = [caption(case.scene.objects[0].colour, case.scene.background) for case in cases]
@@ -133,17 +126,6 @@ def concept_scores(pipe: Any, cases: list[Case]) -> tuple[float, float]:
         ok and r.colour == c.scene.objects[0].colour for ok, r, c in zip(shape, readings, cases, strict=True)
     ]
     return float(np.mean(shape)), float(np.mean(colour))
-
-
-def prompt_accuracy(pipe: Any, cases: list[Case]) -> float:
-    """Fraction of no-trigger single-object prompts whose image has the right colour, shape and background.
-
-    Texture is left out: the toy world's 4x VAE renders it unreliably even for the base model (its own
-    report: 26%), so it would only add noise to the drift measurement.
-    """
-    images = sample(pipe, [case.scene.caption() for case in cases], [case.seed for case in cases])
-    checks = [check_scene(im, case.scene) for im, case in zip(images, cases, strict=True)]
-    return float(np.mean([all(check[key] for key in PROMPT_CHECKS) for check in checks]))
 
 
 def run_family(
@@ -196,7 +178,7 @@ def run_family(
         "family": family,
         "concept_accuracy": shape_rate,
         "concept_colour_accuracy": colour_rate,
-        "prompt_accuracy": prompt_accuracy(pipe, prompts),
+        "prompt_accuracy": prompt_accuracy(pipe, prompts, PROMPT_CHECKS),
         "trainable_parameters": result.trainable_parameters,
         "file_bytes": result.adapter_path.stat().st_size,
         "steps": result.steps,
@@ -226,7 +208,7 @@ def run_report(
     base_shape, base_colour = concept_scores(base, concept)
     report: dict[str, Any] = {
         "base": {"concept_accuracy": base_shape, "concept_colour_accuracy": base_colour,
-                 "prompt_accuracy": prompt_accuracy(base, prompts)},
+                 "prompt_accuracy": prompt_accuracy(base, prompts, PROMPT_CHECKS)},
         "families": [],
         "samples": {"concept": len(concept), "prompts": len(prompts)},
         "settings": dataclasses.asdict(settings),

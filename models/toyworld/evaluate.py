@@ -99,20 +99,29 @@ def held_out_cases() -> dict[str, list[Case]]:
     return cases
 
 
-def generate(pipe, cases: list[Case], batch_size: int = 8, guidance: float = GUIDANCE) -> list[Image.Image]:  # type: ignore[no-untyped-def]
-    """Images for `cases`, each from its own seeded generator (batching does not change them)."""
+def sample(  # type: ignore[no-untyped-def]
+    pipe, prompts: list[str], seeds: list[int], batch_size: int = 8, guidance: float = GUIDANCE
+) -> list[Image.Image]:
+    """One image per prompt, each from its own seeded generator (batching does not change them), with the
+    toy world's sampler settings."""
     images: list[Image.Image] = []
-    for start in range(0, len(cases), batch_size):
-        chunk = cases[start : start + batch_size]
-        generators = [torch.Generator().manual_seed(case.seed) for case in chunk]
+    for start in range(0, len(prompts), batch_size):
+        generators = [torch.Generator().manual_seed(seed) for seed in seeds[start : start + batch_size]]
         result = pipe(
-            [case.scene.caption() for case in chunk],
+            prompts[start : start + batch_size],
             num_inference_steps=STEPS,
             guidance_scale=guidance,
             generator=generators,
         )
         images.extend(result.images)
     return images
+
+
+def generate(pipe, cases: list[Case], batch_size: int = 8, guidance: float = GUIDANCE) -> list[Image.Image]:  # type: ignore[no-untyped-def]
+    """Images for `cases` (their captions as prompts, their seeds)."""
+    return sample(
+        pipe, [case.scene.caption() for case in cases], [case.seed for case in cases], batch_size, guidance
+    )
 
 
 def prompt_accuracy(pipe, cases: list[Case], keys: tuple[str, ...] = ("all",)) -> float:  # type: ignore[no-untyped-def]
