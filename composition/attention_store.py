@@ -4,10 +4,10 @@ SDPA never materialises attention probabilities, so the capturing processor comp
 (`attn.get_attention_scores`, softmax(QKᵀ/√d)) and records them, head-averaged, for the cross-attention
 layers of one resolution only. As in Attend-and-Excite / CLoRA that is the "16×16" level of SD 1.5 at
 512 px: the cross-attention layers whose spatial size is the latent size / 4 (or the nearest level the UNet
-has: 4×4 of the toy world's 8×8 latents, where the full-resolution level's token maps are spatially flat). The
-processors are installed with `unet.set_attn_processor` for the duration of a `capture_cross_attention`
-block and the previous ones are put back afterwards; every other layer keeps its own processor. Recorded maps keep their autograd graph
-when gradients are on, so a loss on them can move the latent.
+has: 4×4 of the toy world's 16×16 latents). The processors are installed with `unet.set_attn_processor` for
+the duration of a `capture_cross_attention` block and the previous ones are put back afterwards; every other
+layer keeps its own processor. Recorded maps keep their autograd graph when gradients are on, so a loss on
+them can move the latent.
 """
 
 from __future__ import annotations
