@@ -355,7 +355,7 @@ def train_unet(
                 context = encode_captions(captions)
             noise = torch.randn(latents.shape, generator=generator)
             if config.noise_offset:
-                offset = torch.randn(latents.shape[:2] + (1, 1), generator=generator)
+                offset = torch.randn((*latents.shape[:2], 1, 1), generator=generator)
                 noise = noise + config.noise_offset * offset
             timesteps = torch.randint(0, 1000, (latents.shape[0],), generator=generator)
             noisy = noise_scheduler.add_noise(latents, noise, timesteps)
