@@ -11,9 +11,8 @@ the colour "purple"), each on its own subject images, then composed:
 - N=3: "a purple star and a blue heart", with a star adapter too (LoRA+LoRA+LoRA).
 
 For every method and seed the image passes when each concept is read in its own region (left: purple, N=3
-also a star; right: heart). The star is only in N=3 because the toy world's 4x VAE cannot draw stars at the
-size of a two-object scene: re-encoded true renders of stars 16 px wide or smaller read as stars in <= 30%
-(hearts: 100%), so N=3 measures the VAE's ceiling as much as the methods. clora runs its `light` preset by
+also a star; right: heart). The star is only in N=3: these setups were chosen when the toy world's old 4x VAE
+could not draw stars at two-object sizes (the current 2x VAE redraws them). clora runs its `light` preset by
 default (4 refinement rounds instead of the reference's 20, to fit the CPU budget; `--clora-preset reference`
 for the full one). Reported per setup × method: that all-present rate and each concept's own rate, the mean
 per-concept minimum CLIPScore (toy CLIP, Hessel scale), the prompt CLIPScore, UNet evaluations and wall time

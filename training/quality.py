@@ -51,15 +51,15 @@ from training.config import TrainConfig
 from training.dreambooth import train
 
 SUBJECT_SHAPE = "heart"
-"""The subject. Not the other held-out shape, the star: the toy world's 4x VAE cannot draw it reliably (true
-renders re-encoded read as stars in 55% of single-object scenes, <= 30% below 16 px; hearts: 100%), which
-would cap any adapter's score below the target."""
+"""The subject: a held-out shape. (Chosen when the toy world's old 4x VAE redrew stars as stars in only 55% of
+scenes; the current 2x VAE redraws both held-out shapes, so the star would do as well.)"""
 TRIGGER = "sks"
 CONCEPT_TARGET = 0.90
 DRIFT_LIMIT = 0.05
 PROMPT_CHECKS = ("colour", "shape", "background")
-"""What no-trigger prompts are scored on (language drift). Texture is left out: the toy world's 4x VAE renders
-it unreliably even for the base model (its own report: 26%), so it would only add noise to the measurement."""
+"""What no-trigger prompts are scored on (language drift): what the base model draws reliably (colour 100%,
+shape 98.6%, background 100% of the toy world's 72 single-object prompts). Texture (93.1%) is left out so
+that base-model misses do not blur the drift measurement."""
 
 
 @dataclass(frozen=True)
