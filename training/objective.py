@@ -22,6 +22,7 @@ import torch.nn.functional as F
 from diffusers import DDPMScheduler
 from diffusers.training_utils import compute_snr
 
+from models.noise import training_noise
 from training.conditioning import Batch
 
 
@@ -67,10 +68,8 @@ def denoising_loss(
 ) -> LossParts:
     """One forward pass of the DreamBooth loss on ``batch`` (instance examples first, then class)."""
     latents = batch.latents  # (B, C, h, w)
-    size, channels = latents.shape[:2]
-    noise = torch.randn(latents.shape, generator=generator, dtype=torch.float32)
-    if noise_offset:
-        noise = noise + noise_offset * torch.randn((size, channels, 1, 1), generator=generator)
+    size = latents.shape[0]
+    noise = training_noise(latents.shape, generator, noise_offset)
     timesteps = torch.randint(0, scheduler.config.num_train_timesteps, (size,), generator=generator)
     noise, timesteps = noise.to(latents.device), timesteps.to(latents.device)
     noisy = scheduler.add_noise(latents, noise, timesteps)

@@ -45,6 +45,7 @@ from transformers import CLIPTextModel, CLIPTokenizer
 
 from models.clip_compat import clip
 from models.clip_tokenizer import write_clip_tokenizer_files
+from models.noise import training_noise
 from models.toyworld import clip_model
 from models.toyworld.checkpoint import load_state, save_state
 from models.toyworld.paths import TOYWORLD_DIR
@@ -354,10 +355,7 @@ def train_unet(
             with torch.no_grad():
                 latents = vae.encode(images).latent_dist.sample(generator) * vae.config.scaling_factor
                 context = encode_captions(captions)
-            noise = torch.randn(latents.shape, generator=generator)
-            if config.noise_offset:
-                offset = torch.randn((*latents.shape[:2], 1, 1), generator=generator)
-                noise = noise + config.noise_offset * offset
+            noise = training_noise(latents.shape, generator, config.noise_offset)
             timesteps = torch.randint(0, 1000, (latents.shape[0],), generator=generator)
             noisy = noise_scheduler.add_noise(latents, noise, timesteps)
             prediction = unet(noisy, timesteps, encoder_hidden_states=context).sample
