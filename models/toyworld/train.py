@@ -16,8 +16,8 @@ learning-rate schedule then restarts warm). The committed CLIP and scorer came f
 (`--scorer-steps 600`, then 1800 resumed; ~35 min on 2 CPU cores); the VAE from one run of the defaults
 (2000 steps, 12 min with `--threads 2`); the UNet from 4400 steps of `--unet-steps 5500 --noise-offset 0`
 resumed as `--unet-steps 7000` (offset noise from step 4400 on, when the background leak described at
-`noise_offset` was found), then resumed again as `--unet-steps 9600` (~1 h 20 min in all, 1.7-2.2 steps/s).
-A run of the defaults uses offset noise throughout on one schedule.
+`noise_offset` was found), then resumed again as `--unet-steps 9600` and once more as `--unet-steps 12000`
+(~1 h 50 min in all, 1.3-2.2 steps/s). A run of the defaults uses offset noise throughout on one schedule.
 """
 
 from __future__ import annotations
@@ -60,8 +60,13 @@ SCHEDULER_CONFIG = {
     "set_alpha_to_one": False,
     "steps_offset": 1,
     "prediction_type": "epsilon",
+    "timestep_spacing": "trailing",
 }
-"""Stable Diffusion's noise schedule; `clip_sample=False` matters (True clamps latents into grey blobs)."""
+"""Stable Diffusion's noise schedule; `clip_sample=False` matters (True clamps latents into grey blobs).
+Sampling uses "trailing" timestep spacing (Lin et al. 2024, "Common Diffusion Noise Schedules and Sample Steps
+are Flawed"): the first of 25 DDIM steps starts at t=999 rather than SD's "leading" t=961, which the
+offset-noise-trained UNet turns into crisper textures (measured on the 12000-step UNet over 216 seeded
+single-object prompts: all-right 95.8% trailing vs 94.4% leading; dotted 90% vs 86%)."""
 
 
 @dataclass
@@ -81,7 +86,7 @@ class ToyWorldTrainConfig:
     vae_steps: int = 2000
     vae_batch: int = 16
     vae_lr: float = 2e-3
-    unet_steps: int = 9600
+    unet_steps: int = 12000
     unet_batch: int = 32
     unet_lr: float = 1e-3
     caption_dropout: float = 0.1
