@@ -24,6 +24,7 @@ import argparse
 import dataclasses
 import json
 import random
+import re
 import tempfile
 import time
 from dataclasses import dataclass
@@ -36,11 +37,13 @@ import torch
 from models.adapters import FAMILIES
 from models.adapters.files import load_adapter_file
 from models.pipelines import default_base_model, load_pipeline
-from models.toyworld.checks import read_object
+from models.toyworld.checks import ObjectReading, read_object
 from models.toyworld.evaluate import Case, prompt_accuracy, sample, single_object_cases
 from models.toyworld.world import (
     BACKGROUNDS,
     BASE_COLOURS,
+    BASE_SHAPES,
+    HELD_OUT,
     Scene,
     SceneObject,
     place_objects,
@@ -50,16 +53,47 @@ from models.toyworld.world import (
 from training.config import TrainConfig
 from training.dreambooth import train
 
-SUBJECT_SHAPE = "heart"
-"""The subject: a held-out shape. (Chosen when the toy world's old 4x VAE redrew stars as stars in only 55% of
-scenes; the current 2x VAE redraws both held-out shapes, so the star would do as well.)"""
 TRIGGER = "sks"
 CONCEPT_TARGET = 0.90
 DRIFT_LIMIT = 0.05
 PROMPT_CHECKS = ("colour", "shape", "background")
 """What no-trigger prompts are scored on (language drift): what the base model draws reliably (colour 100%,
-shape 98.6%, background 100% of the toy world's 72 single-object prompts). Texture (93.1%) is left out so
-that base-model misses do not blur the drift measurement."""
+shape and background near 100% of the toy world's 72 single-object prompts). Texture is left out so that
+base-model misses do not blur the drift measurement."""
+
+
+@dataclass(frozen=True)
+class Subject:
+    """A held-out toy-world concept to personalise: which attribute it is and its value."""
+
+    attribute: str  # "shape", "colour" or "texture"
+    value: str
+
+    def scene(self, index: int, rng: random.Random | None = None) -> Scene:
+        """The ``index``-th scene showing the subject; the other attributes and the background cycle."""
+        colour = BASE_COLOURS[index % len(BASE_COLOURS)]
+        shape = BASE_SHAPES[index % len(BASE_SHAPES)]
+        cycle = len(BASE_SHAPES) if self.attribute == "colour" else len(BASE_COLOURS)
+        # prompts: each background after a full cycle of the varied attribute; training images: alternating
+        background = list(BACKGROUNDS)[(index if rng is not None else index // cycle) % len(BACKGROUNDS)]
+        attributes = {"shape": shape, "colour": colour, "texture": "plain", self.attribute: self.value}
+        triple = (attributes["shape"], attributes["colour"], attributes["texture"])
+        if rng is None:
+            return Scene((SceneObject(*triple),), background=background)
+        return Scene(place_objects(rng, [triple]), background=background)
+
+    def caption(self, scene: Scene) -> str:
+        """The scene's caption with the subject's word replaced by the trigger ("a red sks on a ...")."""
+        return re.sub(rf"\b{re.escape(self.value)}\b", TRIGGER, scene.caption())
+
+    def shown(self, reading: ObjectReading | None) -> bool:
+        return reading is not None and getattr(reading, self.attribute) == self.value
+
+
+SUBJECTS = {name: Subject(attribute, name) for attribute, names in HELD_OUT.items() for name in names}
+"""Every held-out concept of the toy world, by name. The default is the heart: a new shape is the hardest
+thing to teach a base model that knows three (a held-out colour only recolours shapes it can draw)."""
+DEFAULT_SUBJECT = "heart"
 
 
 @dataclass(frozen=True)
@@ -72,10 +106,7 @@ class QualitySettings:
     batch_size: int = 4
     prior: bool = True
     regularisation_images: int = 64
-
-
-def caption(colour: str, background: str) -> str:
-    return f"a {colour} {TRIGGER} on a {background} background"
+    subject: str = DEFAULT_SUBJECT
 
 
 def _write_captioned(stem: Path, scene: Scene, text: str) -> None:
@@ -84,17 +115,15 @@ def _write_captioned(stem: Path, scene: Scene, text: str) -> None:
     stem.with_suffix(".txt").write_text(text + "\n", encoding="utf-8")
 
 
-def write_subject_images(folder: Path, count: int = 5, seed: int = 0) -> Path:
-    """``count`` seeded renders of the held-out shape (varied colour, place, size, background) + captions."""
+def write_subject_images(folder: Path, count: int = 5, seed: int = 0, subject: str = DEFAULT_SUBJECT) -> Path:
+    """``count`` seeded renders of the held-out subject (other attributes, place, size and background vary)
+    with trigger captions as sidecars."""
     folder.mkdir(parents=True, exist_ok=True)
     rng = random.Random(seed)
-    backgrounds = list(BACKGROUNDS)
+    concept = SUBJECTS[subject]
     for index in range(count):
-        colour, background = BASE_COLOURS[index % len(BASE_COLOURS)], backgrounds[index % len(backgrounds)]
-        objects = place_objects(rng, [(SUBJECT_SHAPE, colour, "plain")])
-        _write_captioned(
-            folder / f"subject-{index}", Scene(objects, background=background), caption(colour, background)
-        )
+        scene = concept.scene(index, rng)
+        _write_captioned(folder / f"subject-{index}", scene, concept.caption(scene))
     return folder
 
 
@@ -106,26 +135,24 @@ def write_regularisation_images(folder: Path, count: int, seed: int = 777) -> Pa
     return folder
 
 
-def concept_cases(count: int) -> list[Case]:
-    """Trigger prompts over every base colour and background, seeded (scene = what should appear)."""
-    cases = []
-    for index in range(count):
-        colour = BASE_COLOURS[index % len(BASE_COLOURS)]
-        background = list(BACKGROUNDS)[(index // len(BASE_COLOURS)) % len(BACKGROUNDS)]
-        scene = Scene((SceneObject(SUBJECT_SHAPE, colour),), background=background)
-        cases.append(Case(scene, seed=5000 + index))
-    return cases
+def concept_cases(count: int, subject: str = DEFAULT_SUBJECT) -> list[Case]:
+    """Trigger prompts over the base world's other attributes and backgrounds, seeded (scene = what should
+    appear)."""
+    return [Case(SUBJECTS[subject].scene(index), seed=5000 + index) for index in range(count)]
 
 
-def concept_scores(pipe: Any, cases: list[Case]) -> tuple[float, float]:
-    """(fraction showing the subject shape, fraction showing it in the asked colour) for trigger prompts."""
-    prompts = [caption(case.scene.objects[0].colour, case.scene.background) for case in cases]
+def concept_scores(pipe: Any, cases: list[Case], subject: str = DEFAULT_SUBJECT) -> tuple[float, float]:
+    """(fraction showing the subject, fraction showing it with every other asked attribute) for trigger
+    prompts."""
+    concept = SUBJECTS[subject]
+    prompts = [concept.caption(case.scene) for case in cases]
     readings = [read_object(image) for image in sample(pipe, prompts, [case.seed for case in cases])]
-    shape = [r is not None and r.shape == SUBJECT_SHAPE for r in readings]
-    colour = [
-        ok and r.colour == c.scene.objects[0].colour for ok, r, c in zip(shape, readings, cases, strict=True)
+    shown = [concept.shown(r) for r in readings]
+    exact = [
+        ok and r is not None and all(r.matches(case.scene.objects[0]).values())
+        for ok, r, case in zip(shown, readings, cases, strict=True)
     ]
-    return float(np.mean(shape)), float(np.mean(colour))
+    return float(np.mean(shown)), float(np.mean(exact))
 
 
 def run_family(
@@ -135,10 +162,11 @@ def run_family(
     out: Path,
     *,
     settings: QualitySettings,
-    concept: list[Case],
+    cases: list[Case],
     prompts: list[Case],
 ) -> dict[str, Any]:
     """Train one family on the subject and score it; returns one report row."""
+    concept = SUBJECTS[settings.subject]
     prior: dict[str, Any] = {}
     if settings.prior:
         prior = {
@@ -152,7 +180,7 @@ def run_family(
     config = TrainConfig(
         pretrained_model_name_or_path=model,
         instance_data_dir=str(subject),
-        instance_prompt=caption("red", "white"),
+        instance_prompt=concept.caption(concept.scene(0)),
         trigger_phrase=TRIGGER,
         adapter=family,
         targets=settings.targets,
@@ -165,7 +193,7 @@ def run_family(
         checkpointing_steps=10**9,
         validation_steps=0,
         num_validation_images=4,
-        validation_prompt=caption("blue", "black"),
+        validation_prompt=concept.caption(concept.scene(6)),
         **prior,
     )
     started = time.perf_counter()
@@ -173,11 +201,11 @@ def run_family(
     wall = time.perf_counter() - started
     pipe = load_pipeline(model, device="cpu", dtype="fp32")
     load_adapter_file(result.adapter_path).attach(pipe.unet)
-    shape_rate, colour_rate = concept_scores(pipe, concept)
+    shown_rate, exact_rate = concept_scores(pipe, cases, settings.subject)
     return {
         "family": family,
-        "concept_accuracy": shape_rate,
-        "concept_colour_accuracy": colour_rate,
+        "concept_accuracy": shown_rate,
+        "concept_exact_accuracy": exact_rate,
         "prompt_accuracy": prompt_accuracy(pipe, prompts, PROMPT_CHECKS),
         "trainable_parameters": result.trainable_parameters,
         "file_bytes": result.adapter_path.stat().st_size,
@@ -202,21 +230,19 @@ def run_report(
         raise SystemExit(
             "the toy world is not installed under assets/toyworld; train it with python -m models.toyworld.train"
         )
-    subject = write_subject_images(out / "subject")
-    concept, prompts = concept_cases(concept_count), single_object_cases(prompt_count)
+    subject = write_subject_images(out / "subject", subject=settings.subject)
+    concept, prompts = concept_cases(concept_count, settings.subject), single_object_cases(prompt_count)
     base = load_pipeline(model, device="cpu", dtype="fp32")
-    base_shape, base_colour = concept_scores(base, concept)
+    base_shown, base_exact = concept_scores(base, concept, settings.subject)
     report: dict[str, Any] = {
-        "base": {"concept_accuracy": base_shape, "concept_colour_accuracy": base_colour,
+        "base": {"concept_accuracy": base_shown, "concept_exact_accuracy": base_exact,
                  "prompt_accuracy": prompt_accuracy(base, prompts, PROMPT_CHECKS)},
         "families": [],
         "samples": {"concept": len(concept), "prompts": len(prompts)},
         "settings": dataclasses.asdict(settings),
     }  # fmt: skip
     for family in families:
-        row = run_family(
-            family, str(model), subject, out, settings=settings, concept=concept, prompts=prompts
-        )
+        row = run_family(family, str(model), subject, out, settings=settings, cases=concept, prompts=prompts)
         row["drift"] = report["base"]["prompt_accuracy"] - row["prompt_accuracy"]
         row["passes"] = row["concept_accuracy"] >= CONCEPT_TARGET and row["drift"] <= DRIFT_LIMIT
         report["families"].append(row)
@@ -231,19 +257,20 @@ def run_report(
 
 
 def format_report(report: dict[str, Any]) -> str:
-    base = report["base"]
+    base, subject = report["base"], report["settings"]["subject"]
     lines = [
-        f"toy world, subject: held-out '{SUBJECT_SHAPE}' (trigger '{TRIGGER}'), {report['samples']['concept']} "
+        f"toy world, subject: held-out {SUBJECTS[subject].attribute} '{subject}' (trigger '{TRIGGER}'), "
+        f"{report['samples']['concept']} "
         f"concept samples, {report['samples']['prompts']} no-trigger prompts",
-        f"base model: concept {base['concept_accuracy']:.0%} (colour too {base['concept_colour_accuracy']:.0%}), "
+        f"base model: concept {base['concept_accuracy']:.0%} (all attributes {base['concept_exact_accuracy']:.0%}), "
         f"prompt accuracy {base['prompt_accuracy']:.1%}",
         "protocol: " + ", ".join(f"{k}={v}" for k, v in report["settings"].items()),
-        f"{'family':<7}{'concept':>9}{'+colour':>9}{'prompts':>9}{'drift':>8}{'params':>9}{'file KB':>9}"
+        f"{'family':<7}{'concept':>9}{'exact':>9}{'prompts':>9}{'drift':>8}{'params':>9}{'file KB':>9}"
         f"{'steps':>7}{'steps/s':>9}{'wall s':>8}  pass",
     ]
     for row in report["families"]:
         lines.append(
-            f"{row['family']:<7}{row['concept_accuracy']:>9.0%}{row['concept_colour_accuracy']:>9.0%}"
+            f"{row['family']:<7}{row['concept_accuracy']:>9.0%}{row['concept_exact_accuracy']:>9.0%}"
             f"{row['prompt_accuracy']:>9.1%}{row['drift'] * 100:>+7.1f}p{row['trainable_parameters']:>9,}"
             f"{row['file_bytes'] / 1024:>9.1f}{row['steps']:>7}{row['steps_per_second']:>9.2f}"
             f"{row['wall_seconds']:>8.0f}  {'yes' if row['passes'] else 'NO'}"
@@ -267,6 +294,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--targets", nargs="+", default=["vo"], help="target preset or module patterns")
     parser.add_argument("--batch", type=int, default=4, help="instance images per step")
     parser.add_argument("--no-prior", action="store_true", help="train without prior preservation")
+    parser.add_argument(
+        "--subject", default=DEFAULT_SUBJECT, choices=sorted(SUBJECTS), help="the held-out concept to teach"
+    )
     parser.add_argument("--concept-samples", type=int, default=40)
     parser.add_argument("--prompt-samples", type=int, default=72)
     parser.add_argument(
@@ -287,6 +317,7 @@ def main(argv: list[str] | None = None) -> int:
                 learning_rate=args.learning_rate,
                 batch_size=args.batch,
                 prior=not args.no_prior,
+                subject=args.subject,
             ),
             concept_count=args.concept_samples,
             prompt_count=args.prompt_samples,
