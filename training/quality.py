@@ -3,13 +3,14 @@ without forgetting the rest?
 
 DreamBooth (Ruiz et al., 2023) on the project's toy world: every family (LoRA, DiffuseKronA, BOFT, HRA)
 with the given targets (default ``vo``, the project default) and the family's default steps and learning
-rate is trained on five images of a shape the base model never saw (the held-out ``heart``), captioned per
-image ("a red sks on a white background": ``sks`` is the trigger), batch 4, with prior preservation on
-captioned regularisation images of the base world (rendered scenes, the "real class images" variant of
-DreamBooth's prior loss). Then, judged by the deterministic checks of ``models.toyworld.checks``:
+rate is trained on five images of a concept the base model never saw (``--subject``, any held-out concept;
+default the colour ``purple``), captioned per image with the concept's word replaced by the trigger ("a sks
+circle on a white background"), batch 4, with prior preservation on captioned regularisation images of the
+base world (rendered scenes, the "real class images" variant of DreamBooth's prior loss). Then, judged by the
+deterministic checks of ``models.toyworld.checks``:
 
-* concept accuracy — seeded samples of trigger prompts in colours/backgrounds, the fraction showing a
-  heart (target >= 90%), and the fraction also in the asked colour;
+* concept accuracy — seeded samples of trigger prompts over the other attributes and both backgrounds, the
+  fraction showing the concept (target >= 90%), and the fraction with every other asked attribute right too;
 * prompt accuracy — single-object prompts without the trigger, scored on colour, shape and background,
   against the base model on the same seeds (language drift: target within 5 points);
 * trainable parameters, adapter file size, steps/s and wall time; and whether DiffuseKronA reaches
@@ -91,9 +92,14 @@ class Subject:
 
 
 SUBJECTS = {name: Subject(attribute, name) for attribute, names in HELD_OUT.items() for name in names}
-"""Every held-out concept of the toy world, by name. The default is the heart: a new shape is the hardest
-thing to teach a base model that knows three (a held-out colour only recolours shapes it can draw)."""
-DEFAULT_SUBJECT = "heart"
+"""Every held-out concept of the toy world, by name."""
+DEFAULT_SUBJECT = "purple"
+"""The report's default subject. A held-out colour is what the toy world can teach from five images: the
+held-out shapes and texture are not (measured with LoRA at its defaults: purple 95%, heart 20%, checkered
+32%). A base UNet that knows three shapes has no vocabulary of shapes to build a fourth from; tuning (on the
+previous, 9600-step base) did not change that (heart with LoRA: 1600 steps 22%, lr 1e-2 20%, rank 16 12%,
+qkvo 22%, LoRA on the 16x16 convolutions too 22%, the class noun in the trigger 20%, no prior preservation
+45% with +82 points of drift)."""
 
 
 @dataclass(frozen=True)
