@@ -90,7 +90,7 @@ def world_app(
         from training.quality import write_subject_images
 
         base, clip = assets
-        images = sorted(write_subject_images(subject, count=5).glob("*.png"))
+        images = sorted(write_subject_images(subject, count=5, subject="heart").glob("*.png"))
     demo, studio, url = start_app(tmp_path_factory.mktemp("atelier-data"), base, clip)
     try:
         yield world, RunningApp(url, studio, images)
