@@ -37,9 +37,8 @@ def test_subject_images_show_the_concept_and_captions_hide_it_behind_the_trigger
 def test_concept_cases_vary_the_other_attributes_and_render_as_the_subject(name: str) -> None:
     cases = concept_cases(8, name)
     subject = SUBJECTS[name]
-    assert (
-        len({case.scene.caption() for case in cases[:6]}) == 6
-    )  # a purple subject has 3 shapes x 2 backgrounds
+    # every (other attribute, background) pair before any repeats: a purple subject has 3 shapes x 2 backgrounds
+    assert len({case.scene.caption() for case in cases[:6]}) == 6
     assert len({case.seed for case in cases}) == 8
     for case in cases:
         obj = case.scene.objects[0]

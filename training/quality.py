@@ -237,18 +237,18 @@ def run_report(
             "the toy world is not installed under assets/toyworld; train it with python -m models.toyworld.train"
         )
     subject = write_subject_images(out / "subject", subject=settings.subject)
-    concept, prompts = concept_cases(concept_count, settings.subject), single_object_cases(prompt_count)
+    cases, prompts = concept_cases(concept_count, settings.subject), single_object_cases(prompt_count)
     base = load_pipeline(model, device="cpu", dtype="fp32")
-    base_shown, base_exact = concept_scores(base, concept, settings.subject)
+    base_shown, base_exact = concept_scores(base, cases, settings.subject)
     report: dict[str, Any] = {
         "base": {"concept_accuracy": base_shown, "concept_exact_accuracy": base_exact,
                  "prompt_accuracy": prompt_accuracy(base, prompts, PROMPT_CHECKS)},
         "families": [],
-        "samples": {"concept": len(concept), "prompts": len(prompts)},
+        "samples": {"concept": len(cases), "prompts": len(prompts)},
         "settings": dataclasses.asdict(settings),
     }  # fmt: skip
     for family in families:
-        row = run_family(family, str(model), subject, out, settings=settings, cases=concept, prompts=prompts)
+        row = run_family(family, str(model), subject, out, settings=settings, cases=cases, prompts=prompts)
         row["drift"] = report["base"]["prompt_accuracy"] - row["prompt_accuracy"]
         row["passes"] = row["concept_accuracy"] >= CONCEPT_TARGET and row["drift"] <= DRIFT_LIMIT
         report["families"].append(row)
