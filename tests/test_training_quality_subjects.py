@@ -3,6 +3,7 @@ show and name what they should (fast; the trained report itself is the slow test
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 
 import pytest
@@ -45,3 +46,32 @@ def test_concept_cases_vary_the_other_attributes_and_render_as_the_subject(name:
         assert getattr(obj, subject.attribute) == name
         assert subject.caption(case.scene) == case.scene.caption().replace(name, TRIGGER)
     assert subject.shown(read_object(render_scene(cases[0].scene)))
+
+
+def test_a_family_row_pools_every_training_seed(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    import training.quality as quality
+
+    runs = {0: (0.95, 0.9, 0.958), 1: (0.75, 0.5, 0.902)}  # concept, exact, prompts per seed
+    seen: list[tuple[int, str]] = []
+
+    def fake(family, model, subject, out, seed, *, settings, cases, prompts, prior):
+        seen.append((seed, prior["class_data_dir"]))
+        concept, exact, prompt = runs[seed]
+        return {"concept_accuracy": concept, "concept_exact_accuracy": exact, "prompt_accuracy": prompt,
+                "trainable_parameters": 10, "file_bytes": 2048, "steps": 800, "steps_per_second": 4.0 + seed,
+                "wall_seconds": 100.0}  # fmt: skip
+
+    monkeypatch.setattr(quality, "_train_and_score", fake)
+    settings = quality.QualitySettings(train_seeds=(0, 1), regularisation_images=2)
+    row = quality.run_family("lora", "toy", tmp_path, tmp_path, settings=settings, cases=[], prompts=[])
+    assert [seed for seed, _ in seen] == [0, 1] and seen[0][1] == seen[1][1]  # one regularisation set
+    assert row["concept_accuracy"] == pytest.approx(0.85)
+    assert row["concept_exact_accuracy"] == pytest.approx(0.7)
+    assert row["prompt_accuracy"] == pytest.approx(0.93) and row["steps_per_second"] == pytest.approx(4.5)
+    assert row["wall_seconds"] == 200.0 and row["by_seed"][1]["concept_accuracy"] == 0.75
+    row.update(drift=0.03, passes=False)
+    report = {"base": {"concept_accuracy": 0.0, "concept_exact_accuracy": 0.0, "prompt_accuracy": 0.96},
+              "families": [row], "samples": {"concept": 40, "prompts": 72},
+              "settings": dataclasses.asdict(settings)}  # fmt: skip
+    table = quality.format_report(report)
+    assert "seeds 0, 1 pooled" in table and table.splitlines()[-1].endswith("NO    95% / 75%")
