@@ -6,8 +6,10 @@ with the given targets (default ``vo``, the project default) and the family's de
 rate is trained on five images of a concept the base model never saw (``--subject``, any held-out concept;
 default the colour ``purple``), captioned per image with the concept's word replaced by the trigger ("a sks
 circle on a white background"), batch 4, with prior preservation on captioned regularisation images of the
-base world (rendered scenes, the "real class images" variant of DreamBooth's prior loss). Then, judged by the
-deterministic checks of ``models.toyworld.checks``:
+base world (rendered scenes, the "real class images" variant of DreamBooth's prior loss). Every family is
+trained once per training seed (``--train-seeds``, default 0 and 1) and the samples of all its runs are
+pooled: the outcome of one run depends on its seed (LoRA at its defaults: 95% with seed 0, 78% with seed 1).
+Then, judged by the deterministic checks of ``models.toyworld.checks``:
 
 * concept accuracy — seeded samples of trigger prompts over the other attributes and both backgrounds, the
   fraction showing the concept (target >= 90%), and the fraction with every other asked attribute right too;
@@ -16,7 +18,8 @@ deterministic checks of ``models.toyworld.checks``:
 * trainable parameters, adapter file size, steps/s and wall time; and whether DiffuseKronA reaches
   LoRA's concept accuracy with fewer parameters (the DiffuseKronA claim).
 
-    python -m training.quality [--families lora krona ...] [--targets vo] [--no-prior] [--out DIR] [--json FILE]
+    python -m training.quality [--families lora krona ...] [--train-seeds 0 1] [--targets vo] [--no-prior]
+                               [--out DIR] [--json FILE]
 """
 
 from __future__ import annotations
@@ -95,8 +98,8 @@ SUBJECTS = {name: Subject(attribute, name) for attribute, names in HELD_OUT.item
 """Every held-out concept of the toy world, by name."""
 DEFAULT_SUBJECT = "purple"
 """The report's default subject. A held-out colour is what the toy world can teach from five images: the
-held-out shapes and texture are not (measured with LoRA at its defaults: purple 95%, heart 20%, checkered
-32%). A base UNet that knows three shapes has no vocabulary of shapes to build a fourth from; tuning (on the
+held-out shapes and texture are not (measured with LoRA at its defaults, training seed 0: purple 95%, heart
+20%, checkered 32%). A base UNet that knows three shapes has no vocabulary of shapes to build a fourth from; tuning (on the
 previous, 9600-step base) did not change that (heart with LoRA: 1600 steps 22%, lr 1e-2 20%, rank 16 12%,
 qkvo 22%, LoRA on the 16x16 convolutions too 22%, the class noun in the trigger 20%, no prior preservation
 45% with +82 points of drift)."""
