@@ -15,7 +15,6 @@ saying what to fix.
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import time
 from collections.abc import Sequence
@@ -26,7 +25,7 @@ from tqdm import tqdm
 
 from composition.bank import AdapterBank
 from composition.errors import CompositionError
-from composition.methods import METHODS, check_options, generate
+from composition.methods import METHODS, check_options, generate, parse_options
 from composition.prompt import ConceptPrompt
 from composition.report import comparison_grid, jsonable_extras, mask_images, save_image, save_json
 
@@ -77,20 +76,6 @@ def parse_adapter(spec: str) -> tuple[str, str | None, float, str | None]:
     if len(parts) > 4:
         raise CompositionError(f"--adapter {spec!r}: expected FILE[:phrase[:weight[:plain]]].")
     return path, phrase, weight, plain
-
-
-def parse_options(items: Sequence[str]) -> dict[str, Any]:
-    """`KEY=VALUE` pairs; values are JSON when they parse as JSON, else strings."""
-    options: dict[str, Any] = {}
-    for item in items:
-        key, sep, value = item.partition("=")
-        if not sep or not key.strip():
-            raise CompositionError(f"--option {item!r}: expected KEY=VALUE, e.g. interval=5.")
-        try:
-            options[key.strip()] = json.loads(value)
-        except json.JSONDecodeError:
-            options[key.strip()] = value
-    return options
 
 
 def build_prompt(args: argparse.Namespace, bank: AdapterBank, specs: list[tuple]) -> ConceptPrompt:

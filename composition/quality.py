@@ -33,7 +33,7 @@ from pathlib import Path
 from typing import Any
 
 from composition.bank import AdapterBank
-from composition.methods import generate
+from composition.methods import generate, parse_options
 from composition.prompt import ConceptPrompt
 from composition.report import save_image, save_json
 
@@ -132,7 +132,8 @@ def passes(image: Any, expect: dict[str, dict[str, str]]) -> bool:
 
 
 def evaluate_setup(pipe: Any, setup: Setup, paths: list[Path], seeds: int, steps: int, methods: Sequence[str],
-                   images_dir: Path | None, clora_preset: str = "light") -> dict[str, dict[str, float | None]]:  # fmt: skip
+                   images_dir: Path | None, clora_preset: str = "light",
+                   clora_options: dict[str, Any] | None = None) -> dict[str, dict[str, float | None]]:  # fmt: skip
     """All-present rate, CLIP scores, UNet evals and wall time per method for one setup."""
     from evaluation import ClipLoadError, concept_scores, score
 
@@ -144,7 +145,7 @@ def evaluate_setup(pipe: Any, setup: Setup, paths: list[Path], seeds: int, steps
         images, evals, walls = [], [], []
         for seed in range(seeds):
             start = time.perf_counter()
-            options = {"preset": clora_preset} if method == "clora" else {}
+            options = {"preset": clora_preset, **(clora_options or {})} if method == "clora" else {}
             result = generate(method, pipe, bank, prompt, steps, GUIDANCE, seed, **options)
             walls.append(time.perf_counter() - start)
             evals.append(result.unet_evals)
@@ -180,21 +181,23 @@ def quality_report(seeds: int = 32, steps: int = 25, work: Path = Path("runs/com
                    base_model: str | None = None, train_steps: int | None = None,
                    methods: Sequence[str] = METHODS, setups: Sequence[Setup] = SETUPS,
                    save_images: bool = False, clora_preset: str = "light",
-                   out: Path | None = None) -> dict[str, Any]:  # fmt: skip
+                   out: Path | None = None, clora_options: dict[str, Any] | None = None) -> dict[str, Any]:  # fmt: skip
     """Train what is missing, evaluate every setup × method, return the report (also written to `out` after
     every setup, so a long run leaves partial results)."""
     from models.pipelines import load_pipeline
 
     pipe = load_pipeline(base_model, device="cpu" if base_model is None else None)
     report: dict[str, Any] = {
-        "seeds": seeds, "steps": steps, "guidance": GUIDANCE, "clora_preset": clora_preset, "setups": {},
+        "seeds": seeds, "steps": steps, "guidance": GUIDANCE, "clora_preset": clora_preset,
+        "clora_options": clora_options or {}, "setups": {},
     }  # fmt: skip
     for setup in setups:
         paths = [train_adapter(c, f, work, base_model, train_steps) for c, f in setup.adapters]
         images_dir = work / "images" if save_images else None
         report["setups"][setup.name] = {
             "prompt": setup.prompt, "adapters": [f"{c}:{f}" for c, f in setup.adapters],
-            "methods": evaluate_setup(pipe, setup, paths, seeds, steps, methods, images_dir, clora_preset),
+            "methods": evaluate_setup(pipe, setup, paths, seeds, steps, methods, images_dir, clora_preset,
+                                      clora_options),
             "adapter_files": [str(p) for p in paths],
         }  # fmt: skip
         if out is not None:
@@ -240,6 +243,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument(
         "--clora-preset", default="light", help="clora preset (reference = 20 refinement rounds)"
     )
+    parser.add_argument(
+        "--clora-option", action="append", default=[], metavar="KEY=VALUE",
+        help="clora option over the preset (JSON value), e.g. step_size=1",
+    )  # fmt: skip
     parser.add_argument("--threads", type=int, default=1, help="torch CPU threads")
     parser.add_argument("--out", type=Path, default=None, help="JSON report path (default: WORK/report.json)")
     args = parser.parse_args(argv)
@@ -249,7 +256,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     chosen = [s for s in SETUPS if s.name in args.setups]
     out = args.out or args.work / "report.json"
     report = quality_report(args.seeds, args.steps, args.work, args.base_model, args.train_steps, args.methods,
-                            chosen, args.save_images, args.clora_preset, out)  # fmt: skip
+                            chosen, args.save_images, args.clora_preset, out,
+                            parse_options(args.clora_option))  # fmt: skip
     print(format_table(report))
     print(json.dumps({"written": str(out)}))
     return 0

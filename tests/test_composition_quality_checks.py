@@ -3,6 +3,8 @@ expected attribute, and the table shows each concept's own rate beside the all-p
 
 from __future__ import annotations
 
+import contextlib
+
 from composition.quality import SETUPS, format_table, passes, region_passes
 from models.toyworld.world import Scene, SceneObject, render_scene
 
@@ -36,3 +38,29 @@ def test_table_lists_per_concept_rates() -> None:
     table = format_table({"setups": {"N=2 x": {"methods": {"cmlora": row}}}})
     line = table.splitlines()[1]
     assert line.split()[3:7] == ["25.0%", "50%", "75%", "n/a"]
+
+
+def test_clora_options_reach_clora_only(monkeypatch, tmp_path) -> None:
+    import composition.quality as quality
+
+    calls: list[tuple[str, dict]] = []
+
+    class Bank:
+        def __init__(self, pipe, paths) -> None:
+            pass
+
+        def close(self) -> None:
+            pass
+
+    def fake_generate(method, pipe, bank, prompt, steps, guidance, seed, **options):
+        calls.append((method, options))
+        raise StopIteration  # the options are all this test needs
+
+    monkeypatch.setattr(quality, "AdapterBank", Bank)
+    monkeypatch.setattr(quality, "generate", fake_generate)
+    monkeypatch.setattr(quality.ConceptPrompt, "build", staticmethod(lambda *a, **k: None))
+    options = quality.parse_options(["step_size=1", "refine_rounds=0"])
+    for method in ("clora", "cmlora"):
+        with contextlib.suppress(StopIteration):
+            quality.evaluate_setup(None, SETUPS[0], [], 1, 2, [method], None, "light", options)
+    assert calls == [("clora", {"preset": "light", "step_size": 1, "refine_rounds": 0}), ("cmlora", {})]

@@ -9,7 +9,8 @@ reference code.
 from __future__ import annotations
 
 import inspect
-from collections.abc import Callable
+import json
+from collections.abc import Callable, Sequence
 from typing import Any
 
 from composition.bank import AdapterBank
@@ -66,6 +67,20 @@ def generate(
     """Run `method`; unknown methods and options are a `CompositionError` listing the valid ones."""
     check_options(method, options)
     return _lookup(method)(pipe, bank, prompt, steps, guidance, seed, **options)
+
+
+def parse_options(items: Sequence[str]) -> dict[str, Any]:
+    """`KEY=VALUE` pairs; values are JSON when they parse as JSON, else strings."""
+    options: dict[str, Any] = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep or not key.strip():
+            raise CompositionError(f"--option {item!r}: expected KEY=VALUE, e.g. interval=5.")
+        try:
+            options[key.strip()] = json.loads(value)
+        except json.JSONDecodeError:
+            options[key.strip()] = value
+    return options
 
 
 def check_options(method: str, options: dict[str, Any]) -> None:
