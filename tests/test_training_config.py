@@ -17,6 +17,9 @@ def test_defaults_resolve_per_family() -> None:
         assert config.steps == defaults.max_train_steps and config.lr == defaults.learning_rate
     explicit = TrainConfig(adapter="hra", max_train_steps=7, learning_rate=2e-4)
     assert (explicit.steps, explicit.lr) == (7, 2e-4)
+    assert TrainConfig(adapter="boft").snr == 5.0 and TrainConfig(adapter="lora").snr is None
+    assert TrainConfig(adapter="boft", snr_gamma=0.0).snr is None  # 0 turns the family default off
+    assert TrainConfig(adapter="lora", snr_gamma=3.0).snr == 3.0
     assert TrainConfig(instance_prompt="a sks dog").trigger == "a sks dog"
     assert TrainConfig(instance_prompt="a sks dog", trigger_phrase="sks dog").trigger == "sks dog"
     assert TrainConfig(output_dir="o").class_dir == Path("o/class_images")
@@ -30,7 +33,7 @@ def test_validate_lists_every_problem() -> None:
         lr_scheduler="sometimes",
         mixed_precision="fp8",
         with_prior_preservation=True,
-        snr_gamma=0.0,
+        snr_gamma=-1.0,
         adam_beta1=1.5,
         checkpoints_total_limit=0,
     )
@@ -46,7 +49,7 @@ def test_validate_lists_every_problem() -> None:
         "--lr_scheduler 'sometimes' is unknown",
         "--mixed_precision 'fp8' is unknown",
         "--with_prior_preservation needs --class_prompt",
-        "--snr_gamma must be > 0",
+        "--snr_gamma must be >= 0",
         "--adam_beta1 must be in [0, 1)",
         "--checkpoints_total_limit must be >= 1",
     ]:

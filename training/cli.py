@@ -62,7 +62,8 @@ def _family_epilog() -> str:
     for name, family in FAMILIES.items():
         train = FAMILY_TRAINING_DEFAULTS[name]
         hyper = ", ".join(f"{k}={v}" for k, v in family.default_config().to_dict().items())
-        lines.append(f"  {name:<6} lr {train.learning_rate:g}, {train.max_train_steps} steps; {hyper}")
+        snr = f", min-SNR {train.snr_gamma:g}" if train.snr_gamma else ""
+        lines.append(f"  {name:<6} lr {train.learning_rate:g}, {train.max_train_steps} steps{snr}; {hyper}")
         lines.append(textwrap.indent(f"({train.source})", " " * 9))
     return "\n".join(lines)
 

@@ -44,6 +44,8 @@ class FamilyTrainingDefaults:
     learning_rate: float
     max_train_steps: int
     source: str
+    snr_gamma: float | None = None
+    """Min-SNR loss weighting γ (Hang et al. 2023) unless the run sets its own; None = off."""
 
 
 FAMILY_TRAINING_DEFAULTS: dict[str, FamilyTrainingDefaults] = {
@@ -54,7 +56,7 @@ FAMILY_TRAINING_DEFAULTS: dict[str, FamilyTrainingDefaults] = {
         5e-3, 1200, "DiffuseKronA: lr 5e-4..1e-3, 500 steps on SDXL; toy world: 5e-3, 1200"
     ),
     "boft": FamilyTrainingDefaults(
-        1e-2, 800, "BOFT/OFT DreamBooth: lr 3e-5..6e-5 on SD; toy world: 1e-2, 800"
+        1e-2, 800, "BOFT/OFT DreamBooth: lr 3e-5..6e-5 on SD; toy world: 1e-2, 800, min-SNR 5", snr_gamma=5.0
     ),
     "hra": FamilyTrainingDefaults(5e-3, 800, "HRA DreamBooth: lr ~5e-3 range on SD; toy world: 5e-3, 800"),
 }
@@ -139,7 +141,11 @@ class TrainConfig:
     use_8bit_adam: bool = _opt(
         "bitsandbytes 8-bit AdamW (falls back to torch AdamW if missing).", default=False
     )
-    snr_gamma: float | None = _opt("Min-SNR loss weighting gamma (5.0 is the paper's value).", default=None)
+    snr_gamma: float | None = _opt(
+        "Min-SNR loss weighting gamma (5.0 is the paper's value); 0 turns it off. Default: the family's "
+        "(BOFT 5, the others off).",
+        default=None,
+    )
     noise_offset: float = _opt("Noise offset (0 disables).", default=0.0)
     # --- performance -----------------------------------------------------------------------------------
     mixed_precision: str = _opt("no, fp16 (GPU) or bf16. Adapter weights stay fp32.", default="no")
@@ -184,6 +190,12 @@ class TrainConfig:
     def lr(self) -> float:
         """Peak learning rate, the family default when not given."""
         return self.learning_rate if self.learning_rate is not None else self.family_defaults.learning_rate
+
+    @property
+    def snr(self) -> float | None:
+        """Min-SNR γ in effect: the given value (0 = off) or the family default."""
+        gamma = self.snr_gamma if self.snr_gamma is not None else self.family_defaults.snr_gamma
+        return gamma or None
 
     @property
     def trigger(self) -> str:
@@ -240,8 +252,8 @@ class TrainConfig:
             out.append(f"--learning_rate must be a positive number (got {self.learning_rate})")
         if self.checkpoints_total_limit is not None and self.checkpoints_total_limit < 1:
             out.append(f"--checkpoints_total_limit must be >= 1 (got {self.checkpoints_total_limit})")
-        if self.snr_gamma is not None and self.snr_gamma <= 0:
-            out.append(f"--snr_gamma must be > 0 (got {self.snr_gamma}); omit it to disable SNR weighting")
+        if self.snr_gamma is not None and self.snr_gamma < 0:
+            out.append(f"--snr_gamma must be >= 0 (got {self.snr_gamma}); 0 turns SNR weighting off")
         for name in ("adam_beta1", "adam_beta2"):
             if not 0 <= getattr(self, name) < 1:
                 out.append(f"--{name} must be in [0, 1) (got {getattr(self, name)})")

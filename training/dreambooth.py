@@ -299,7 +299,7 @@ def train(
                     batch,
                     gen,
                     noise_offset=cfg.noise_offset,
-                    snr_gamma=cfg.snr_gamma,
+                    snr_gamma=cfg.snr,
                     prior_loss_weight=cfg.prior_loss_weight,
                 )
                 loss = parts.total
