@@ -99,10 +99,10 @@ SUBJECTS = {name: Subject(attribute, name) for attribute, names in HELD_OUT.item
 DEFAULT_SUBJECT = "purple"
 """The report's default subject. A held-out colour is what the toy world can teach from five images: the
 held-out shapes and texture are not (measured with LoRA at its defaults, training seed 0: purple 95%, heart
-20%, checkered 32%). A base UNet that knows three shapes has no vocabulary of shapes to build a fourth from; tuning (on the
-previous, 9600-step base) did not change that (heart with LoRA: 1600 steps 22%, lr 1e-2 20%, rank 16 12%,
-qkvo 22%, LoRA on the 16x16 convolutions too 22%, the class noun in the trigger 20%, no prior preservation
-45% with +82 points of drift)."""
+20%, checkered 32%). A base UNet that knows three shapes has no vocabulary of shapes to build a fourth from;
+tuning (on the previous, 9600-step base) did not change that (heart with LoRA: 1600 steps 22%, lr 1e-2 20%,
+rank 16 12%, qkvo 22%, LoRA on the 16x16 convolutions too 22%, the class noun in the trigger 20%, no prior
+preservation 45% with +82 points of drift)."""
 
 
 @dataclass(frozen=True)
@@ -167,6 +167,11 @@ def concept_scores(pipe: Any, cases: list[Case], subject: str = DEFAULT_SUBJECT)
     return float(np.mean(shown)), float(np.mean(exact))
 
 
+POOLED = ("concept_accuracy", "concept_exact_accuracy", "prompt_accuracy", "steps_per_second")
+"""Row figures averaged over the training seeds (every seed scores the same cases, so the mean of the rates
+is the rate over all samples)."""
+
+
 def _train_and_score(
     family: str, model: str, subject: Path, out: Path, seed: int, *, settings: QualitySettings,
     cases: list[Case], prompts: list[Case], prior: dict[str, Any],
@@ -220,8 +225,8 @@ def run_family(
     cases: list[Case],
     prompts: list[Case],
 ) -> dict[str, Any]:
-    """Train one family once per training seed and score it; returns one report row (accuracies pooled
-    over the seeds' samples, each seed's concept accuracy and drift-free prompt accuracy kept beside)."""
+    """Train one family once per training seed and score it; returns one report row (the `POOLED` figures
+    averaged over the seeds, each seed's concept and prompt accuracy kept under ``by_seed``)."""
     prior: dict[str, Any] = {}
     if settings.prior:
         prior = {
@@ -248,11 +253,6 @@ def run_family(
             for seed, run in zip(settings.train_seeds, runs, strict=True)
         },
     }
-
-
-POOLED = ("concept_accuracy", "concept_exact_accuracy", "prompt_accuracy", "steps_per_second")
-"""Row figures averaged over the training seeds (every seed scores the same cases, so the mean of the rates
-is the rate over all samples)."""
 
 
 def run_report(
@@ -300,8 +300,8 @@ def format_report(report: dict[str, Any]) -> str:
     base, subject = report["base"], report["settings"]["subject"]
     lines = [
         f"toy world, subject: held-out {SUBJECTS[subject].attribute} '{subject}' (trigger '{TRIGGER}'), "
-        f"{report['samples']['concept']} concept samples and {report['samples']['prompts']} no-trigger prompts "
-        f"per training seed, seeds {', '.join(map(str, report['settings']['train_seeds']))} pooled",
+        f"{report['samples']['concept']} concept samples and {report['samples']['prompts']} no-trigger "
+        f"prompts per training seed, seeds {', '.join(map(str, report['settings']['train_seeds']))} pooled",
         f"base model: concept {base['concept_accuracy']:.0%} (all attributes {base['concept_exact_accuracy']:.0%}), "
         f"prompt accuracy {base['prompt_accuracy']:.1%}",
         "protocol: " + ", ".join(f"{k}={v}" for k, v in report["settings"].items()),
