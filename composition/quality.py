@@ -257,7 +257,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     out = args.out or args.work / "report.json"
     report = quality_report(args.seeds, args.steps, args.work, args.base_model, args.train_steps, args.methods,
                             chosen, args.save_images, args.clora_preset, out,
-                            parse_options(args.clora_option))  # fmt: skip
+                            parse_options(args.clora_option, "--clora-option"))  # fmt: skip
     print(format_table(report))
     print(json.dumps({"written": str(out)}))
     return 0

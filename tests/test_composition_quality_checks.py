@@ -5,6 +5,9 @@ from __future__ import annotations
 
 import contextlib
 
+import pytest
+
+from composition.errors import CompositionError
 from composition.quality import SETUPS, format_table, passes, region_passes
 from models.toyworld.world import Scene, SceneObject, render_scene
 
@@ -64,3 +67,5 @@ def test_clora_options_reach_clora_only(monkeypatch, tmp_path) -> None:
         with contextlib.suppress(StopIteration):
             quality.evaluate_setup(None, SETUPS[0], [], 1, 2, [method], None, "light", options)
     assert calls == [("clora", {"preset": "light", "step_size": 1, "refine_rounds": 0}), ("cmlora", {})]
+    with pytest.raises(CompositionError, match="--clora-option 'step_size': expected KEY=VALUE"):
+        quality.main(["--clora-option", "step_size"])

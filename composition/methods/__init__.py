@@ -69,13 +69,13 @@ def generate(
     return _lookup(method)(pipe, bank, prompt, steps, guidance, seed, **options)
 
 
-def parse_options(items: Sequence[str]) -> dict[str, Any]:
-    """`KEY=VALUE` pairs; values are JSON when they parse as JSON, else strings."""
+def parse_options(items: Sequence[str], flag: str = "--option") -> dict[str, Any]:
+    """`KEY=VALUE` pairs given with `flag`; values are JSON when they parse as JSON, else strings."""
     options: dict[str, Any] = {}
     for item in items:
         key, sep, value = item.partition("=")
         if not sep or not key.strip():
-            raise CompositionError(f"--option {item!r}: expected KEY=VALUE, e.g. interval=5.")
+            raise CompositionError(f"{flag} {item!r}: expected KEY=VALUE, e.g. interval=5.")
         try:
             options[key.strip()] = json.loads(value)
         except json.JSONDecodeError:
