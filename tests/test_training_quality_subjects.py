@@ -63,7 +63,10 @@ def test_a_family_row_pools_every_training_seed(monkeypatch: pytest.MonkeyPatch,
 
     monkeypatch.setattr(quality, "_train_and_score", fake)
     settings = quality.QualitySettings(train_seeds=(0, 1), regularisation_images=2)
-    row = quality.run_family("lora", "toy", tmp_path, tmp_path, settings=settings, cases=[], prompts=[])
+    prior = quality.prior_options(tmp_path, settings)
+    row = quality.run_family(
+        "lora", "toy", tmp_path, tmp_path, settings=settings, cases=[], prompts=[], prior=prior
+    )
     assert [seed for seed, _ in seen] == [0, 1] and seen[0][1] == seen[1][1]  # one regularisation set
     assert row["concept_accuracy"] == pytest.approx(0.85)
     assert row["concept_exact_accuracy"] == pytest.approx(0.7)

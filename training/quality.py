@@ -172,6 +172,21 @@ POOLED = ("concept_accuracy", "concept_exact_accuracy", "prompt_accuracy", "step
 is the rate over all samples)."""
 
 
+def prior_options(out: Path, settings: QualitySettings) -> dict[str, Any]:
+    """TrainConfig options for prior preservation on the report's regularisation renders, written once under
+    ``out`` for every family and seed (none when the protocol has no prior)."""
+    if not settings.prior:
+        return {}
+    return {
+        "with_prior_preservation": True,
+        "class_data_dir": str(
+            write_regularisation_images(out / "regularisation", settings.regularisation_images)
+        ),
+        "class_prompt": "a scene",  # unused: every regularisation image has its caption
+        "num_class_images": settings.regularisation_images,
+    }
+
+
 def _train_and_score(
     family: str, model: str, subject: Path, out: Path, seed: int, *, settings: QualitySettings,
     cases: list[Case], prompts: list[Case], prior: dict[str, Any],
@@ -224,19 +239,11 @@ def run_family(
     settings: QualitySettings,
     cases: list[Case],
     prompts: list[Case],
+    prior: dict[str, Any],
 ) -> dict[str, Any]:
     """Train one family once per training seed and score it; returns one report row (the `POOLED` figures
-    averaged over the seeds, each seed's concept and prompt accuracy kept under ``by_seed``)."""
-    prior: dict[str, Any] = {}
-    if settings.prior:
-        prior = {
-            "with_prior_preservation": True,
-            "class_data_dir": str(
-                write_regularisation_images(out / "regularisation", settings.regularisation_images)
-            ),
-            "class_prompt": "a scene",  # unused: every regularisation image has its caption
-            "num_class_images": settings.regularisation_images,
-        }
+    averaged over the seeds, each seed's concept and prompt accuracy kept under ``by_seed``). ``prior`` holds
+    the prior-preservation options every run shares (`prior_options`)."""
     runs = [
         _train_and_score(family, model, subject, out, seed, settings=settings, cases=cases, prompts=prompts,
                          prior=prior)
@@ -281,8 +288,10 @@ def run_report(
         "samples": {"concept": len(cases), "prompts": len(prompts)},
         "settings": dataclasses.asdict(settings),
     }  # fmt: skip
+    prior = prior_options(out, settings)
     for family in families:
-        row = run_family(family, str(model), subject, out, settings=settings, cases=cases, prompts=prompts)
+        row = run_family(family, str(model), subject, out, settings=settings, cases=cases, prompts=prompts,
+                         prior=prior)  # fmt: skip
         row["drift"] = report["base"]["prompt_accuracy"] - row["prompt_accuracy"]
         row["passes"] = row["concept_accuracy"] >= CONCEPT_TARGET and row["drift"] <= DRIFT_LIMIT
         report["families"].append(row)
