@@ -144,7 +144,7 @@ class TrainConfig:
     )
     snr_gamma: float | None = _opt(
         "Min-SNR loss weighting gamma (5.0 is the paper's value); 0 turns it off. Default: the family's "
-        "(BOFT 5, the others off).",
+        "(listed under the per-family defaults).",
         default=None,
     )
     noise_offset: float = _opt("Noise offset (0 disables).", default=0.0)
