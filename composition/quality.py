@@ -33,7 +33,7 @@ from pathlib import Path
 from typing import Any
 
 from composition.bank import AdapterBank
-from composition.methods import generate, parse_options
+from composition.methods import check_options, generate, parse_options
 from composition.prompt import ConceptPrompt
 from composition.report import save_image, save_json
 
@@ -250,14 +250,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--threads", type=int, default=1, help="torch CPU threads")
     parser.add_argument("--out", type=Path, default=None, help="JSON report path (default: WORK/report.json)")
     args = parser.parse_args(argv)
+    clora_options = parse_options(args.clora_option, "--clora-option")
+    check_options("clora", clora_options)  # before any training: a misspelt option fails at once
     import torch
 
     torch.set_num_threads(args.threads)
     chosen = [s for s in SETUPS if s.name in args.setups]
     out = args.out or args.work / "report.json"
     report = quality_report(args.seeds, args.steps, args.work, args.base_model, args.train_steps, args.methods,
-                            chosen, args.save_images, args.clora_preset, out,
-                            parse_options(args.clora_option, "--clora-option"))  # fmt: skip
+                            chosen, args.save_images, args.clora_preset, out, clora_options)  # fmt: skip
     print(format_table(report))
     print(json.dumps({"written": str(out)}))
     return 0

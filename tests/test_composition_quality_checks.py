@@ -69,3 +69,5 @@ def test_clora_options_reach_clora_only(monkeypatch, tmp_path) -> None:
     assert calls == [("clora", {"preset": "light", "step_size": 1, "refine_rounds": 0}), ("cmlora", {})]
     with pytest.raises(CompositionError, match="--clora-option 'step_size': expected KEY=VALUE"):
         quality.main(["--clora-option", "step_size"])
+    with pytest.raises(CompositionError, match="step_sise"):
+        quality.main(["--clora-option", "step_sise=1"])
