@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import argparse
 import statistics
-import tempfile
 import threading
 import time
 from collections.abc import Callable, Sequence
@@ -30,12 +29,10 @@ from typing import Any
 
 import psutil
 import torch
-from diffusers import AutoencoderKL, DDIMScheduler, StableDiffusionPipeline, UNet2DConditionModel
-from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 
+from benchmarks._sd15 import build_sd15_pipeline
 from composition import AdapterBank, ConceptPrompt, generate
 from models.adapters import resolve_targets
-from models.clip_tokenizer import VOCAB_SIZE, write_clip_tokenizer_files
 
 CONCEPTS = ("zq star", "vx heart", "kp circle", "wm square")
 PARTS = ("methods", "memory", "activation", "speed")
@@ -61,46 +58,6 @@ class RandomAdapter:
             down = torch.randn(4, weight.shape[1], generator=generator) * 0.02
             weights[name] = weight + (up @ down).to(weight)
         return weights
-
-
-def build_pipeline(quick: bool, size: int, device: str) -> StableDiffusionPipeline:
-    """SD 1.5-architecture pipeline from configs (random weights); `quick`: a narrow UNet of the same shape."""
-    torch.manual_seed(0)
-    widths = (64, 128, 256, 256) if quick else (320, 640, 1280, 1280)
-    unet = UNet2DConditionModel(
-        sample_size=size // 8, block_out_channels=widths, layers_per_block=2, cross_attention_dim=768,
-        attention_head_dim=8, down_block_types=("CrossAttnDownBlock2D",) * 3 + ("DownBlock2D",),
-        up_block_types=("UpBlock2D",) + ("CrossAttnUpBlock2D",) * 3,
-    )  # fmt: skip
-    text = CLIPTextModel(
-        CLIPTextConfig(
-            vocab_size=VOCAB_SIZE,
-            hidden_size=768,
-            intermediate_size=3072,
-            num_hidden_layers=2 if quick else 12,
-            num_attention_heads=12,
-            max_position_embeddings=77,
-            hidden_act="quick_gelu",
-        )
-    )
-    vae = AutoencoderKL(
-        block_out_channels=(32, 32, 64, 64) if quick else (128, 256, 512, 512), layers_per_block=1 if quick else 2,
-        latent_channels=4, norm_num_groups=16 if quick else 32,
-        down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4, sample_size=size,
-    )  # fmt: skip
-    with tempfile.TemporaryDirectory() as folder:
-        write_clip_tokenizer_files(folder)
-        tokenizer = CLIPTokenizer.from_pretrained(folder)
-    scheduler = DDIMScheduler(
-        beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", clip_sample=False,
-        set_alpha_to_one=False, steps_offset=1,
-    )  # fmt: skip
-    pipe = StableDiffusionPipeline(
-        unet=unet, vae=vae, text_encoder=text, tokenizer=tokenizer, scheduler=scheduler, safety_checker=None,
-        feature_extractor=None, requires_safety_checker=False,
-    )  # fmt: skip
-    pipe.set_progress_bar_config(disable=True)
-    return pipe.to(device)
 
 
 class PeakMemory:
@@ -317,7 +274,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(None if argv is None else list(argv))
     steps = args.steps or 10
     torch.set_num_threads(args.threads)
-    pipe = build_pipeline(args.quick, args.size, args.device)
+    pipe = build_sd15_pipeline(args.quick, args.size, args.device)
     clora_options = {"preset": "light", "refine_rounds": 2}
     print(f"device={args.device} unet={'narrow' if args.quick else 'SD1.5'} size={args.size}px steps={steps} "
           f"threads={torch.get_num_threads()} clora options={clora_options}")  # fmt: skip
