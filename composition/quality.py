@@ -10,6 +10,13 @@ the colour "purple"), each on its own subject images, then composed:
   KronA+HRA);
 - N=3: "a purple star and a blue heart", with a star adapter too (LoRA+LoRA+LoRA).
 
+Each adapter is bound to its concept word together with the word it qualifies in the prompt ("purple
+square", "blue heart"), as CLoRA's own prompts bind a trigger with its class noun ("a <c> cat"): CLoRA reads
+its masks from the bound tokens' cross-attention, and a `vo` adapter cannot teach the frozen query/key where
+a word the base UNet never saw should attend. Bound to "purple" alone, the purple mask was one cell of the 4×4
+map and the base branch drew the left object. Measured (`--setups "N=2 lora+boft"`, 32 seeds, clora `light`):
+purple on the left in 25% of the images bound to "purple", 53% bound to "purple square" (composite: 75%).
+
 For every method and seed the image passes when each concept is read in its own region (left: purple, N=3
 also a star; right: heart). The star is only in N=3: these setups were chosen when the toy world's old 4x VAE
 could not draw stars at two-object sizes (the current 2x VAE redraws them). clora runs its `light` preset by
@@ -78,16 +85,19 @@ class Setup:
     adapters: tuple[tuple[str, str], ...]
     prompt: str
     expect: dict[str, dict[str, str]]
+    phrases: tuple[str, ...]
+    """The words of the prompt each adapter binds to: its concept word with the word it qualifies."""
 
 
 SETUPS = (
     Setup("N=2 lora+boft", (("purple", "lora"), ("heart", "boft")), "a purple square and a blue heart",
-          {"left": {"colour": "purple"}, "right": {"shape": "heart"}}),
+          {"left": {"colour": "purple"}, "right": {"shape": "heart"}}, ("purple square", "blue heart")),
     Setup("N=2 krona+hra", (("purple", "krona"), ("heart", "hra")), "a purple square and a blue heart",
-          {"left": {"colour": "purple"}, "right": {"shape": "heart"}}),
+          {"left": {"colour": "purple"}, "right": {"shape": "heart"}}, ("purple square", "blue heart")),
     Setup("N=3 lora+lora+lora", (("star", "lora"), ("heart", "lora"), ("purple", "lora")),
           "a purple star and a blue heart",
-          {"left": {"shape": "star", "colour": "purple"}, "right": {"shape": "heart"}}),
+          {"left": {"shape": "star", "colour": "purple"}, "right": {"shape": "heart"}},
+          ("star", "blue heart", "purple")),
 )  # fmt: skip
 
 
@@ -138,8 +148,8 @@ def evaluate_setup(pipe: Any, setup: Setup, paths: list[Path], seeds: int, steps
     from evaluation import ClipLoadError, concept_scores, score
 
     bank = AdapterBank(pipe, paths)
-    phrases = [concept for concept, _ in setup.adapters]
-    prompt = ConceptPrompt.build(setup.prompt, phrases)
+    concepts = [concept for concept, _ in setup.adapters]
+    prompt = ConceptPrompt.build(setup.prompt, setup.phrases)
     rows: dict[str, dict[str, float | None]] = {}
     for method in methods:
         images, evals, walls = [], [], []
@@ -155,7 +165,7 @@ def evaluate_setup(pipe: Any, setup: Setup, paths: list[Path], seeds: int, steps
                     result.images[0], images_dir / setup.name.replace(" ", "_") / f"{method}_{seed:03d}.png"
                 )
         try:
-            concept_min = float(concept_scores(images, [f"a {p}" for p in phrases]).minimum.mean())
+            concept_min = float(concept_scores(images, [f"a {c}" for c in concepts]).minimum.mean())
             clipscore = float(score(images, setup.prompt).clipscore_hessel.mean())
         except ClipLoadError:  # no toy-world CLIP installed: the pixel checks still count
             concept_min = clipscore = None

@@ -4,6 +4,7 @@ expected attribute, and the table shows each concept's own rate beside the all-p
 from __future__ import annotations
 
 import contextlib
+from pathlib import Path
 
 import pytest
 
@@ -71,3 +72,29 @@ def test_clora_options_reach_clora_only(monkeypatch, tmp_path) -> None:
         quality.main(["--clora-option", "step_size"])
     with pytest.raises(CompositionError, match="step_sise"):
         quality.main(["--clora-option", "step_sise=1"])
+
+
+def test_every_setup_binds_each_adapter_to_its_concept_and_the_word_it_qualifies() -> None:
+    """CLoRA's masks come from the bound tokens: each phrase holds its concept word, sits in the prompt, and
+    tokenizes there as on its own (so the masks follow the object, not only the new word)."""
+    from types import SimpleNamespace
+
+    from transformers import CLIPTokenizer
+
+    from composition.prompt import ConceptPrompt
+    from models.toyworld.paths import TOYWORLD_PIPELINE
+
+    tokenizer = CLIPTokenizer.from_pretrained(Path(TOYWORLD_PIPELINE) / "tokenizer")
+    for setup in SETUPS:
+        assert len(setup.phrases) == len(setup.adapters)
+        prompt = ConceptPrompt.build(setup.prompt, setup.phrases)
+        ids = tokenizer(setup.prompt).input_ids
+        for (concept, _), phrase, positions in zip(
+            setup.adapters,
+            setup.phrases,
+            prompt.token_indices(SimpleNamespace(tokenizer=tokenizer)),
+            strict=True,
+        ):
+            assert concept in phrase.split()
+            assert tokenizer.decode([ids[p] for p in positions]).strip() == phrase
+    assert SETUPS[0].phrases == ("purple square", "blue heart")
