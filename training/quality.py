@@ -5,10 +5,11 @@ DreamBooth (Ruiz et al., 2023) on the project's toy world: every family (LoRA, D
 with the given targets (default ``vo``, the project default) and the family's default steps and learning
 rate is trained on five images of a concept the base model never saw (``--subject``, any held-out concept;
 default the colour ``purple``), captioned per image with the concept's word replaced by the trigger ("a sks
-circle on a white background"), batch 4, with prior preservation on captioned regularisation images of the
-base world (rendered scenes, the "real class images" variant of DreamBooth's prior loss). Every family is
-trained once per training seed (``--train-seeds``, default 0 and 1) and the samples of all its runs are
-pooled: the outcome of one run depends on its seed (LoRA at its defaults: 95% with seed 0, 78% with seed 1).
+circle on a white background"), batch 8 (``--batch``), with prior preservation on captioned regularisation
+images of the base world (rendered scenes, the "real class images" variant of DreamBooth's prior loss). Every
+family is trained once per training seed (``--train-seeds``, default 0, 1 and 2) and the samples of all its
+runs are pooled: the outcome of one run depends on its seed (LoRA at its defaults, batch 4: 95% with seed 0,
+78% with seed 1, 90% with seed 2).
 Then, judged by the deterministic checks of ``models.toyworld.checks``:
 
 * concept accuracy — seeded samples of trigger prompts over the other attributes and both backgrounds, the
@@ -18,7 +19,7 @@ Then, judged by the deterministic checks of ``models.toyworld.checks``:
 * trainable parameters, adapter file size, steps/s and wall time; and whether DiffuseKronA reaches
   LoRA's concept accuracy with fewer parameters (the DiffuseKronA claim).
 
-    python -m training.quality [--families lora krona ...] [--train-seeds 0 1] [--targets vo] [--no-prior]
+    python -m training.quality [--families lora krona ...] [--train-seeds 0 1 2] [--batch 8] [--targets vo] [--no-prior]
                                [--out DIR] [--json FILE]
 """
 
@@ -112,13 +113,16 @@ class QualitySettings:
     targets: str | list[str] = "vo"
     steps: int | None = None
     learning_rate: float | None = None
-    batch_size: int = 4
+    batch_size: int = 8
+    """Instance images per step (as many class images beside them). Batch 8 rather than 4 (five subject images:
+    each is seen more than once per step, under other noise and timesteps): LoRA 96.7% (92/100/98 by seed)
+    against 87.7% (95/78/90); KronA 87.3% against 89.7%, within the seed-to-seed spread."""
     prior: bool = True
     regularisation_images: int = 64
     subject: str = DEFAULT_SUBJECT
-    train_seeds: tuple[int, ...] = (0, 1)
+    train_seeds: tuple[int, ...] = (0, 1, 2)
     """Each family is trained once per seed; accuracies pool the samples of every run. One seed is not
-    enough: the same protocol gave LoRA 95% with seed 0 and 78% with seed 1."""
+    enough: the same protocol (batch 4) gave LoRA 95% with seed 0 and 78% with seed 1."""
 
 
 def _write_captioned(stem: Path, scene: Scene, text: str) -> None:
@@ -342,7 +346,9 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--learning-rate", type=float, default=None, help="default: each family's default")
     parser.add_argument("--targets", nargs="+", default=["vo"], help="target preset or module patterns")
-    parser.add_argument("--batch", type=int, default=4, help="instance images per step")
+    parser.add_argument(
+        "--batch", type=int, default=QualitySettings.batch_size, help="instance images per step"
+    )
     parser.add_argument("--no-prior", action="store_true", help="train without prior preservation")
     parser.add_argument(
         "--subject", default=DEFAULT_SUBJECT, choices=sorted(SUBJECTS), help="the held-out concept to teach"
