@@ -17,7 +17,6 @@ Without a CUDA device (and without ``--device cpu``) it prints that it did not r
 from __future__ import annotations
 
 import argparse
-import json
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -29,6 +28,7 @@ from PIL import Image
 from benchmarks._sd15 import build_sd15_pipeline
 from training.config import TrainConfig
 from training.dreambooth import train
+from training.train_log import read_train_log
 
 TARGET_VRAM_GB = 6.0
 PROMPT = "a photo of sks toy"
@@ -59,7 +59,7 @@ def write_subject_images(folder: Path, size: int, count: int = 4) -> Path:
 
 def seconds_per_step(log: Path, warmup: int) -> float:
     """Mean step time after the first ``warmup`` steps, from the ``time`` column of ``train_log.jsonl``."""
-    times = [json.loads(line)["time"] for line in log.read_text().splitlines() if line.strip()]
+    times = [row["time"] for row in read_train_log(log)]
     if len(times) < 2:
         raise ValueError(f"{log} has {len(times)} logged step(s); run at least 2 steps.")
     first = min(warmup, len(times) - 2)
@@ -106,7 +106,7 @@ def run(device: str, size: int, steps: int, quick: bool, warmup: int = 5) -> Sd1
             device=device,
             size=size,
             steps=result.steps,
-            seconds_per_step=seconds_per_step(Path(config.output_dir) / "train_log.jsonl", warmup),
+            seconds_per_step=seconds_per_step(result.log_path, warmup),
             peak_allocated_gb=allocated,
             peak_reserved_gb=reserved,
             trainable_parameters=result.trainable_parameters,
