@@ -67,9 +67,9 @@ current toy world (concept shown / drift in points): KronA 800 steps 88%/+4.2, 1
 x 800 72%/+5.6, x 1600 72%/+6.9, 1e-2 x 800 85%/+4.2, x 1000 62%/+6.9, x 1200 50%/+23.6; HRA 5e-3 x 800
 70%/+4.2, x 1600 35%/+6.9, 1e-2 x 800 70%/+4.2, x 1200 80%/+9.7, 2e-2 x 800 45%/+5.6. All of these are
 training seed 0; seed 1 lands lower for every family (LoRA 78%, KronA 82%, BOFT 72%, HRA 55%), which is why
-the report pools several seeds (three since it moved to batch 8). Tried beside (seed 0 unless said): BOFT with cosine decay x 1200 52%/+5.6,
-block_num 2 75%/+34.7 (at 3e-3 78%/+6.9), block_num 1 57%/+31.9, min-SNR-5 95%/+4.2 and seed 1
-82%/+13.9 (better on both seeds than without, 85%/+4.2 and 72%/+16.6: BOFT's default now), min-SNR-5 with
+the report pools several seeds (three since it moved to batch 8). Tried beside (seed 0 unless said): BOFT
+with cosine decay x 1200 52%/+5.6, block_num 2 75%/+34.7 (at 3e-3 78%/+6.9), block_num 1 57%/+31.9,
+min-SNR-5 95%/+4.2 and seed 1 82%/+13.9 (better on both seeds than without, 85%/+4.2 and 72%/+16.6: BOFT's default now), min-SNR-5 with
 100 warm-up steps 98%/+5.6 but seed 1 78%/+15.3, min-SNR-5 at 5e-3 x 1200 75%/+11.1; HRA with cosine
 decay at 1e-2 x 1200 57%/+9.7, seed 1 55%/+4.2, min-SNR-5 72%/+4.2 but seed 1 40%/+9.7 (at 1e-2
 70%/+5.6), apply_gs with min-SNR-5 57%/+15.3."""

@@ -9,8 +9,7 @@ circle on a white background"), batch 8 (``--batch``), with prior preservation o
 images of the base world (rendered scenes, the "real class images" variant of DreamBooth's prior loss). Every
 family is trained once per training seed (``--train-seeds``, default 0, 1 and 2) and the samples of all its
 runs are pooled: the outcome of one run depends on its seed (LoRA at its defaults, batch 4: 95% with seed 0,
-78% with seed 1, 90% with seed 2).
-Then, judged by the deterministic checks of ``models.toyworld.checks``:
+78% with seed 1, 90% with seed 2). Then, judged by the deterministic checks of ``models.toyworld.checks``:
 
 * concept accuracy — seeded samples of trigger prompts over the other attributes and both backgrounds, the
   fraction showing the concept (target >= 90%), and the fraction with every other asked attribute right too;
