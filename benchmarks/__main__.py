@@ -1,7 +1,8 @@
-"""`python -m benchmarks [--quick] [NAME ...]`: run every benchmark module (or the named ones) in turn.
+"""`python -m benchmarks [NAME ...] [OPTIONS ...]`: run every benchmark module (or the named ones) in turn.
 
 Each module in this package exposes `main(argv) -> int` and prints its own table of ratios against the
-reference it names.
+reference it names. The names come first; everything from the first option on (`--quick`, `--steps 4`, ...)
+is passed to every module run.
 """
 
 from __future__ import annotations
@@ -16,8 +17,8 @@ import benchmarks
 
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
-    flags = [a for a in argv if a.startswith("-")]
-    names = [a for a in argv if not a.startswith("-")]
+    first_option = next((i for i, a in enumerate(argv) if a.startswith("-")), len(argv))
+    names, flags = argv[:first_option], argv[first_option:]
     found = sorted(m.name for m in pkgutil.iter_modules(benchmarks.__path__) if not m.name.startswith("_"))
     if not found:
         print("no benchmarks yet")

@@ -36,6 +36,7 @@ from models.adapters import resolve_targets
 
 CONCEPTS = ("zq star", "vx heart", "kp circle", "wm square")
 PARTS = ("methods", "memory", "activation", "speed")
+TIMED_METHODS = ("merge", "switch", "composite", "cmlora", "clora")
 
 
 class RandomAdapter:
@@ -104,7 +105,13 @@ def timed(function: Callable[[], Any], device: str) -> tuple[Any, float]:
 
 
 def run_methods(
-    pipe: Any, n: int, steps: int, device: str, clora_options: dict[str, Any], repeats: int
+    pipe: Any,
+    n: int,
+    steps: int,
+    device: str,
+    clora_options: dict[str, Any],
+    repeats: int,
+    methods: Sequence[str] = TIMED_METHODS,
 ) -> dict[str, dict]:
     """UNet evals, best-of-`repeats` wall seconds and memory peak per image for a single-adapter run and every
     method with N adapters; runs are interleaved round-robin so machine-load drift hits all methods alike."""
@@ -122,7 +129,7 @@ def run_methods(
                     m, pipe, bank, prompt, steps, 7.5, 1, **(clora_options if m == "clora" else {})
                 )
             )
-            for m in ("merge", "switch", "composite", "cmlora", "clora")
+            for m in methods
         },
     }
     rows: dict[str, dict] = {m: {"walls": [], "peak": 0} for m in runs}
@@ -271,6 +278,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         choices=PARTS,
         help="which measurements to run (default: all)",
     )
+    parser.add_argument(
+        "--methods",
+        nargs="+",
+        default=list(TIMED_METHODS),
+        choices=TIMED_METHODS,
+        help="methods timed by the `methods` part beside the single-adapter run (default: all)",
+    )
     args = parser.parse_args(None if argv is None else list(argv))
     steps = args.steps or 10
     torch.set_num_threads(args.threads)
@@ -279,7 +293,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     print(f"device={args.device} unet={'narrow' if args.quick else 'SD1.5'} size={args.size}px steps={steps} "
           f"threads={torch.get_num_threads()} clora options={clora_options}")  # fmt: skip
     if "methods" in args.parts:
-        report_methods(pipe, steps, args.device, clora_options, args.repeats)
+        report_methods(pipe, steps, args.device, clora_options, args.repeats, args.methods)
     if "memory" in args.parts:
         report_update_memory(pipe, args.device)
     if "activation" in args.parts:
@@ -295,28 +309,39 @@ def main(argv: Sequence[str] | None = None) -> int:
     return 0
 
 
-def report_methods(pipe: Any, steps: int, device: str, clora_options: dict[str, Any], repeats: int) -> None:
-    """Print the per-method table for N = 2, 3, 4 and clora's peak-memory ratio."""
+def report_methods(
+    pipe: Any,
+    steps: int,
+    device: str,
+    clora_options: dict[str, Any],
+    repeats: int,
+    methods: Sequence[str] = TIMED_METHODS,
+) -> None:
+    """Print the per-method table for N = 2, 3, 4 (the single-adapter run and `methods`) and clora's
+    peak-memory ratio."""
     print(
         f"{'N':>2} {'method':10s} {'evals':>6} {'wall s':>8} {'evals/1':>8} {'wall/1':>7} {'vs composite':>13}"
     )
     clora_peak: dict[int, int] = {}
     for n in (2, 3, 4):
-        rows = run_methods(pipe, n, steps, device, clora_options, repeats)
+        rows = run_methods(pipe, n, steps, device, clora_options, repeats, methods)
         single = rows["single"]
         for method, row in rows.items():
             vs = ""
-            if method == "cmlora":
+            if method == "cmlora" and "composite" in rows:
                 comp = rows["composite"]
                 vs = f"{row['evals'] / comp['evals']:.2f}x/{row['wall'] / comp['wall']:.2f}x"
             print(f"{n:>2} {method:10s} {row['evals']:>6} {row['wall']:>8.2f} {row['evals'] / single['evals']:>7.2f}x "
                   f"{row['wall'] / single['wall']:>6.2f}x {vs:>13}", flush=True)  # fmt: skip
-        extras = rows["cmlora"]["extras"]
-        print(f"   cmlora: shallow evals {extras['shallow_evals']}, refresh steps {extras['refresh_steps']}, "
-              f"order {extras['order']}")  # fmt: skip
-        clora_peak[n] = rows["clora"]["peak"]
-        print(f"   clora working-memory peak: {clora_peak[n] / 2**20:.0f} MiB", flush=True)
-    print(f"clora peak memory N=4 / N=2: {clora_peak[4] / max(clora_peak[2], 1):.2f}x (target <= 1.5x)")
+        if "cmlora" in rows:
+            extras = rows["cmlora"]["extras"]
+            print(f"   cmlora: shallow evals {extras['shallow_evals']}, refresh steps {extras['refresh_steps']}, "
+                  f"order {extras['order']}")  # fmt: skip
+        if "clora" in rows:
+            clora_peak[n] = rows["clora"]["peak"]
+            print(f"   clora working-memory peak: {clora_peak[n] / 2**20:.0f} MiB", flush=True)
+    if clora_peak:
+        print(f"clora peak memory N=4 / N=2: {clora_peak[4] / max(clora_peak[2], 1):.2f}x (target <= 1.5x)")
 
 
 def report_update_memory(pipe: Any, device: str) -> None:

@@ -1,12 +1,20 @@
 """DeepCache-style feature reuse (Ma et al., 2024, "DeepCache: Accelerating Diffusion Models for Free").
 
 Adjacent denoising steps produce nearly the same deep UNet features. A full forward records the feature
-entering the last (shallowest) up block; a cached forward then recomputes only the shallow path (time
-embedding, `conv_in`, the first down block, the last up block, the output head) and feeds the recorded deep
-feature in place of everything below. CMLoRA (Zou et al., 2025) uses this for its non-dominant adapters, one
-cache per adapter and per CFG half. The deep feature is read with a forward pre-hook on the last up block
-that exists only during the recording forward; the shallow forward is written against diffusers'
-`UNet2DConditionModel` building blocks (SD 1.x/2.x and SDXL configurations; no ControlNet/T2I residuals).
+entering the UNet's last layer (the last resnet of the last up block, before its skip connection is joined);
+a cached forward then recomputes only the shallowest skip branch, DeepCache's default (`cache_branch_id=0`
+in its helper): the time embedding, `conv_in`, that last layer (resnet, and its transformer where the block
+has cross-attention) with `conv_in`'s output as its skip, and the output head, and feeds the recorded deep
+feature in place of everything else. CMLoRA (Zou et al., 2025) uses this for its non-dominant adapters, one
+cache per adapter and per CFG half. The deep feature is read with a forward pre-hook on that resnet that
+exists only during the recording forward; the shallow forward is written against diffusers'
+`UNet2DConditionModel` building blocks (SD 1.x/2.x and SDXL configurations; no ControlNet/T2I residuals, no
+FreeU).
+
+Measured (SD 1.5 architecture from config, 128 px, batch 2, 1 CPU thread, best of 3): a full forward
+2629 ms, a cached forward 71 ms (0.027 of it). The earlier branch point, the whole first down block and last
+up block (five resnet+transformer layers), cost 343 ms (0.128); on the narrow benchmark UNet 0.34 against
+0.075 now.
 """
 
 from __future__ import annotations
@@ -41,13 +49,14 @@ def full_forward(
     added_cond_kwargs: dict[str, torch.Tensor] | None,
 ) -> torch.Tensor:
     """A normal UNet forward that also records the deep feature under `key`."""
-    last_up = unet.up_blocks[-1]
+    last_layer = unet.up_blocks[-1].resnets[-1]
+    skip_channels = unet.conv_in.out_channels
 
     def record(_: nn.Module, args: tuple, kwargs: dict) -> None:
-        hidden = kwargs["hidden_states"] if "hidden_states" in kwargs else args[0]
-        cache.features[key] = hidden.detach()
+        joined = kwargs["input_tensor"] if "input_tensor" in kwargs else args[0]  # cat([deep, skip], dim=1)
+        cache.features[key] = joined[:, :-skip_channels].detach()
 
-    handle = last_up.register_forward_pre_hook(record, with_kwargs=True)
+    handle = last_layer.register_forward_pre_hook(record, with_kwargs=True)
     try:
         return unet(
             sample, t, encoder_hidden_states=encoder_hidden_states, added_cond_kwargs=added_cond_kwargs,
@@ -66,7 +75,7 @@ def shallow_forward(
     encoder_hidden_states: torch.Tensor,
     added_cond_kwargs: dict[str, torch.Tensor] | None,
 ) -> torch.Tensor:
-    """The UNet output with every block below the shallowest level replaced by the cached deep feature."""
+    """The UNet output with everything but the shallowest skip branch replaced by the cached deep feature."""
     deep = cache.features[key]
     timestep = t.expand(sample.shape[0]) if t.ndim else t.repeat(sample.shape[0])
     emb = unet.time_embedding(unet.get_time_embed(sample=sample, timestep=timestep), None)
@@ -76,25 +85,13 @@ def shallow_forward(
     emb = emb + aug if aug is not None else emb
     if unet.time_embed_act is not None:
         emb = unet.time_embed_act(emb)
-    context = unet.process_encoder_hidden_states(
-        encoder_hidden_states=encoder_hidden_states, added_cond_kwargs=added_cond_kwargs
-    )
-    hidden = unet.conv_in(sample)  # (B, C0, h, w)
-    skips: tuple[torch.Tensor, ...] = (hidden,)
-    first_down = unet.down_blocks[0]
-    for index, resnet in enumerate(first_down.resnets):
-        hidden = resnet(hidden, emb)
-        if getattr(first_down, "has_cross_attention", False):
-            hidden = first_down.attentions[index](hidden, encoder_hidden_states=context, return_dict=False)[0]
-        skips += (hidden,)
     last_up = unet.up_blocks[-1]
-    skips = skips[-len(last_up.resnets) :]
+    hidden = last_up.resnets[-1](torch.cat([deep, unet.conv_in(sample)], dim=1), emb)
     if getattr(last_up, "has_cross_attention", False):
-        out = last_up(
-            hidden_states=deep, temb=emb, res_hidden_states_tuple=skips, encoder_hidden_states=context
+        context = unet.process_encoder_hidden_states(
+            encoder_hidden_states=encoder_hidden_states, added_cond_kwargs=added_cond_kwargs
         )
-    else:
-        out = last_up(hidden_states=deep, temb=emb, res_hidden_states_tuple=skips)
+        hidden = last_up.attentions[-1](hidden, encoder_hidden_states=context, return_dict=False)[0]
     if unet.conv_norm_out is not None:
-        out = unet.conv_act(unet.conv_norm_out(out))
-    return unet.conv_out(out)
+        hidden = unet.conv_act(unet.conv_norm_out(hidden))
+    return unet.conv_out(hidden)

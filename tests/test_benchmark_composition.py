@@ -1,0 +1,62 @@
+"""The composition benchmark (`benchmarks.composition`) and the `python -m benchmarks` runner: names and
+options reach the right place, and a CPU smoke run of the method table counts the UNet evaluations each
+method's schedule implies."""
+
+from __future__ import annotations
+
+import re
+import types
+
+import pytest
+
+import benchmarks.__main__ as runner
+from benchmarks import composition
+
+
+def test_runner_passes_every_option_with_its_value_to_the_named_modules(monkeypatch) -> None:
+    calls: list[tuple[str, list[str]]] = []
+
+    def fake_import(name: str) -> types.SimpleNamespace:
+        return types.SimpleNamespace(main=lambda argv: calls.append((name, argv)) or 0)
+
+    monkeypatch.setattr(runner.importlib, "import_module", fake_import)
+    assert runner.main(["composition", "train", "--quick", "--steps", "4", "--methods", "cmlora"]) == 0
+    options = ["--quick", "--steps", "4", "--methods", "cmlora"]
+    assert calls == [("benchmarks.composition", options), ("benchmarks.train", options)]
+    assert runner.main(["nonsense"]) == 2
+
+
+def test_methods_table_counts_each_schedules_unet_evaluations(capsys) -> None:
+    steps = 4
+    args = ["--quick", "--steps", str(steps), "--repeats", "1", "--parts", "methods"]
+    assert composition.main([*args, "--methods", "composite", "cmlora"]) == 0
+    out = capsys.readouterr().out
+    rows = {
+        (int(n), method): int(evals)
+        for n, method, evals in re.findall(r"^\s*(\d) (\w+)\s+(\d+)\s", out, flags=re.MULTILINE)
+    }
+    assert {method for _, method in rows} == {"single", "composite", "cmlora"}  # merge/switch/clora not run
+    refreshes = len(composition_refreshes(steps))
+    for n in (2, 3, 4):
+        assert rows[n, "single"] == 2 * steps  # CFG pair per step
+        assert rows[n, "composite"] == 2 * n * steps
+        # dominant adapter every step, the others only at refresh steps (the rest are shallow passes)
+        assert rows[n, "cmlora"] == 2 * (steps + (n - 1) * refreshes)
+        assert re.search(
+            rf"^\s*{n} cmlora .* {rows[n, 'cmlora'] / rows[n, 'composite']:.2f}x/", out, re.MULTILINE
+        )
+    assert "clora peak memory" not in out
+
+
+def composition_refreshes(steps: int) -> set[int]:
+    from composition.methods.cmlora import DEFAULT_CACHE_INTERVAL, refresh_steps
+
+    return refresh_steps(steps, DEFAULT_CACHE_INTERVAL)
+
+
+@pytest.mark.parametrize("bad", [["--methods", "blend"], ["--parts", "everything"]])
+def test_unknown_method_or_part_is_refused(bad, capsys) -> None:
+    with pytest.raises(SystemExit) as exit_info:
+        composition.main(["--quick", *bad])
+    assert exit_info.value.code == 2
+    assert "invalid choice" in capsys.readouterr().err
