@@ -143,7 +143,8 @@ def passes(image: Any, expect: dict[str, dict[str, str]]) -> bool:
 
 def evaluate_setup(pipe: Any, setup: Setup, paths: list[Path], seeds: int, steps: int, methods: Sequence[str],
                    images_dir: Path | None, clora_preset: str = "light",
-                   clora_options: dict[str, Any] | None = None) -> dict[str, dict[str, float | None]]:  # fmt: skip
+                   clora_options: dict[str, Any] | None = None,
+                   cmlora_options: dict[str, Any] | None = None) -> dict[str, dict[str, float | None]]:  # fmt: skip
     """All-present rate, CLIP scores, UNet evals and wall time per method for one setup."""
     from evaluation import ClipLoadError, concept_scores, score
 
@@ -155,7 +156,10 @@ def evaluate_setup(pipe: Any, setup: Setup, paths: list[Path], seeds: int, steps
         images, evals, walls = [], [], []
         for seed in range(seeds):
             start = time.perf_counter()
-            options = {"preset": clora_preset, **(clora_options or {})} if method == "clora" else {}
+            options = (
+                {"preset": clora_preset, **(clora_options or {})} if method == "clora"
+                else dict(cmlora_options or {}) if method == "cmlora" else {}
+            )  # fmt: skip
             result = generate(method, pipe, bank, prompt, steps, GUIDANCE, seed, **options)
             walls.append(time.perf_counter() - start)
             evals.append(result.unet_evals)
@@ -191,7 +195,8 @@ def quality_report(seeds: int = 32, steps: int = 25, work: Path = Path("runs/com
                    base_model: str | None = None, train_steps: int | None = None,
                    methods: Sequence[str] = METHODS, setups: Sequence[Setup] = SETUPS,
                    save_images: bool = False, clora_preset: str = "light",
-                   out: Path | None = None, clora_options: dict[str, Any] | None = None) -> dict[str, Any]:  # fmt: skip
+                   out: Path | None = None, clora_options: dict[str, Any] | None = None,
+                   cmlora_options: dict[str, Any] | None = None) -> dict[str, Any]:  # fmt: skip
     """Train what is missing, evaluate every setup × method, return the report (also written to `out` after
     every setup, so a long run leaves partial results)."""
     from models.pipelines import load_pipeline
@@ -199,7 +204,7 @@ def quality_report(seeds: int = 32, steps: int = 25, work: Path = Path("runs/com
     pipe = load_pipeline(base_model, device="cpu" if base_model is None else None)
     report: dict[str, Any] = {
         "seeds": seeds, "steps": steps, "guidance": GUIDANCE, "clora_preset": clora_preset,
-        "clora_options": clora_options or {}, "setups": {},
+        "clora_options": clora_options or {}, "cmlora_options": cmlora_options or {}, "setups": {},
     }  # fmt: skip
     for setup in setups:
         paths = [train_adapter(c, f, work, base_model, train_steps) for c, f in setup.adapters]
@@ -207,7 +212,7 @@ def quality_report(seeds: int = 32, steps: int = 25, work: Path = Path("runs/com
         report["setups"][setup.name] = {
             "prompt": setup.prompt, "adapters": [f"{c}:{f}" for c, f in setup.adapters],
             "methods": evaluate_setup(pipe, setup, paths, seeds, steps, methods, images_dir, clora_preset,
-                                      clora_options),
+                                      clora_options, cmlora_options),
             "adapter_files": [str(p) for p in paths],
         }  # fmt: skip
         if out is not None:
@@ -257,18 +262,25 @@ def main(argv: Sequence[str] | None = None) -> int:
         "--clora-option", action="append", default=[], metavar="KEY=VALUE",
         help="clora option over the preset (JSON value), e.g. step_size=1",
     )  # fmt: skip
+    parser.add_argument(
+        "--cmlora-option", action="append", default=[], metavar="KEY=VALUE",
+        help="cmlora option (JSON value), e.g. cache_interval=8",
+    )  # fmt: skip
     parser.add_argument("--threads", type=int, default=1, help="torch CPU threads")
     parser.add_argument("--out", type=Path, default=None, help="JSON report path (default: WORK/report.json)")
     args = parser.parse_args(argv)
     clora_options = parse_options(args.clora_option, "--clora-option")
     check_options("clora", clora_options)  # before any training: a misspelt option fails at once
+    cmlora_options = parse_options(args.cmlora_option, "--cmlora-option")
+    check_options("cmlora", cmlora_options)
     import torch
 
     torch.set_num_threads(args.threads)
     chosen = [s for s in SETUPS if s.name in args.setups]
     out = args.out or args.work / "report.json"
     report = quality_report(args.seeds, args.steps, args.work, args.base_model, args.train_steps, args.methods,
-                            chosen, args.save_images, args.clora_preset, out, clora_options)  # fmt: skip
+                            chosen, args.save_images, args.clora_preset, out, clora_options,
+                            cmlora_options)  # fmt: skip
     print(format_table(report))
     print(json.dumps({"written": str(out)}))
     return 0

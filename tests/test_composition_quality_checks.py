@@ -44,7 +44,7 @@ def test_table_lists_per_concept_rates() -> None:
     assert line.split()[3:7] == ["25.0%", "50%", "75%", "n/a"]
 
 
-def test_clora_options_reach_clora_only(monkeypatch, tmp_path) -> None:
+def test_clora_and_cmlora_options_reach_their_method_only(monkeypatch, tmp_path) -> None:
     import composition.quality as quality
 
     calls: list[tuple[str, dict]] = []
@@ -64,14 +64,21 @@ def test_clora_options_reach_clora_only(monkeypatch, tmp_path) -> None:
     monkeypatch.setattr(quality, "generate", fake_generate)
     monkeypatch.setattr(quality.ConceptPrompt, "build", staticmethod(lambda *a, **k: None))
     options = quality.parse_options(["step_size=1", "refine_rounds=0"])
-    for method in ("clora", "cmlora"):
+    cached = quality.parse_options(["cache_interval=8"])
+    for method in ("clora", "cmlora", "composite"):
         with contextlib.suppress(StopIteration):
-            quality.evaluate_setup(None, SETUPS[0], [], 1, 2, [method], None, "light", options)
-    assert calls == [("clora", {"preset": "light", "step_size": 1, "refine_rounds": 0}), ("cmlora", {})]
+            quality.evaluate_setup(None, SETUPS[0], [], 1, 2, [method], None, "light", options, cached)
+    assert calls == [
+        ("clora", {"preset": "light", "step_size": 1, "refine_rounds": 0}),
+        ("cmlora", {"cache_interval": 8}),
+        ("composite", {}),
+    ]
     with pytest.raises(CompositionError, match="--clora-option 'step_size': expected KEY=VALUE"):
         quality.main(["--clora-option", "step_size"])
     with pytest.raises(CompositionError, match="step_sise"):
         quality.main(["--clora-option", "step_sise=1"])
+    with pytest.raises(CompositionError, match="cache_intervall"):
+        quality.main(["--cmlora-option", "cache_intervall=8"])
 
 
 def test_every_setup_binds_each_adapter_to_its_concept_and_the_word_it_qualifies() -> None:
