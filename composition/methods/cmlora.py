@@ -43,7 +43,8 @@ from composition.prompt import ConceptPrompt
 from composition.sampling import EmbeddingCache, Progress, Result, Sampler, check_inputs
 
 DEFAULT_CACHE_INTERVAL = 5
-"""Mean steps between full recomputations of a non-dominant adapter."""
+"""Mean steps between full recomputations of a non-dominant adapter. Measured on the toy world (N=2 LoRA +
+BOFT, 25 steps, 32 seeds, purple kept on the left): interval 1 (no caching) 59%, 5 56%, 8 56%, 10 34%."""
 DEFAULT_PROFILE_STEPS = 4
 """Denoising steps of each adapter's frequency-profiling sample."""
 PROFILE_SEED = 0
