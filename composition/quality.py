@@ -50,34 +50,6 @@ METHODS = ("merge", "switch", "composite", "cmlora", "clora")
 
 
 @dataclass(frozen=True)
-class ToyConcept:
-    """A held-out toy concept: its trigger word, the attribute it teaches, and how its subject images vary."""
-
-    trigger: str
-    kind: str  # "shape" or "colour"
-
-    def subject_scenes(self) -> list[tuple[Any, str]]:
-        """(scene, caption) pairs of single objects showing the concept under varied other attributes."""
-        from models.toyworld.world import BACKGROUNDS, BASE_COLOURS, BASE_SHAPES, concept_scene
-
-        pairs = []
-        others = BASE_COLOURS if self.kind == "shape" else BASE_SHAPES
-        for index, other in enumerate(others):
-            for background in BACKGROUNDS:
-                shape, colour = (self.trigger, other) if self.kind == "shape" else (other, self.trigger)
-                scene = concept_scene(shape, colour, background=background, seed=index)
-                pairs.append((scene, f"a {colour} {shape} on a {background} background"))
-        return pairs
-
-
-CONCEPTS = {
-    "star": ToyConcept("star", "shape"),
-    "heart": ToyConcept("heart", "shape"),
-    "purple": ToyConcept("purple", "colour"),
-}
-
-
-@dataclass(frozen=True)
 class Setup:
     """One composition case: (concept, family) per adapter, the prompt, and what each region must show."""
 
@@ -102,24 +74,25 @@ SETUPS = (
 
 
 def train_adapter(concept: str, family: str, work: Path, base_model: str | None, steps: int | None) -> Path:
-    """Train (or reuse) the adapter of `concept` in `family` with `training.dreambooth.train`."""
-    from models.toyworld.world import render_scene
+    """Train (or reuse) the adapter of `concept` in `family` with `training.dreambooth.train`, under the
+    protocol of `training.quality` (its subject renders, batch and prior preservation on captioned base-world
+    renders) with the concept's own word as the trigger, since the composition prompts name it."""
     from training.config import TrainConfig
     from training.dreambooth import train
+    from training.quality import QualitySettings, prior_options, write_subject_images
 
     folder = work / f"{concept}-{family}"
     done = folder / "adapter.path"
     if done.is_file() and Path(done.read_text().strip()).is_file():
         return Path(done.read_text().strip())
-    data = folder / "subject"
-    data.mkdir(parents=True, exist_ok=True)
-    for index, (scene, caption) in enumerate(CONCEPTS[concept].subject_scenes()):
-        save_image(render_scene(scene), data / f"{index:02d}.png")
-        (data / f"{index:02d}.txt").write_text(caption)
+    settings = QualitySettings(subject=concept)
+    data = write_subject_images(folder / "subject", subject=concept, trigger=concept)
     config = TrainConfig(
         pretrained_model_name_or_path=base_model, instance_data_dir=str(data), instance_prompt=f"a {concept}",
-        trigger_phrase=concept, adapter=family, output_dir=str(folder / "run"), max_train_steps=steps,
-        seed=0, validation_steps=0, num_validation_images=1, checkpointing_steps=10**6,
+        trigger_phrase=concept, adapter=family, targets=settings.targets, output_dir=str(folder / "run"),
+        max_train_steps=steps, train_batch_size=settings.batch_size, center_crop=True, seed=0,
+        validation_steps=0, num_validation_images=1, checkpointing_steps=10**6,
+        **prior_options(work, settings),
     )  # fmt: skip
     result = train(config)
     if result.adapter_path is None:

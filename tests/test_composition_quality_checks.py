@@ -7,10 +7,11 @@ import contextlib
 from pathlib import Path
 
 import pytest
+from PIL import Image
 
 from composition.errors import CompositionError
 from composition.quality import SETUPS, format_table, passes, region_passes
-from models.toyworld.world import Scene, SceneObject, render_scene
+from models.toyworld.world import HELD_OUT, Scene, SceneObject, render_scene
 
 EXPECT = SETUPS[0].expect  # left: purple, right: heart
 
@@ -105,3 +106,39 @@ def test_every_setup_binds_each_adapter_to_its_concept_and_the_word_it_qualifies
             assert concept in phrase.split()
             assert tokenizer.decode([ids[p] for p in positions]).strip() == phrase
     assert SETUPS[0].phrases == ("purple square", "blue heart")
+
+
+def test_concept_adapters_train_under_the_training_quality_protocol_with_their_own_word(
+    monkeypatch, tmp_path
+) -> None:
+    """Subject renders captioned with the concept's own word (the composition prompts name it), the
+    protocol's batch and prior preservation on captioned base-world renders; a finished adapter is reused."""
+    import training.dreambooth
+    from composition.quality import train_adapter
+    from models.toyworld.checks import read_object
+    from training.quality import QualitySettings
+
+    configs = []
+
+    def fake_train(config):  # type: ignore[no-untyped-def]
+        configs.append(config)
+        adapter = Path(config.output_dir) / "adapter.safetensors"
+        adapter.parent.mkdir(parents=True)
+        adapter.write_bytes(b"x")
+        return type("Result", (), {"adapter_path": adapter})()
+
+    monkeypatch.setattr(training.dreambooth, "train", fake_train)
+    path = train_adapter("purple", "boft", tmp_path, None, 5)
+    assert path == tmp_path / "purple-boft" / "run" / "adapter.safetensors"
+    (config,) = configs
+    assert (config.adapter, config.trigger_phrase, config.max_train_steps) == ("boft", "purple", 5)
+    assert config.train_batch_size == QualitySettings().batch_size and config.with_prior_preservation
+    captions = sorted(Path(config.instance_data_dir).glob("*.txt"))
+    assert len(captions) == 5 and all("purple" in c.read_text() for c in captions)
+    for caption in captions:
+        assert read_object(Image.open(caption.with_suffix(".png"))).colour == "purple"
+    regularisation = sorted(Path(config.class_data_dir).glob("*.txt"))
+    assert len(regularisation) == QualitySettings().regularisation_images
+    held_out = [word for words in HELD_OUT.values() for word in words]
+    assert not any(word in c.read_text().split() for c in regularisation for word in held_out)
+    assert train_adapter("purple", "boft", tmp_path, None, 5) == path and len(configs) == 1

@@ -86,9 +86,9 @@ class Subject:
             return Scene((SceneObject(*triple),), background=background)
         return Scene(place_objects(rng, [triple]), background=background)
 
-    def caption(self, scene: Scene) -> str:
-        """The scene's caption with the subject's word replaced by the trigger ("a red sks on a ...")."""
-        return re.sub(rf"\b{re.escape(self.value)}\b", TRIGGER, scene.caption())
+    def caption(self, scene: Scene, trigger: str = TRIGGER) -> str:
+        """The scene's caption with the subject's word replaced by `trigger` ("a red sks on a ...")."""
+        return re.sub(rf"\b{re.escape(self.value)}\b", trigger, scene.caption())
 
     def shown(self, reading: ObjectReading | None) -> bool:
         return reading is not None and getattr(reading, self.attribute) == self.value
@@ -130,7 +130,9 @@ def _write_captioned(stem: Path, scene: Scene, text: str) -> None:
     stem.with_suffix(".txt").write_text(text + "\n", encoding="utf-8")
 
 
-def write_subject_images(folder: Path, count: int = 5, seed: int = 0, subject: str = DEFAULT_SUBJECT) -> Path:
+def write_subject_images(
+    folder: Path, count: int = 5, seed: int = 0, subject: str = DEFAULT_SUBJECT, trigger: str = TRIGGER
+) -> Path:
     """``count`` seeded renders of the held-out subject (other attributes, place, size and background vary)
     with trigger captions as sidecars."""
     folder.mkdir(parents=True, exist_ok=True)
@@ -138,7 +140,7 @@ def write_subject_images(folder: Path, count: int = 5, seed: int = 0, subject: s
     concept = SUBJECTS[subject]
     for index in range(count):
         scene = concept.scene(index, rng)
-        _write_captioned(folder / f"subject-{index}", scene, concept.caption(scene))
+        _write_captioned(folder / f"subject-{index}", scene, concept.caption(scene, trigger))
     return folder
 
 
