@@ -4,7 +4,8 @@ No paper of its own; it measures what the composition papers (LoRA Switch/Compos
 CMLoRA, Zou et al. 2025; CLoRA, Meral et al. 2024) claim, on the project's toy world, where deterministic pixel
 checks (`models.toyworld.checks`) replace human judgement. Concept adapters are trained with
 `training.dreambooth.train` on held-out toy concepts the base model never saw (the shapes "star" and "heart",
-the colour "purple"), each on its own subject images, then composed:
+the colour "purple"), each under the protocol of `training.quality` (five subject renders, batch 8, prior
+preservation on captioned base-world renders) with its own word as the trigger, then composed:
 
 - N=2: "a purple square and a blue heart": purple left, heart right (mixed families LoRA+BOFT and
   KronA+HRA);
@@ -16,6 +17,10 @@ its masks from the bound tokens' cross-attention, and a `vo` adapter cannot teac
 a word the base UNet never saw should attend. Bound to "purple" alone, the purple mask was one cell of the 4×4
 map and the base branch drew the left object. Measured (`--setups "N=2 lora+boft"`, 32 seeds, clora `light`):
 purple on the left in 25% of the images bound to "purple", 53% bound to "purple square" (composite: 75%).
+Those adapters were trained on six renders at the trainer's defaults, without prior preservation. Trained
+under the `training.quality` protocol instead (same setup, 32 seeds), purple landed on the left with switch
+100%, clora 97%, composite 94%, cmlora 81% and merge 6% (before: 81%, 53%, 75%, 62%, 44%); the heart stayed
+at 0% on the right, as it is out of reach of every family on this base.
 
 For every method and seed the image passes when each concept is read in its own region (left: purple, N=3
 also a star; right: heart). The star is only in N=3: these setups were chosen when the toy world's old 4x VAE
