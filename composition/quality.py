@@ -19,8 +19,9 @@ map and the base branch drew the left object. Measured (`--setups "N=2 lora+boft
 purple on the left in 25% of the images bound to "purple", 53% bound to "purple square" (composite: 75%).
 Those adapters were trained on six renders at the trainer's defaults, without prior preservation. Trained
 under the `training.quality` protocol instead (same setup, 32 seeds), purple landed on the left with switch
-100%, clora 97%, composite 94%, cmlora 81% and merge 6% (before: 81%, 53%, 75%, 62%, 44%); the heart stayed
-at 0% on the right, as it is out of reach of every family on this base.
+100%, clora 97%, composite 94%, cmlora 81% and merge 6% (before: 81%, 53%, 75%, 62%, 44%); with KronA + HRA
+clora 97%, switch 75%, composite 75%, cmlora 50%, merge 22%. The heart stayed at 0% on the right in both, as it
+is out of reach of every family on this base.
 
 For every method and seed the image passes when each concept is read in its own region (left: purple, N=3
 also a star; right: heart). The star is only in N=3: these setups were chosen when the toy world's old 4x VAE
