@@ -91,13 +91,12 @@ def train_adapter(concept: str, family: str, work: Path, base_model: str | None,
     done = folder / "adapter.path"
     if done.is_file() and Path(done.read_text().strip()).is_file():
         return Path(done.read_text().strip())
-    settings = QualitySettings(subject=concept)
+    settings = QualitySettings(subject=concept, steps=steps)
     data = write_subject_images(folder / "subject", subject=concept, trigger=concept)
     config = TrainConfig(
         pretrained_model_name_or_path=base_model, instance_data_dir=str(data), instance_prompt=f"a {concept}",
-        trigger_phrase=concept, adapter=family, targets=settings.targets, output_dir=str(folder / "run"),
-        max_train_steps=steps, train_batch_size=settings.batch_size, center_crop=True, seed=0,
-        validation_steps=0, num_validation_images=1, checkpointing_steps=10**6,
+        trigger_phrase=concept, adapter=family, output_dir=str(folder / "run"), seed=0, validation_steps=0,
+        num_validation_images=1, checkpointing_steps=10**6, **settings.train_options(),
         **prior_options(work, settings),
     )  # fmt: skip
     result = train(config)
@@ -121,10 +120,10 @@ def passes(image: Any, expect: dict[str, dict[str, str]]) -> bool:
 
 
 def evaluate_setup(pipe: Any, setup: Setup, paths: list[Path], seeds: int, steps: int, methods: Sequence[str],
-                   images_dir: Path | None, clora_preset: str = "light",
-                   clora_options: dict[str, Any] | None = None,
-                   cmlora_options: dict[str, Any] | None = None) -> dict[str, dict[str, float | None]]:  # fmt: skip
-    """All-present rate, CLIP scores, UNet evals and wall time per method for one setup."""
+                   images_dir: Path | None,
+                   method_options: dict[str, dict[str, Any]] | None = None) -> dict[str, dict[str, float | None]]:  # fmt: skip
+    """All-present rate, CLIP scores, UNet evals and wall time per method for one setup; `method_options`
+    holds the keyword options of each method that takes some (e.g. {"clora": {"preset": "light"}})."""
     from evaluation import ClipLoadError, concept_scores, score
 
     bank = AdapterBank(pipe, paths)
@@ -135,10 +134,7 @@ def evaluate_setup(pipe: Any, setup: Setup, paths: list[Path], seeds: int, steps
         images, evals, walls = [], [], []
         for seed in range(seeds):
             start = time.perf_counter()
-            options = (
-                {"preset": clora_preset, **(clora_options or {})} if method == "clora"
-                else dict(cmlora_options or {}) if method == "cmlora" else {}
-            )  # fmt: skip
+            options = (method_options or {}).get(method, {})
             result = generate(method, pipe, bank, prompt, steps, GUIDANCE, seed, **options)
             walls.append(time.perf_counter() - start)
             evals.append(result.unet_evals)
@@ -173,25 +169,27 @@ def evaluate_setup(pipe: Any, setup: Setup, paths: list[Path], seeds: int, steps
 def quality_report(seeds: int = 32, steps: int = 25, work: Path = Path("runs/composition-quality"),
                    base_model: str | None = None, train_steps: int | None = None,
                    methods: Sequence[str] = METHODS, setups: Sequence[Setup] = SETUPS,
-                   save_images: bool = False, clora_preset: str = "light",
-                   out: Path | None = None, clora_options: dict[str, Any] | None = None,
-                   cmlora_options: dict[str, Any] | None = None) -> dict[str, Any]:  # fmt: skip
+                   save_images: bool = False, out: Path | None = None,
+                   method_options: dict[str, dict[str, Any]] | None = None) -> dict[str, Any]:  # fmt: skip
     """Train what is missing, evaluate every setup × method, return the report (also written to `out` after
-    every setup, so a long run leaves partial results)."""
+    every setup, so a long run leaves partial results). `method_options` as in `evaluate_setup`; clora runs
+    its `light` preset unless they name another."""
     from models.pipelines import load_pipeline
 
     pipe = load_pipeline(base_model, device="cpu" if base_model is None else None)
+    options = {**(method_options or {})}
+    options["clora"] = {"preset": "light", **options.get("clora", {})}
+    clora_options = {k: v for k, v in options["clora"].items() if k != "preset"}
     report: dict[str, Any] = {
-        "seeds": seeds, "steps": steps, "guidance": GUIDANCE, "clora_preset": clora_preset,
-        "clora_options": clora_options or {}, "cmlora_options": cmlora_options or {}, "setups": {},
+        "seeds": seeds, "steps": steps, "guidance": GUIDANCE, "clora_preset": options["clora"]["preset"],
+        "clora_options": clora_options, "cmlora_options": options.get("cmlora", {}), "setups": {},
     }  # fmt: skip
     for setup in setups:
         paths = [train_adapter(c, f, work, base_model, train_steps) for c, f in setup.adapters]
         images_dir = work / "images" if save_images else None
         report["setups"][setup.name] = {
             "prompt": setup.prompt, "adapters": [f"{c}:{f}" for c, f in setup.adapters],
-            "methods": evaluate_setup(pipe, setup, paths, seeds, steps, methods, images_dir, clora_preset,
-                                      clora_options, cmlora_options),
+            "methods": evaluate_setup(pipe, setup, paths, seeds, steps, methods, images_dir, options),
             "adapter_files": [str(p) for p in paths],
         }  # fmt: skip
         if out is not None:
@@ -257,9 +255,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     torch.set_num_threads(args.threads)
     chosen = [s for s in SETUPS if s.name in args.setups]
     out = args.out or args.work / "report.json"
+    method_options = {"clora": {"preset": args.clora_preset, **clora_options}, "cmlora": cmlora_options}
     report = quality_report(args.seeds, args.steps, args.work, args.base_model, args.train_steps, args.methods,
-                            chosen, args.save_images, args.clora_preset, out, clora_options,
-                            cmlora_options)  # fmt: skip
+                            chosen, args.save_images, out, method_options)  # fmt: skip
     print(format_table(report))
     print(json.dumps({"written": str(out)}))
     return 0

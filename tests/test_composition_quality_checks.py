@@ -68,7 +68,16 @@ def test_clora_and_cmlora_options_reach_their_method_only(monkeypatch, tmp_path)
     cached = quality.parse_options(["cache_interval=8"])
     for method in ("clora", "cmlora", "composite"):
         with contextlib.suppress(StopIteration):
-            quality.evaluate_setup(None, SETUPS[0], [], 1, 2, [method], None, "light", options, cached)
+            quality.evaluate_setup(
+                None,
+                SETUPS[0],
+                [],
+                1,
+                2,
+                [method],
+                None,
+                {"clora": {"preset": "light", **options}, "cmlora": cached},
+            )
     assert calls == [
         ("clora", {"preset": "light", "step_size": 1, "refine_rounds": 0}),
         ("cmlora", {"cache_interval": 8}),
