@@ -16,7 +16,7 @@ setup), and the peak resident-memory growth above the process's RSS just before 
 (sampled every 5 ms). Atelier runs first, so any allocator reuse favours the reference. The sides
 alternate for ``--repeats`` rounds; per side the best round is kept for each figure (the CPU is shared).
 
-    python -m benchmarks.train [--quick] [--steps N] [--batch B] [--threads T]
+    python -m benchmarks.train [--quick] [--steps N] [--batch B [B ...]] [--threads T]
 """
 
 from __future__ import annotations
@@ -209,52 +209,74 @@ def best(rounds: list[dict[str, Any]]) -> dict[str, Any]:
     }
 
 
+def compare(model: Path, images: Path, root: Path, *, batch: int, repeats: int, steps: int) -> dict[str, Any]:
+    """Alternate the two sides ``repeats`` times at one batch size; the best round of each side."""
+    common = {"steps": steps, "batch": batch, "rank": 4, "lr": 1e-4, "seed": 0}
+    rounds: dict[str, list[dict[str, Any]]] = {"atelier": [], "reference": []}
+    for k in range(repeats):
+        out = root / f"out-b{batch}-{k}"
+        rounds["atelier"].append(measure(lambda out=out: atelier_run(model, images, out, **common)))
+        rounds["reference"].append(measure(lambda: reference_loop(model, images, **common)))
+    return {side: best(rounds[side]) for side in rounds}
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m benchmarks.train", description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="few steps (smoke run)")
     parser.add_argument(
         "--steps", type=int, default=None, help="training steps per side (default 40, quick 8)"
     )
-    parser.add_argument("--batch", type=int, default=2)
+    parser.add_argument(
+        "--batch", type=int, nargs="+", default=None, help="batch sizes to compare (default 1 2 4, quick 2)"
+    )
     parser.add_argument("--threads", type=int, default=1, help="torch threads for both sides")
     parser.add_argument(
         "--repeats", type=int, default=None, help="rounds per side, best kept (default 2, quick 1)"
     )
     args = parser.parse_args(argv)
     steps = args.steps or (8 if args.quick else 40)
+    batches = args.batch or ([2] if args.quick else [1, 2, 4])
+    if min(batches) <= 0 or steps <= 0:
+        parser.error("--batch and --steps must be positive")
     torch.set_num_threads(args.threads)
-    common = {"steps": steps, "batch": args.batch, "rank": 4, "lr": 1e-4, "seed": 0}
+    results: dict[int, dict[str, Any]] = {}
     with tempfile.TemporaryDirectory(prefix="atelier-bench-train-") as tmp:
         root = Path(tmp)
         installed = default_base_model()
         model = installed if installed is not None else toyworld_architecture(root / "model")
         images = subject_images(root / "subject")
-        rounds: dict[str, list[dict[str, Any]]] = {"atelier": [], "reference": []}
-        for k in range(args.repeats or (1 if args.quick else 2)):
-            rounds["atelier"].append(
-                measure(lambda k=k: atelier_run(model, images, root / f"out{k}", **common))
+        for batch in batches:
+            results[batch] = compare(
+                model,
+                images,
+                root,
+                batch=batch,
+                repeats=args.repeats or (1 if args.quick else 2),
+                steps=steps,
             )
-            rounds["reference"].append(measure(lambda: reference_loop(model, images, **common)))
-        atelier, reference = (best(rounds[side]) for side in ("atelier", "reference"))
     what = (
         "toy world"
         if installed is not None
         else "toy-world architecture, random weights (toy world not installed)"
     )
-    speedup = atelier["steps_per_s"] / reference["steps_per_s"]
-    print(
-        f"model: {what}; {steps} steps, batch {args.batch}, LoRA r=4 on 'vo', {args.threads} thread(s), CPU"
-    )
-    print(f"{'':28}{'steps/s':>10}{'wall s':>10}{'peak RSS +MB':>14}")
-    for name, row in (("Atelier train()", atelier), ("diffusers+PEFT reference", reference)):
-        print(f"{name:28}{row['steps_per_s']:>10.2f}{row['wall_s']:>10.1f}{row['peak_mb']:>14.1f}")
-    print(f"speed ratio (Atelier / reference): {speedup:.2f}x  [target >= {TARGET_SPEEDUP}x: "
-          f"{'met' if speedup >= TARGET_SPEEDUP else 'NOT met'}]")  # fmt: skip
-    memory = reference["peak_mb"] / atelier["peak_mb"] if atelier["peak_mb"] > 0 else float("inf")
-    print(f"peak RSS growth ratio (reference / Atelier): {memory:.2f}x")
-    print(
-        f"wall-time ratio incl. setup (reference / Atelier): {reference['wall_s'] / atelier['wall_s']:.2f}x"
-    )
+    print(f"model: {what}; {steps} steps, LoRA r=4 on 'vo', {args.threads} thread(s), CPU")
+    print(f"{'batch':>5}  {'side':26}{'steps/s':>10}{'wall s':>10}{'peak RSS +MB':>14}")
+    for batch, sides in results.items():
+        for name, side in (("Atelier train()", "atelier"), ("diffusers+PEFT reference", "reference")):
+            row = sides[side]
+            print(
+                f"{batch:>5}  {name:26}{row['steps_per_s']:>10.2f}{row['wall_s']:>10.1f}{row['peak_mb']:>14.1f}"
+            )
+    for batch, sides in results.items():
+        atelier, reference = sides["atelier"], sides["reference"]
+        speedup = atelier["steps_per_s"] / reference["steps_per_s"]
+        memory = reference["peak_mb"] / atelier["peak_mb"] if atelier["peak_mb"] > 0 else float("inf")
+        print(
+            f"batch {batch}: speed ratio (Atelier / reference) {speedup:.2f}x "
+            f"[target >= {TARGET_SPEEDUP}x: {'met' if speedup >= TARGET_SPEEDUP else 'NOT met'}]; "
+            f"peak RSS growth ratio (reference / Atelier) {memory:.2f}x; "
+            f"wall-time ratio incl. setup (reference / Atelier) {reference['wall_s'] / atelier['wall_s']:.2f}x"
+        )
     return 0
 
 

@@ -5,6 +5,7 @@ A spec is a hub id (`stable-diffusion-v1-5/stable-diffusion-v1-5`), a local diff
 loader) in the original LDM layout that A1111/ComfyUI use. SD 1.x, SD 2.x and SDXL are supported; the pipeline
 class comes from the model's own config (`model_index.json`) or, for a single file, from its keys.
 `spec=None` means the embedded default, the project's toy world under `assets/`.
+Every loaded pipeline's attention layers call their processors directly (`models.attention_calls`).
 
 Nothing here downloads unless the spec is a hub id that is not cached and the hub is reachable; with
 `HF_HUB_OFFLINE=1` or no network the error says so in one line and suggests a local path.
@@ -22,6 +23,7 @@ from typing import Any
 import torch
 from diffusers import DiffusionPipeline, StableDiffusionPipeline, StableDiffusionXLPipeline
 
+from models.attention_calls import direct_attention_calls
 from models.device import pick_device, pick_dtype
 
 SUPPORTED_PIPELINES: dict[str, type[DiffusionPipeline]] = {
@@ -89,6 +91,9 @@ def load_pipeline(
             "Pass a diffusers folder, a single .safetensors checkpoint, or a hub id."
         )
     pipe.set_progress_bar_config(disable=True)
+    for component in pipe.components.values():
+        if isinstance(component, torch.nn.Module):
+            direct_attention_calls(component)
     return pipe.to(torch_device)
 
 
