@@ -5,7 +5,8 @@ CMLoRA, Zou et al. 2025; CLoRA, Meral et al. 2024) claim, on the project's toy w
 checks (`models.toyworld.checks`) replace human judgement. Concept adapters are trained with
 `training.dreambooth.train` on held-out toy concepts the base model never saw (the shapes "star" and "heart",
 the colour "purple"), each under the protocol of `training.quality` (five subject renders, batch 8, prior
-preservation on captioned base-world renders) with its own word as the trigger, then composed:
+preservation on captioned base-world renders) with its own word as the trigger; a shape's adapter trains every
+Linear of the transformer blocks for 1600 steps instead of `vo` (`SHAPE_TRAINING`). Then they are composed:
 
 - N=2: "a purple square and a blue heart": purple left, heart right (mixed families LoRA+BOFT and
   KronA+HRA);
@@ -79,19 +80,38 @@ SETUPS = (
 )  # fmt: skip
 
 
+SHAPE_TRAINING: dict[str, Any] = {"targets": "all-linear", "steps": 1600}
+"""How the adapters of held-out shapes train (colours keep the protocol's `vo` and family steps): every
+Linear of the transformer blocks, feed-forward included, for 1600 steps. A shape is out of reach of `vo`
+adapters on this base (heart LoRA: 20-22% at 800 steps, `qkvo` 22%), and the feed-forward layers are what
+carry it: measured with `python -m training.quality --subject heart --targets all-linear --steps 1600`."""
+
+
+def concept_training(concept: str) -> dict[str, Any]:
+    """The `QualitySettings` overrides of `concept`'s adapter: `SHAPE_TRAINING` for shapes, none otherwise."""
+    from models.toyworld.world import SHAPES
+
+    return dict(SHAPE_TRAINING) if concept in SHAPES else {}
+
+
 def train_adapter(concept: str, family: str, work: Path, base_model: str | None, steps: int | None) -> Path:
     """Train (or reuse) the adapter of `concept` in `family` with `training.dreambooth.train`, under the
     protocol of `training.quality` (its subject renders, batch and prior preservation on captioned base-world
-    renders) with the concept's own word as the trigger, since the composition prompts name it."""
+    renders) with the concept's own word as the trigger, since the composition prompts name it, and the
+    concept's own targets and steps (`concept_training`); `steps` overrides those."""
     from training.config import TrainConfig
     from training.dreambooth import train
     from training.quality import QualitySettings, prior_options, write_subject_images
 
-    folder = work / f"{concept}-{family}"
+    overrides = concept_training(concept)
+    if steps is not None:
+        overrides["steps"] = steps
+    targets = overrides.get("targets", "vo")
+    folder = work / (f"{concept}-{family}" if targets == "vo" else f"{concept}-{family}-{targets}")
     done = folder / "adapter.path"
     if done.is_file() and Path(done.read_text().strip()).is_file():
         return Path(done.read_text().strip())
-    settings = QualitySettings(subject=concept, steps=steps)
+    settings = QualitySettings(subject=concept, **overrides)
     data = write_subject_images(folder / "subject", subject=concept, trigger=concept)
     config = TrainConfig(
         pretrained_model_name_or_path=base_model, instance_data_dir=str(data), instance_prompt=f"a {concept}",

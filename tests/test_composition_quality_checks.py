@@ -151,3 +151,32 @@ def test_concept_adapters_train_under_the_training_quality_protocol_with_their_o
     held_out = [word for words in HELD_OUT.values() for word in words]
     assert not any(word in c.read_text().split() for c in regularisation for word in held_out)
     assert train_adapter("purple", "boft", tmp_path, None, 5) == path and len(configs) == 1
+
+
+def test_shape_adapters_train_every_transformer_linear_for_longer(monkeypatch, tmp_path) -> None:
+    """Held-out shapes get `SHAPE_TRAINING` (all-linear targets, its steps) in their own folder; colours keep
+    `vo` and the family's steps; an explicit step count wins over both."""
+    import training.dreambooth
+    from composition.quality import SHAPE_TRAINING, train_adapter
+    from models.toyworld.checks import read_object
+
+    configs = []
+
+    def fake_train(config):  # type: ignore[no-untyped-def]
+        configs.append(config)
+        adapter = Path(config.output_dir) / "adapter.safetensors"
+        adapter.parent.mkdir(parents=True)
+        adapter.write_bytes(b"x")
+        return type("Result", (), {"adapter_path": adapter})()
+
+    monkeypatch.setattr(training.dreambooth, "train", fake_train)
+    heart = train_adapter("heart", "hra", tmp_path, None, None)
+    colour = train_adapter("purple", "hra", tmp_path, None, None)
+    train_adapter("star", "lora", tmp_path, None, 7)
+    assert heart == tmp_path / "heart-hra-all-linear" / "run" / "adapter.safetensors"
+    assert colour == tmp_path / "purple-hra" / "run" / "adapter.safetensors"
+    (h, c, s) = configs
+    assert (h.targets, h.max_train_steps) == ("all-linear", SHAPE_TRAINING["steps"])
+    assert (c.targets, c.max_train_steps) == ("vo", None)
+    assert (s.targets, s.max_train_steps) == ("all-linear", 7)
+    assert read_object(Image.open(sorted(Path(h.instance_data_dir).glob("*.png"))[0])).shape == "heart"
