@@ -21,8 +21,10 @@ purple on the left in 25% of the images bound to "purple", 53% bound to "purple 
 Those adapters were trained on six renders at the trainer's defaults, without prior preservation. Trained
 under the `training.quality` protocol instead (same setup, 32 seeds), purple landed on the left with switch
 100%, clora 97%, composite 94%, cmlora 81% and merge 6% (before: 81%, 53%, 75%, 62%, 44%); with KronA + HRA
-clora 97%, switch 75%, composite 75%, cmlora 50%, merge 22%. The heart stayed at 0% on the right in both, as it
-is out of reach of every family on this base.
+clora 97%, switch 75%, composite 75%, cmlora 50%, merge 22%. The heart stayed at 0% on the right in both: a
+`vo` adapter does not learn it on this base. Trained as `SHAPE_TRAINING` says, the heart BOFT draws hearts on
+single-object prompts (6 of 8) but not in the pair prompt (0 of 8 alone; 0% of 32 seeds for every method with
+the purple LoRA): its renders are single objects, larger than a pair's, anywhere on the canvas.
 
 For every method and seed the image passes when each concept is read in its own region (left: purple, N=3
 also a star; right: heart). The star is only in N=3: these setups were chosen when the toy world's old 4x VAE
@@ -84,7 +86,8 @@ SHAPE_TRAINING: dict[str, Any] = {"targets": "all-linear", "steps": 1600}
 """How the adapters of held-out shapes train (colours keep the protocol's `vo` and family steps): every
 Linear of the transformer blocks, feed-forward included, for 1600 steps. A shape is out of reach of `vo`
 adapters on this base (heart LoRA: 20-22% at 800 steps, `qkvo` 22%), and the feed-forward layers are what
-carry it: measured with `python -m training.quality --subject heart --targets all-linear --steps 1600`."""
+carry it: `python -m training.quality --subject heart --families lora --targets all-linear --steps 1600
+--train-seeds 0` showed the heart in 100% of 40 trigger samples, prompt accuracy 94.4% (+5.6 points)."""
 
 
 def concept_training(concept: str) -> dict[str, Any]:
