@@ -117,15 +117,9 @@ def test_every_setup_binds_each_adapter_to_its_concept_and_the_word_it_qualifies
     assert SETUPS[0].phrases == ("purple square", "blue heart")
 
 
-def test_concept_adapters_train_under_the_training_quality_protocol_with_their_own_word(
-    monkeypatch, tmp_path
-) -> None:
-    """Subject renders captioned with the concept's own word (the composition prompts name it), the
-    protocol's batch and prior preservation on captioned base-world renders; a finished adapter is reused."""
+def _record_training(monkeypatch) -> list:  # type: ignore[no-untyped-def]
+    """Replace `training.dreambooth.train` by a stub that records each config and writes a dummy adapter."""
     import training.dreambooth
-    from composition.quality import train_adapter
-    from models.toyworld.checks import read_object
-    from training.quality import QualitySettings
 
     configs = []
 
@@ -137,6 +131,19 @@ def test_concept_adapters_train_under_the_training_quality_protocol_with_their_o
         return type("Result", (), {"adapter_path": adapter})()
 
     monkeypatch.setattr(training.dreambooth, "train", fake_train)
+    return configs
+
+
+def test_concept_adapters_train_under_the_training_quality_protocol_with_their_own_word(
+    monkeypatch, tmp_path
+) -> None:
+    """Subject renders captioned with the concept's own word (the composition prompts name it), the
+    protocol's batch and prior preservation on captioned base-world renders; a finished adapter is reused."""
+    from composition.quality import train_adapter
+    from models.toyworld.checks import read_object
+    from training.quality import QualitySettings
+
+    configs = _record_training(monkeypatch)
     path = train_adapter("purple", "boft", tmp_path, None, 5)
     assert path == tmp_path / "purple-boft" / "run" / "adapter.safetensors"
     (config,) = configs
@@ -156,20 +163,10 @@ def test_concept_adapters_train_under_the_training_quality_protocol_with_their_o
 def test_shape_adapters_train_every_transformer_linear_for_longer(monkeypatch, tmp_path) -> None:
     """Held-out shapes get `SHAPE_TRAINING` (all-linear targets, its steps) in their own folder; colours keep
     `vo` and the family's steps; an explicit step count wins over both."""
-    import training.dreambooth
     from composition.quality import SHAPE_TRAINING, train_adapter
     from models.toyworld.checks import read_object
 
-    configs = []
-
-    def fake_train(config):  # type: ignore[no-untyped-def]
-        configs.append(config)
-        adapter = Path(config.output_dir) / "adapter.safetensors"
-        adapter.parent.mkdir(parents=True)
-        adapter.write_bytes(b"x")
-        return type("Result", (), {"adapter_path": adapter})()
-
-    monkeypatch.setattr(training.dreambooth, "train", fake_train)
+    configs = _record_training(monkeypatch)
     heart = train_adapter("heart", "hra", tmp_path, None, None)
     colour = train_adapter("purple", "hra", tmp_path, None, None)
     train_adapter("star", "lora", tmp_path, None, 7)
