@@ -109,12 +109,14 @@ def train_adapter(concept: str, family: str, work: Path, base_model: str | None,
     overrides = concept_training(concept)
     if steps is not None:
         overrides["steps"] = steps
-    targets = overrides.get("targets", "vo")
-    folder = work / (f"{concept}-{family}" if targets == "vo" else f"{concept}-{family}-{targets}")
+    settings = QualitySettings(subject=concept, **overrides)
+    name = f"{concept}-{family}"
+    if settings.targets != QualitySettings.targets:  # the protocol's default keeps the plain folder name
+        name += f"-{settings.targets}"
+    folder = work / name
     done = folder / "adapter.path"
     if done.is_file() and Path(done.read_text().strip()).is_file():
         return Path(done.read_text().strip())
-    settings = QualitySettings(subject=concept, **overrides)
     data = write_subject_images(folder / "subject", subject=concept, trigger=concept)
     config = TrainConfig(
         pretrained_model_name_or_path=base_model, instance_data_dir=str(data), instance_prompt=f"a {concept}",

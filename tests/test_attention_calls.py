@@ -12,15 +12,8 @@ from diffusers.models.attention_processor import Attention, AttnProcessor, AttnP
 
 from models.attention_calls import DirectCallAttention, direct_attention_calls
 from models.pipelines import load_pipeline
+from tests.test_adapters import run, unet_inputs
 from tests.tiny_models import build_tiny_sd_pipeline, build_tiny_sdxl_pipeline
-
-
-def _unet_inputs(unet: torch.nn.Module, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    gen = torch.Generator().manual_seed(seed)
-    size = unet.config.sample_size
-    sample = torch.randn(2, unet.config.in_channels, size, size, generator=gen)
-    context = torch.randn(2, 7, unet.config.cross_attention_dim, generator=gen)
-    return sample, torch.tensor([10, 700]), context
 
 
 def test_switched_unet_gives_bit_identical_outputs_and_gradients() -> None:
@@ -30,11 +23,11 @@ def test_switched_unet_gives_bit_identical_outputs_and_gradients() -> None:
     assert count > 0 and direct_attention_calls(fast) == count
     assert not any(type(m) is Attention for m in fast.modules())
     assert all(isinstance(m, Attention) for m in fast.modules() if isinstance(m, DirectCallAttention))
-    sample, t, context = _unet_inputs(unet)
+    inputs = unet_inputs(unet)
     outputs = []
     for model in (unet, fast):
-        x = sample.clone().requires_grad_(True)
-        out = model(x, t, encoder_hidden_states=context).sample
+        x = inputs["sample"].clone().requires_grad_(True)
+        out = model(**{**inputs, "sample": x}).sample
         out.square().mean().backward()
         outputs.append((out.detach(), x.grad))
     assert torch.equal(outputs[0][0], outputs[1][0])
@@ -48,9 +41,7 @@ def test_no_signature_inspection_per_call_without_kwargs(monkeypatch: pytest.Mon
     calls = []
     real = inspect.signature
     monkeypatch.setattr(inspect, "signature", lambda *a, **k: calls.append(a) or real(*a, **k))
-    sample, t, context = _unet_inputs(unet)
-    with torch.no_grad():
-        unet(sample, t, encoder_hidden_states=context)
+    run(unet, unet_inputs(unet))
     assert calls == []
 
 
@@ -87,9 +78,5 @@ def test_sdxl_unet_outputs_unchanged() -> None:
     unet = build_tiny_sdxl_pipeline().unet
     fast = copy.deepcopy(unet)
     direct_attention_calls(fast)
-    sample, t, context = _unet_inputs(unet)
-    extra = {"text_embeds": torch.randn(2, 48), "time_ids": torch.randn(2, 6)}
-    with torch.no_grad():
-        a = unet(sample, t, encoder_hidden_states=context, added_cond_kwargs=extra).sample
-        b = fast(sample, t, encoder_hidden_states=context, added_cond_kwargs=extra).sample
-    assert torch.equal(a, b)
+    inputs = unet_inputs(unet)
+    assert torch.equal(run(unet, inputs), run(fast, inputs))
