@@ -82,7 +82,7 @@ SETUPS = (
 )  # fmt: skip
 
 
-SHAPE_TRAINING: dict[str, Any] = {"targets": "all-linear", "steps": 1600}
+SHAPE_TRAINING: dict[str, Any] = {"targets": "all-linear", "steps": 1600, "pair_images": 5}
 """How the adapters of held-out shapes train (colours keep the protocol's `vo` and family steps): every
 Linear of the transformer blocks, feed-forward included, for 1600 steps. A shape is out of reach of `vo`
 adapters on this base (heart LoRA: 20-22% at 800 steps, `qkvo` 22%), and the feed-forward layers are what
@@ -113,11 +113,15 @@ def train_adapter(concept: str, family: str, work: Path, base_model: str | None,
     name = f"{concept}-{family}"
     if settings.targets != QualitySettings.targets:  # the protocol's default keeps the plain folder name
         name += f"-{settings.targets}"
+    if settings.pair_images:
+        name += f"-pairs{settings.pair_images}"
     folder = work / name
     done = folder / "adapter.path"
     if done.is_file() and Path(done.read_text().strip()).is_file():
         return Path(done.read_text().strip())
-    data = write_subject_images(folder / "subject", subject=concept, trigger=concept)
+    data = write_subject_images(
+        folder / "subject", subject=concept, trigger=concept, pairs=settings.pair_images
+    )
     config = TrainConfig(
         pretrained_model_name_or_path=base_model, instance_data_dir=str(data), instance_prompt=f"a {concept}",
         trigger_phrase=concept, adapter=family, output_dir=str(folder / "run"), seed=0, validation_steps=0,

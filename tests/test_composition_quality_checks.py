@@ -161,8 +161,9 @@ def test_concept_adapters_train_under_the_training_quality_protocol_with_their_o
 
 
 def test_shape_adapters_train_every_transformer_linear_for_longer(monkeypatch, tmp_path) -> None:
-    """Held-out shapes get `SHAPE_TRAINING` (all-linear targets, its steps) in their own folder; colours keep
-    `vo` and the family's steps; an explicit step count wins over both."""
+    """Held-out shapes get `SHAPE_TRAINING` (all-linear targets, its steps, two-object renders beside the
+    single ones) in their own folder; colours keep `vo`, the family's steps and single renders; an explicit
+    step count wins over both."""
     from composition.quality import SHAPE_TRAINING, train_adapter
     from models.toyworld.checks import read_object
 
@@ -170,10 +171,13 @@ def test_shape_adapters_train_every_transformer_linear_for_longer(monkeypatch, t
     heart = train_adapter("heart", "hra", tmp_path, None, None)
     colour = train_adapter("purple", "hra", tmp_path, None, None)
     train_adapter("star", "lora", tmp_path, None, 7)
-    assert heart == tmp_path / "heart-hra-all-linear" / "run" / "adapter.safetensors"
+    pairs = SHAPE_TRAINING["pair_images"]
+    assert heart == tmp_path / f"heart-hra-all-linear-pairs{pairs}" / "run" / "adapter.safetensors"
     assert colour == tmp_path / "purple-hra" / "run" / "adapter.safetensors"
     (h, c, s) = configs
     assert (h.targets, h.max_train_steps) == ("all-linear", SHAPE_TRAINING["steps"])
     assert (c.targets, c.max_train_steps) == ("vo", None)
     assert (s.targets, s.max_train_steps) == ("all-linear", 7)
     assert read_object(Image.open(sorted(Path(h.instance_data_dir).glob("*.png"))[0])).shape == "heart"
+    assert len(list(Path(h.instance_data_dir).glob("subject-pair-*.png"))) == pairs > 0
+    assert not list(Path(c.instance_data_dir).glob("subject-pair-*.png"))

@@ -35,6 +35,31 @@ def test_subject_images_show_the_concept_and_captions_hide_it_behind_the_trigger
 
 
 @pytest.mark.parametrize("name", sorted(SUBJECTS))
+def test_pair_renders_show_the_subject_in_its_half_beside_a_named_base_object(
+    name: str, tmp_path: Path
+) -> None:
+    """Two-object subject renders: the subject alternates between the right and the left half, at pair size,
+    beside a base-world object of another shape and colour; the caption names both left to right, the
+    subject by the trigger."""
+    folder = write_subject_images(tmp_path, count=2, subject=name, pairs=4)
+    subject = SUBJECTS[name]
+    pairs = sorted(folder.glob("subject-pair-*.png"))
+    assert len(pairs) == 4 and len(list(folder.glob("*.png"))) == 6
+    for index, image in enumerate(pairs):
+        here, there = ("right", "left") if index % 2 == 0 else ("left", "right")
+        caption = image.with_suffix(".txt").read_text(encoding="utf-8").strip()
+        first, second = caption.split(" and ")
+        assert TRIGGER in (second if here == "right" else first).split(), caption
+        assert name not in caption.split()
+        rendered = Image.open(image)
+        assert subject.shown(read_object(rendered, here)), (image, caption)
+        partner = read_object(rendered, there)
+        assert partner is not None and not subject.shown(partner)
+        mine = read_object(rendered, here)
+        assert (partner.shape, partner.colour) != (mine.shape, mine.colour)
+
+
+@pytest.mark.parametrize("name", sorted(SUBJECTS))
 def test_concept_cases_vary_the_other_attributes_and_render_as_the_subject(name: str) -> None:
     cases = concept_cases(8, name)
     subject = SUBJECTS[name]

@@ -19,7 +19,7 @@ runs are pooled: the outcome of one run depends on its seed (LoRA at its default
   LoRA's concept accuracy with fewer parameters (the DiffuseKronA claim).
 
     python -m training.quality [--families lora krona ...] [--train-seeds 0 1 2] [--batch 8] [--targets vo] [--no-prior]
-                               [--out DIR] [--json FILE]
+                               [--pair-images N] [--out DIR] [--json FILE]
 """
 
 from __future__ import annotations
@@ -86,6 +86,19 @@ class Subject:
             return Scene((SceneObject(*triple),), background=background)
         return Scene(place_objects(rng, [triple]), background=background)
 
+    def pair_scene(self, index: int, rng: random.Random) -> Scene:
+        """The ``index``-th two-object scene with the subject beside a base-world object, at pair size in its
+        own half (right on even indices, left on odd): what a two-object prompt draws."""
+        subject = self.scene(index, rng).objects[0]
+        attributes = [(subject.shape, subject.colour, subject.texture)]
+        # another shape and colour than the subject's, so the caption tells the two objects apart
+        shape = rng.choice([s for s in BASE_SHAPES if s != subject.shape])
+        colour = rng.choice([c for c in BASE_COLOURS if c != subject.colour])
+        partner = (shape, colour, "plain")
+        attributes = [partner, *attributes] if index % 2 == 0 else [*attributes, partner]
+        background = list(BACKGROUNDS)[index % len(BACKGROUNDS)]
+        return Scene(place_objects(rng, attributes), background=background)
+
     def caption(self, scene: Scene, trigger: str = TRIGGER) -> str:
         """The scene's caption with the subject's word replaced by `trigger` ("a red sks on a ...")."""
         return re.sub(rf"\b{re.escape(self.value)}\b", trigger, scene.caption())
@@ -116,6 +129,9 @@ class QualitySettings:
     """Instance images per step (as many class images beside them). Batch 8 rather than 4 (five subject images:
     each is seen more than once per step, under other noise and timesteps): LoRA 96.7% (92/100/98 by seed)
     against 87.7% (95/78/90); KronA 87.3% against 89.7%, within the seed-to-seed spread."""
+    pair_images: int = 0
+    """Two-object subject renders beside the single-object ones (`write_subject_images`' ``pairs``): what an
+    adapter composed into a two-object prompt needs to have seen (`composition.quality`)."""
     prior: bool = True
     regularisation_images: int = 64
     subject: str = DEFAULT_SUBJECT
@@ -141,16 +157,21 @@ def _write_captioned(stem: Path, scene: Scene, text: str) -> None:
 
 
 def write_subject_images(
-    folder: Path, count: int = 5, seed: int = 0, subject: str = DEFAULT_SUBJECT, trigger: str = TRIGGER
-) -> Path:
+    folder: Path, count: int = 5, seed: int = 0, subject: str = DEFAULT_SUBJECT, trigger: str = TRIGGER,
+    pairs: int = 0,
+) -> Path:  # fmt: skip
     """``count`` seeded renders of the held-out subject (other attributes, place, size and background vary)
-    with trigger captions as sidecars."""
+    with trigger captions as sidecars, then ``pairs`` two-object renders of it beside a base-world object
+    (`Subject.pair_scene`)."""
     folder.mkdir(parents=True, exist_ok=True)
     rng = random.Random(seed)
     concept = SUBJECTS[subject]
     for index in range(count):
         scene = concept.scene(index, rng)
         _write_captioned(folder / f"subject-{index}", scene, concept.caption(scene, trigger))
+    for index in range(pairs):
+        scene = concept.pair_scene(index, rng)
+        _write_captioned(folder / f"subject-pair-{index}", scene, concept.caption(scene, trigger))
     return folder
 
 
@@ -288,7 +309,7 @@ def run_report(
         raise SystemExit(
             "the toy world is not installed under assets/toyworld; train it with python -m models.toyworld.train"
         )
-    subject = write_subject_images(out / "subject", subject=settings.subject)
+    subject = write_subject_images(out / "subject", subject=settings.subject, pairs=settings.pair_images)
     cases, prompts = concept_cases(concept_count, settings.subject), single_object_cases(prompt_count)
     base = load_pipeline(model, device="cpu", dtype="fp32")
     base_shown, base_exact = concept_scores(base, cases, settings.subject)
@@ -356,6 +377,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--batch", type=int, default=QualitySettings.batch_size, help="instance images per step"
     )
+    parser.add_argument(
+        "--pair-images", type=int, default=0, help="two-object subject renders beside the five single ones"
+    )
     parser.add_argument("--no-prior", action="store_true", help="train without prior preservation")
     parser.add_argument(
         "--subject", default=DEFAULT_SUBJECT, choices=sorted(SUBJECTS), help="the held-out concept to teach"
@@ -383,6 +407,7 @@ def main(argv: list[str] | None = None) -> int:
                 steps=args.steps,
                 learning_rate=args.learning_rate,
                 batch_size=args.batch,
+                pair_images=args.pair_images,
                 prior=not args.no_prior,
                 subject=args.subject,
                 train_seeds=tuple(args.train_seeds),
