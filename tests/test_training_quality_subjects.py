@@ -103,3 +103,31 @@ def test_a_family_row_pools_every_training_seed(monkeypatch: pytest.MonkeyPatch,
               "settings": dataclasses.asdict(settings)}  # fmt: skip
     table = quality.format_report(report)
     assert "seeds 0, 1 pooled" in table and table.splitlines()[-1].endswith("NO    95% / 75%")
+
+
+def test_cli_passes_family_hyperparameters_and_pair_renders_into_the_protocol(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    """`--adapter-option` values are parsed as JSON and reach TrainConfig through the settings; they need one
+    family, and a malformed one is refused before anything trains."""
+    import training.quality as quality
+
+    seen: list[quality.QualitySettings] = []
+
+    def fake_report(families, *, out, settings, concept_count, prompt_count):
+        seen.append(settings)
+        return {"base": {"concept_accuracy": 0.0, "concept_exact_accuracy": 0.0, "prompt_accuracy": 1.0},
+                "families": [], "samples": {"concept": 1, "prompts": 1},
+                "settings": dataclasses.asdict(settings)}  # fmt: skip
+
+    monkeypatch.setattr(quality, "run_report", fake_report)
+    argv = ["--families", "hra", "--adapter-option", "r=16", "--adapter-option", "apply_gs=true"]
+    assert quality.main([*argv, "--pair-images", "3", "--out", str(tmp_path)]) == 0
+    (settings,) = seen
+    assert settings.adapter_config == {"r": 16, "apply_gs": True} and settings.pair_images == 3
+    assert settings.train_options()["adapter_config"] == {"r": 16, "apply_gs": True}
+    for bad in (["--adapter-option", "r=16"], ["--families", "hra", "--adapter-option", "r"]):
+        with pytest.raises(SystemExit) as error:
+            quality.main(bad)
+        assert error.value.code == 2
+    assert len(seen) == 1

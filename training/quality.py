@@ -19,7 +19,8 @@ runs are pooled: the outcome of one run depends on its seed (LoRA at its default
   LoRA's concept accuracy with fewer parameters (the DiffuseKronA claim).
 
     python -m training.quality [--families lora krona ...] [--train-seeds 0 1 2] [--batch 8] [--targets vo] [--no-prior]
-                               [--pair-images N] [--out DIR] [--json FILE]
+                               [--pair-images N] [--adapter-option KEY=VALUE]
+                               [--out DIR] [--json FILE]
 """
 
 from __future__ import annotations
@@ -40,6 +41,7 @@ import torch
 
 from models.adapters import FAMILIES
 from models.adapters.files import load_adapter_file
+from models.cli_options import parse_key_values
 from models.pipelines import default_base_model, load_pipeline
 from models.toyworld.checks import ObjectReading, read_object
 from models.toyworld.evaluate import Case, prompt_accuracy, sample, single_object_cases
@@ -123,6 +125,8 @@ class QualitySettings:
     """The training protocol of the report (everything else is the family's default)."""
 
     targets: str | list[str] = "vo"
+    adapter_config: dict[str, Any] = dataclasses.field(default_factory=dict)
+    """Family hyperparameters over the family's defaults (e.g. {"r": 16} for HRA); none by default."""
     steps: int | None = None
     learning_rate: float | None = None
     batch_size: int = 8
@@ -143,6 +147,7 @@ class QualitySettings:
         """The TrainConfig options the protocol fixes (prior preservation aside: `prior_options`)."""
         return {
             "targets": self.targets,
+            "adapter_config": dict(self.adapter_config),
             "max_train_steps": self.steps,
             "learning_rate": self.learning_rate,
             "train_batch_size": self.batch_size,
@@ -378,6 +383,10 @@ def main(argv: list[str] | None = None) -> int:
         "--batch", type=int, default=QualitySettings.batch_size, help="instance images per step"
     )
     parser.add_argument(
+        "--adapter-option", action="append", default=[], metavar="KEY=VALUE",
+        help="family hyperparameter over its default (JSON value), e.g. r=16; with one family",
+    )  # fmt: skip
+    parser.add_argument(
         "--pair-images", type=int, default=0, help="two-object subject renders beside the five single ones"
     )
     parser.add_argument("--no-prior", action="store_true", help="train without prior preservation")
@@ -396,6 +405,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--json", type=Path, default=None, help="also write the report as JSON")
     parser.add_argument("--threads", type=int, default=1, help="torch threads (1 is fastest on a shared CPU)")
     args = parser.parse_args(argv)
+    try:
+        adapter_config = parse_key_values(args.adapter_option, "--adapter-option", "r=16")
+    except ValueError as error:
+        parser.error(str(error))
+    if adapter_config and len(args.families) != 1:
+        parser.error(
+            "--adapter-option sets one family's hyperparameters: name that family alone in --families"
+        )
     torch.set_num_threads(args.threads)
     with tempfile.TemporaryDirectory(prefix="atelier-quality-") as tmp:
         out = args.out or Path(tmp)
@@ -404,6 +421,7 @@ def main(argv: list[str] | None = None) -> int:
             out=out,
             settings=QualitySettings(
                 targets=args.targets[0] if len(args.targets) == 1 else args.targets,
+                adapter_config=adapter_config,
                 steps=args.steps,
                 learning_rate=args.learning_rate,
                 batch_size=args.batch,

@@ -9,7 +9,6 @@ reference code.
 from __future__ import annotations
 
 import inspect
-import json
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -18,6 +17,7 @@ from composition.errors import CompositionError
 from composition.methods import clora, cmlora, composite, merge, switch
 from composition.prompt import ConceptPrompt
 from composition.sampling import Result
+from models.cli_options import parse_key_values
 
 METHODS: dict[str, Callable[..., Result]] = {
     "merge": merge.generate,
@@ -71,16 +71,10 @@ def generate(
 
 def parse_options(items: Sequence[str], flag: str = "--option") -> dict[str, Any]:
     """`KEY=VALUE` pairs given with `flag`; values are JSON when they parse as JSON, else strings."""
-    options: dict[str, Any] = {}
-    for item in items:
-        key, sep, value = item.partition("=")
-        if not sep or not key.strip():
-            raise CompositionError(f"{flag} {item!r}: expected KEY=VALUE, e.g. interval=5.")
-        try:
-            options[key.strip()] = json.loads(value)
-        except json.JSONDecodeError:
-            options[key.strip()] = value
-    return options
+    try:
+        return parse_key_values(items, flag, "interval=5")
+    except ValueError as error:
+        raise CompositionError(str(error)) from None
 
 
 def check_options(method: str, options: dict[str, Any]) -> None:
