@@ -9,6 +9,13 @@ Each concept may also carry a `plain` form: the phrase without the adapter's tri
 `"dog"`). CLoRA's base branch uses the prompt with every concept in its plain form, and adapter k's branch uses
 the prompt with only concept k's trigger, as in the reference (`"a cat and a dog"`, `"a <c> cat and a dog"`,
 `"a cat and a <d> dog"`). Without a plain form every branch reads the full prompt.
+
+The methods that run each adapter on its own prediction (composite, switch, cmlora) give adapter k the same
+prompt as CLoRA's branch k. The papers of Switch and Composite give every LoRA the one prompt, whose other
+concepts are ordinary words to SD; another adapter's trigger is a word adapter k never learnt, and on the toy
+world such a word breaks it: the heart BOFT alone on "a purple square and a blue heart" drew one object, or
+squares, in most seeds, where "a red square and a blue heart" kept the two-object layout. merge runs one UNet
+with every adapter summed, so it reads the full prompt.
 """
 
 from __future__ import annotations

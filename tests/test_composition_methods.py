@@ -78,15 +78,47 @@ def test_composite_of_identical_adapters_equals_the_single_adapter(tiny_sd_pipe)
     assert np.abs(_pixels(got) - _pixels(expected)).max() <= 1
 
 
-def test_switch_with_long_interval_equals_the_first_adapter_alone(tiny_sd_pipe) -> None:
+@pytest.mark.parametrize("plains", [True, False])
+def test_switch_with_long_interval_equals_the_first_adapter_alone(plains, tiny_sd_pipe) -> None:
+    """Alone on its own prompt: the other concept in its plain form when it has one (as in CLoRA's branch)."""
     bank, prompt = _two_concepts(tiny_sd_pipe)
+    if not plains:
+        prompt = ConceptPrompt.build(prompt.text, [c.phrase for c in prompt.concepts])
     got = generate("switch", tiny_sd_pipe, bank, prompt, steps=STEPS, seed=2, interval=STEPS)
     assert got.extras["schedule"] == [0] * STEPS
     bank.close()
     first = AdapterBank(tiny_sd_pipe, [FakeAdapter(1)])
-    alone = ConceptPrompt.build(prompt.text, ["sks star"])
+    text = "a sks star and a heart" if plains else "a sks star and a zwx heart"
+    alone = ConceptPrompt.build(text, ["sks star"])
     expected = generate("merge", tiny_sd_pipe, first, alone, steps=STEPS, seed=2)
     assert np.array_equal(_pixels(got), _pixels(expected))
+
+
+@pytest.mark.parametrize("method", ["composite", "cmlora", "switch"])
+def test_each_adapter_reads_its_own_branch_prompt_when_concepts_have_plain_forms(
+    method, tiny_sd_pipe, monkeypatch
+) -> None:
+    """Adapter k conditions on the prompt with its own concept as written and the others plain (the other
+    adapter's trigger is a word it never learnt); without plain forms every adapter reads the prompt."""
+    from composition.sampling import EmbeddingCache
+
+    asked: set[tuple[str, tuple[float, ...]]] = set()
+    get = EmbeddingCache.get
+
+    def record(self, text, selection=None):
+        asked.add((text, tuple(selection)))
+        return get(self, text, selection)
+
+    monkeypatch.setattr(EmbeddingCache, "get", record)
+    # switch every step so that both adapters get a turn
+    options = {"switch": {"interval": 1}}.get(method, FAST.get(method, {}))
+    bank, prompt = _two_concepts(tiny_sd_pipe)
+    generate(method, tiny_sd_pipe, bank, prompt, steps=STEPS, seed=0, **options)
+    assert asked == {("a sks star and a heart", (1.0, 0.0)), ("a star and a zwx heart", (0.0, 1.0))}
+    asked.clear()
+    plain = ConceptPrompt.build(prompt.text, [c.phrase for c in prompt.concepts])
+    generate(method, tiny_sd_pipe, bank, plain, steps=STEPS, seed=0, **options)
+    assert asked == {(prompt.text, (1.0, 0.0)), (prompt.text, (0.0, 1.0))}
 
 
 def test_clora_without_updates_and_full_mask_equals_single_adapter(tiny_sd_pipe) -> None:

@@ -21,6 +21,9 @@ Composite-style (each adapter predicts on its own, predictions are combined, the
    its interval is >= 2; here any interval >= 1 works and `cache_interval=1` disables caching (every step
    refreshes). The dominant adapter always runs the full UNet (which also refreshes its cache).
 
+Each adapter reads its own branch prompt (`ConceptPrompt.branch_text`: the other concepts in their plain forms,
+when they have them), for its profiling sample too.
+
 `unet_evals` counts full UNet predictions (sampling plus any profiling; `extras` splits them); shallow
 (cached) predictions are reported separately in `extras["shallow_evals"]`, because they cost a fraction of a
 full one.
@@ -89,10 +92,11 @@ def profile_scores(
     scores, spent = [], 0
     for index in range(len(bank)):
         selection = one_hot(index, prompt.weights)
-        key = (index, tuple(selection), prompt.text, size, steps, guidance)
+        text = prompt.branch_text(index)
+        key = (index, tuple(selection), text, size, steps, guidance)
         if key not in cache:
             sampler = Sampler(pipe, steps, guidance, PROFILE_SEED, *size)
-            embeds = embeds_cache.get(prompt.text, selection)
+            embeds = embeds_cache.get(text, selection)
             bank.activate(selection)
             for step_index, t in enumerate(sampler.timesteps):
                 sampler.step(sampler.guide(*sampler.predict(sampler.latents, t, embeds)), t, step_index)
@@ -139,7 +143,7 @@ def generate(
     cache = DeepFeatureCache()
     embeds_cache = EmbeddingCache(pipe, bank, prompt.negative, sampler.size)
     selections = [one_hot(i, prompt.weights) for i in range(n)]
-    embeds = [sampler.batch_for(embeds_cache.get(prompt.text, s)) for s in selections]
+    embeds = [sampler.batch_for(embeds_cache.get(prompt.branch_text(i), s)) for i, s in enumerate(selections)]
     shallow = 0
     try:
         for index, t in enumerate(sampler.timesteps):

@@ -3,7 +3,8 @@
 At every step each adapter, alone, gives its conditional and unconditional noise predictions; the
 conditional ones are averaged, the unconditional ones are averaged, then classifier-free guidance is applied
 to the two averages. Concept weights scale each adapter (w·ΔW), as the reference's per-LoRA scales do; the
-average is uniform, as in the paper. Cost: N CFG pairs per step.
+average is uniform, as in the paper. Cost: N CFG pairs per step. Each adapter reads its own branch prompt
+(`ConceptPrompt.branch_text`: the other concepts in their plain forms, when they have them).
 """
 
 from __future__ import annotations
@@ -40,7 +41,7 @@ def generate(
     sampler = Sampler(pipe, steps, guidance, seed, height, width, progress)
     cache = EmbeddingCache(pipe, bank, prompt.negative, sampler.size)
     selections = [one_hot(i, prompt.weights) for i in range(len(bank))]
-    embeds = [cache.get(prompt.text, s) for s in selections]
+    embeds = [cache.get(prompt.branch_text(i), s) for i, s in enumerate(selections)]
     try:
         for index, t in enumerate(sampler.timesteps):
             uncond_sum = cond_sum = None

@@ -4,7 +4,8 @@ One adapter active at a time, rotating every τ denoising steps in bank order, t
 the adapter at step i is ⌊i/τ⌋ mod N. The reference (`maszhongming/Multi-LoRA-Composition`) switches inside
 a scheduler callback by toggling `set_adapters`; here the bank swaps tensors, so a switch costs a pointer
 swap per touched layer. Concept weights scale the active adapter (w·ΔW), as the reference's per-LoRA
-scales do. One CFG pair per step: the cost of a single-adapter run.
+scales do. One CFG pair per step: the cost of a single-adapter run. The active adapter reads its own branch
+prompt (`ConceptPrompt.branch_text`: the other concepts in their plain forms, when they have them).
 """
 
 from __future__ import annotations
@@ -53,7 +54,7 @@ def generate(
         for index, t in enumerate(sampler.timesteps):
             active = order[index]
             selection = [weights[i] if i == active else 0.0 for i in range(len(bank))]
-            embeds = cache.get(prompt.text, selection)
+            embeds = cache.get(prompt.branch_text(active), selection)
             bank.activate(selection)
             uncond, cond = sampler.predict(sampler.latents, t, embeds)
             sampler.step(sampler.guide(uncond, cond), t, index, adapter=bank.names[active])
