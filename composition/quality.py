@@ -68,21 +68,26 @@ class Setup:
     expect: dict[str, dict[str, str]]
     phrases: tuple[str, ...]
     """The words of the prompt each adapter binds to: its concept word with the word it qualifies."""
+    plains: tuple[str, ...]
+    """Each phrase's plain form (`ConceptPrompt`): the nearest base-world phrase, as "dog" is the class of
+    "sks dog". The other adapters' prompts carry it instead of a word they never learnt."""
 
 
 SETUPS = (
     Setup("N=2 lora+boft", (("purple", "lora"), ("heart", "boft")), "a purple square and a blue heart",
-          {"left": {"colour": "purple"}, "right": {"shape": "heart"}}, ("purple square", "blue heart")),
+          {"left": {"colour": "purple"}, "right": {"shape": "heart"}}, ("purple square", "blue heart"),
+          ("red square", "blue circle")),
     Setup("N=2 krona+hra", (("purple", "krona"), ("heart", "hra")), "a purple square and a blue heart",
-          {"left": {"colour": "purple"}, "right": {"shape": "heart"}}, ("purple square", "blue heart")),
+          {"left": {"colour": "purple"}, "right": {"shape": "heart"}}, ("purple square", "blue heart"),
+          ("red square", "blue circle")),
     Setup("N=3 lora+lora+lora", (("star", "lora"), ("heart", "lora"), ("purple", "lora")),
           "a purple star and a blue heart",
           {"left": {"shape": "star", "colour": "purple"}, "right": {"shape": "heart"}},
-          ("star", "blue heart", "purple")),
+          ("star", "blue heart", "purple"), ("circle", "blue circle", "red")),
 )  # fmt: skip
 
 
-SHAPE_TRAINING: dict[str, Any] = {"targets": "all-linear", "steps": 1600, "pair_images": 5}
+SHAPE_TRAINING: dict[str, Any] = {"targets": "all-linear", "steps": 1600, "pair_images": 10}
 """How the adapters of held-out shapes train (colours keep the protocol's `vo` and family steps): every
 Linear of the transformer blocks, feed-forward included, for 1600 steps. A shape is out of reach of `vo`
 adapters on this base (heart LoRA: 20-22% at 800 steps, `qkvo` 22%), and the feed-forward layers are what
@@ -157,7 +162,7 @@ def evaluate_setup(pipe: Any, setup: Setup, paths: list[Path], seeds: int, steps
 
     bank = AdapterBank(pipe, paths)
     concepts = [concept for concept, _ in setup.adapters]
-    prompt = ConceptPrompt.build(setup.prompt, setup.phrases)
+    prompt = ConceptPrompt.build(setup.prompt, setup.phrases, plains=setup.plains)
     rows: dict[str, dict[str, float | None]] = {}
     for method in methods:
         images, evals, walls = [], [], []

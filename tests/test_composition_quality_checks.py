@@ -117,6 +117,19 @@ def test_every_setup_binds_each_adapter_to_its_concept_and_the_word_it_qualifies
     assert SETUPS[0].phrases == ("purple square", "blue heart")
 
 
+def test_each_adapter_prompt_names_only_its_own_held_out_concept() -> None:
+    """With the setups' plain forms, adapter k's prompt (`branch_text`) holds its own concept word and no other
+    held-out word, and the base branch holds none: every other concept reads as a base-world phrase."""
+    from composition.prompt import ConceptPrompt
+
+    held_out = {word for words in HELD_OUT.values() for word in words}
+    for setup in SETUPS:
+        prompt = ConceptPrompt.build(setup.prompt, setup.phrases, plains=setup.plains)
+        assert not held_out & set(prompt.branch_text(None).split()), setup.name
+        for index, (concept, _) in enumerate(setup.adapters):
+            assert held_out & set(prompt.branch_text(index).split()) == {concept}, (setup.name, concept)
+
+
 def _record_training(monkeypatch) -> list:  # type: ignore[no-untyped-def]
     """Replace `training.dreambooth.train` by a stub that records each config and writes a dummy adapter."""
     import training.dreambooth
