@@ -5,26 +5,35 @@ CMLoRA, Zou et al. 2025; CLoRA, Meral et al. 2024) claim, on the project's toy w
 checks (`models.toyworld.checks`) replace human judgement. Concept adapters are trained with
 `training.dreambooth.train` on held-out toy concepts the base model never saw (the shapes "star" and "heart",
 the colour "purple"), each under the protocol of `training.quality` (five subject renders, batch 8, prior
-preservation on captioned base-world renders) with its own word as the trigger; a shape's adapter trains every
-Linear of the transformer blocks for 1600 steps instead of `vo` (`SHAPE_TRAINING`). Then they are composed:
+preservation on captioned base-world renders) with its own word as the trigger. A shape's adapter trains every
+Linear of the transformer blocks for 1600 steps instead of `vo`, on ten two-object renders beside the five
+single ones (`SHAPE_TRAINING`). Then they are composed:
 
-- N=2: "a purple square and a blue heart": purple left, heart right (mixed families LoRA+BOFT and
-  KronA+HRA);
+- N=2: "a purple square and a blue heart": purple left, heart right (mixed families: purple BOFT + heart LoRA,
+  purple HRA + heart KronA);
 - N=3: "a purple star and a blue heart", with a star adapter too (LoRA+LoRA+LoRA).
 
 Each adapter is bound to its concept word together with the word it qualifies in the prompt ("purple
 square", "blue heart"), as CLoRA's own prompts bind a trigger with its class noun ("a <c> cat"): CLoRA reads
-its masks from the bound tokens' cross-attention, and a `vo` adapter cannot teach the frozen query/key where
-a word the base UNet never saw should attend. Bound to "purple" alone, the purple mask was one cell of the 4×4
-map and the base branch drew the left object. Measured (`--setups "N=2 lora+boft"`, 32 seeds, clora `light`):
-purple on the left in 25% of the images bound to "purple", 53% bound to "purple square" (composite: 75%).
-Those adapters were trained on six renders at the trainer's defaults, without prior preservation. Trained
-under the `training.quality` protocol instead (same setup, 32 seeds), purple landed on the left with switch
-100%, clora 97%, composite 94%, cmlora 81% and merge 6% (before: 81%, 53%, 75%, 62%, 44%); with KronA + HRA
-clora 97%, switch 75%, composite 75%, cmlora 50%, merge 22%. The heart stayed at 0% on the right in both: a
-`vo` adapter does not learn it on this base. Trained as `SHAPE_TRAINING` says, the heart BOFT draws hearts on
-single-object prompts (6 of 8) but not in the pair prompt (0 of 8 alone; 0% of 32 seeds for every method with
-the purple LoRA): its renders are single objects, larger than a pair's, anywhere on the canvas.
+its masks from the bound tokens' cross-attention. Bound to "purple" alone, the purple mask was one cell of the
+4×4 map (purple on the left in 25% of 32 seeds, against 53% bound to "purple square"). Each phrase also has a
+plain form, the nearest base-world phrase ("red square", "blue circle"), which the other adapters' prompts
+carry instead of a word they never learnt (`ConceptPrompt.branch_text`).
+
+What each choice did, measured with the purple adapter on the left and the heart adapter on the right (32
+seeds unless said; the README has the full account):
+
+- `vo` shape adapters never drew the heart (0% for every method); all-linear ones trained on single renders
+  drew it on single-object prompts but not in the pair (heart BOFT alone on the pair prompt: 0 of 8).
+- Pair renders: the heart LoRA alone on "a red square and a blue heart" drew the heart in 2 and 8 of 8 seeds
+  after 5 and 10 pair renders (without any, 0 of 8 on "a red circle and a blue heart"). The heart BOFT and
+  KronA trained the same way stayed weak in composition (right-hand heart 0% and 9% with clora).
+- Plain forms: alone on "a purple square and a blue heart" the same heart LoRA drew the heart in 2 of 8 seeds,
+  against 8 of 8 on "a red square and a blue heart".
+- Purple BOFT + heart LoRA, clora `light`: both present in 31.2% (left 97%, right 31%); without latent updates
+  (`--clora-option iterations=0`) 50.0% (97%, 53%). Composite and cmlora draw the heart (38%, 25%) but paint
+  the left square red (0%, 3% purple): each averages the purple adapter's prediction with the heart
+  adapter's, whose prompt says "red square". merge 0% (left 97%, right 0%).
 
 For every method and seed the image passes when each concept is read in its own region (left: purple, N=3
 also a star; right: heart). The star is only in N=3: these setups were chosen when the toy world's old 4x VAE
@@ -74,10 +83,10 @@ class Setup:
 
 
 SETUPS = (
-    Setup("N=2 lora+boft", (("purple", "lora"), ("heart", "boft")), "a purple square and a blue heart",
+    Setup("N=2 boft+lora", (("purple", "boft"), ("heart", "lora")), "a purple square and a blue heart",
           {"left": {"colour": "purple"}, "right": {"shape": "heart"}}, ("purple square", "blue heart"),
           ("red square", "blue circle")),
-    Setup("N=2 krona+hra", (("purple", "krona"), ("heart", "hra")), "a purple square and a blue heart",
+    Setup("N=2 hra+krona", (("purple", "hra"), ("heart", "krona")), "a purple square and a blue heart",
           {"left": {"colour": "purple"}, "right": {"shape": "heart"}}, ("purple square", "blue heart"),
           ("red square", "blue circle")),
     Setup("N=3 lora+lora+lora", (("star", "lora"), ("heart", "lora"), ("purple", "lora")),
