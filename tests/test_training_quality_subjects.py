@@ -45,8 +45,10 @@ def test_pair_renders_show_the_subject_in_its_half_beside_a_named_base_object(
     subject = SUBJECTS[name]
     pairs = sorted(folder.glob("subject-pair-*.png"))
     assert len(pairs) == 4 and len(list(folder.glob("*.png"))) == 6
+    placements = set()
     for index, image in enumerate(pairs):
         here, there = ("right", "left") if index % 2 == 0 else ("left", "right")
+        placements.add((here, Image.open(image).getpixel((0, 0))))
         caption = image.with_suffix(".txt").read_text(encoding="utf-8").strip()
         first, second = caption.split(" and ")
         assert TRIGGER in (second if here == "right" else first).split(), caption
@@ -57,6 +59,7 @@ def test_pair_renders_show_the_subject_in_its_half_beside_a_named_base_object(
         assert partner is not None and not subject.shown(partner)
         mine = read_object(rendered, here)
         assert (partner.shape, partner.colour) != (mine.shape, mine.colour)
+    assert len(placements) == 4  # the subject on each side over each background: no side-background cue
 
 
 @pytest.mark.parametrize("name", sorted(SUBJECTS))

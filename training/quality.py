@@ -98,7 +98,7 @@ class Subject:
         colour = rng.choice([c for c in BASE_COLOURS if c != subject.colour])
         partner = (shape, colour, "plain")
         attributes = [partner, *attributes] if index % 2 == 0 else [*attributes, partner]
-        background = list(BACKGROUNDS)[index % len(BACKGROUNDS)]
+        background = list(BACKGROUNDS)[index // 2 % len(BACKGROUNDS)]  # each side over both backgrounds
         return Scene(place_objects(rng, attributes), background=background)
 
     def caption(self, scene: Scene, trigger: str = TRIGGER) -> str:
