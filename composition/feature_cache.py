@@ -15,8 +15,9 @@ Measured (SD 1.5 architecture from config, 128 px, batch 2, 1 CPU thread, best o
 2629 ms, a cached forward 71 ms (0.027 of it). The earlier branch point, the whole first down block and last
 up block (five resnet+transformer layers), cost 343 ms (0.128); on the narrow benchmark UNet 0.34 against
 0.075 now. On the toy world (`python -m composition.quality --methods cmlora`, 32 seeds, the setup then
-named "N=2 lora+boft" with purple LoRA and `vo` heart BOFT adapters, purple on the left) cmlora kept purple in 56% of the images with this branch point, 62% with the
-earlier one and 59% without caching (`cache_interval=1`): within two images of each other.
+named "N=2 lora+boft" with purple LoRA and `vo` heart BOFT adapters, purple on the left) cmlora kept purple
+in 56% of the images with this branch point, 62% with the earlier one and 59% without caching
+(`cache_interval=1`): within two images of each other.
 """
 
 from __future__ import annotations

@@ -31,11 +31,13 @@ seeds unless said; the README has the full account):
 - Plain forms: alone on "a purple square and a blue heart" the same heart LoRA drew the heart in 2 of 8 seeds,
   against 8 of 8 on "a red square and a blue heart".
 - Purple BOFT + heart LoRA, clora `light`: both present in 31.2% (left 97%, right 31%); without latent updates
-  (`--clora-option iterations=0`) 50.0% (97%, 53%), and 56.2% with mask threshold 0.2 as well. Those pair
-  renders tied the subject's side to the background; with each side over both (the current
-  `Subject.pair_scene`) the retrained heart LoRA gave clora 21.9%, and 31.2% without updates at α 0.2. Composite and cmlora draw the heart (38%, 25%) but paint
-  the left square red (0%, 3% purple): each averages the purple adapter's prediction with the heart
-  adapter's, whose prompt says "red square". merge 0% (left 97%, right 0%).
+  (`--clora-option iterations=0`) 50.0% (97%, 53%), and 56.2% with mask threshold 0.2 as well. Composite and
+  cmlora draw the heart (38%, 25%) but paint the left square red (0%, 3% purple): each averages the purple
+  adapter's prediction with the heart adapter's, whose prompt says "red square". merge 0% (left 97%, right 0%).
+- Those pair renders tied the subject's side to the background; with each side over both (the current
+  `Subject.pair_scene`) the retrained heart LoRA gave clora 21.9%, and 31.2% without updates at α 0.2. The
+  same LoRA trained with seed 1 drew the heart alone in 8 of 8 seeds but under clora in 3%: the adapter's
+  training seed moves these rates more than any clora option.
 
 For every method and seed the image passes when each concept is read in its own region (left: purple, N=3
 also a star; right: heart). The star is only in N=3: these setups were chosen when the toy world's old 4x VAE

@@ -54,10 +54,9 @@ def test_pair_renders_show_the_subject_in_its_half_beside_a_named_base_object(
         assert TRIGGER in (second if here == "right" else first).split(), caption
         assert name not in caption.split()
         rendered = Image.open(image)
-        assert subject.shown(read_object(rendered, here)), (image, caption)
-        partner = read_object(rendered, there)
+        mine, partner = read_object(rendered, here), read_object(rendered, there)
+        assert subject.shown(mine), (image, caption)
         assert partner is not None and not subject.shown(partner)
-        mine = read_object(rendered, here)
         assert (partner.shape, partner.colour) != (mine.shape, mine.colour)
     assert len(placements) == 4  # the subject on each side over each background: no side-background cue
 

@@ -92,12 +92,12 @@ class Subject:
         """The ``index``-th two-object scene with the subject beside a base-world object, at pair size in its
         own half (right on even indices, left on odd): what a two-object prompt draws."""
         subject = self.scene(index, rng).objects[0]
-        attributes = [(subject.shape, subject.colour, subject.texture)]
+        own = (subject.shape, subject.colour, subject.texture)
         # another shape and colour than the subject's, so the caption tells the two objects apart
         shape = rng.choice([s for s in BASE_SHAPES if s != subject.shape])
         colour = rng.choice([c for c in BASE_COLOURS if c != subject.colour])
         partner = (shape, colour, "plain")
-        attributes = [partner, *attributes] if index % 2 == 0 else [*attributes, partner]
+        attributes = [partner, own] if index % 2 == 0 else [own, partner]
         background = list(BACKGROUNDS)[index // 2 % len(BACKGROUNDS)]  # each side over both backgrounds
         return Scene(place_objects(rng, attributes), background=background)
 
