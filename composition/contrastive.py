@@ -22,12 +22,12 @@ SHARPEN = 100.0
 """Attend-and-Excite's scale before the softmax over tokens."""
 
 
-def normalised_token_maps(raw: torch.Tensor, eos: int) -> torch.Tensor:
+def normalised_token_maps(raw: torch.Tensor, eos: int, sharpen: float = SHARPEN) -> torch.Tensor:
     """(T, h, w) attention probabilities -> (T, h, w) maps: softmax over tokens 1..eos-1, each min–max scaled.
 
     Positions outside 1..eos-1 (BOS, EOS, padding) are zero.
     """
-    text = raw[1:eos] * SHARPEN  # (T', h, w)
+    text = raw[1:eos] * sharpen  # (T', h, w)
     text = torch.softmax(text, dim=0)
     flat = text.flatten(1)  # (T', hw)
     low, high = flat.min(1, keepdim=True).values, flat.max(1, keepdim=True).values
@@ -70,6 +70,21 @@ def concept_mask(maps: torch.Tensor, positions: Sequence[int], threshold: float)
     selected = maps[list(positions)]  # (k, h, w)
     peak = selected.flatten(1).max(1).values.view(-1, 1, 1)
     return (selected >= threshold * peak).any(0)
+
+
+def concept_strength(maps: torch.Tensor, positions: Sequence[int]) -> torch.Tensor:
+    """(h, w) strength of a concept: the max over its tokens of each token map scaled by its own peak."""
+    selected = maps[list(positions)]  # (k, h, w)
+    peak = selected.flatten(1).max(1).values.view(-1, 1, 1).clamp_min(1e-8)
+    return (selected / peak).amax(0)
+
+
+def exclusive(masks: Sequence[torch.Tensor], strengths: Sequence[torch.Tensor]) -> list[torch.Tensor]:
+    """The masks with every cell claimed by several concepts kept only by the strongest one there."""
+    stacked = torch.stack(list(masks))  # (N, h, w) bool
+    scores = torch.stack(list(strengths)).masked_fill(~stacked, float("-inf"))
+    winner = scores.argmax(0)  # (h, w)
+    return [mask & (winner == index) for index, mask in enumerate(masks)]
 
 
 def branch_masks(concept_masks: Sequence[torch.Tensor], size: tuple[int, int]) -> torch.Tensor:

@@ -69,6 +69,40 @@ from composition.report import save_image, save_json
 GUIDANCE = 5.0
 """The toy world's guidance scale (as in `models.toyworld.evaluate`)."""
 METHODS = ("merge", "switch", "composite", "cmlora", "clora")
+DEFAULT_CLORA_PRESET = "partition"
+"""The clora preset the report runs unless told otherwise (`composition.methods.clora`: no latent updates,
+masks from unsharpened maps with exclusive cells)."""
+
+
+def nearest_base_value(word: str) -> str:
+    """The base-world value nearest a held-out colour or shape, by what the pixel checks read: the closest base
+    colour in RGB (purple -> blue) or the base shape whose check template overlaps the shape's most (IoU;
+    heart -> circle, star -> triangle). Any other word is returned as it is."""
+    import numpy as np
+
+    from models.toyworld.checks import shape_template
+    from models.toyworld.world import BASE_COLOURS, BASE_SHAPES, COLOURS, HELD_OUT
+
+    if word in HELD_OUT["colour"]:
+        rgb = np.array(COLOURS[word], dtype=np.float32)
+        return min(BASE_COLOURS, key=lambda c: float(np.linalg.norm(rgb - np.array(COLOURS[c], np.float32))))
+    if word in HELD_OUT["shape"]:
+        mine = shape_template(word, 32, 32)
+
+        def overlap(shape: str) -> float:
+            other = shape_template(shape, 32, 32)
+            return float((mine & other).sum() / (mine | other).sum())
+
+        return max(BASE_SHAPES, key=overlap)
+    return word
+
+
+def plain_form(phrase: str) -> str:
+    """The phrase with each held-out word replaced by its nearest base-world value ("purple square" -> "blue
+    square"): what the other adapters' prompts carry (`ConceptPrompt.branch_text`), a phrase the base model
+    knows that draws the object as close to the concept as the base world allows, so that the branches disagree
+    as little as they can (the "dog" of "sks dog")."""
+    return " ".join(nearest_base_value(word) for word in phrase.split())
 
 
 @dataclass(frozen=True)
@@ -81,31 +115,34 @@ class Setup:
     expect: dict[str, dict[str, str]]
     phrases: tuple[str, ...]
     """The words of the prompt each adapter binds to: its concept word with the word it qualifies."""
-    plains: tuple[str, ...]
-    """Each phrase's plain form (`ConceptPrompt`): the nearest base-world phrase, as "dog" is the class of
-    "sks dog". The other adapters' prompts carry it instead of a word they never learnt."""
+
+    @property
+    def plains(self) -> tuple[str, ...]:
+        """Each phrase's plain form (`plain_form`)."""
+        return tuple(plain_form(phrase) for phrase in self.phrases)
 
 
 SETUPS = (
     Setup("N=2 boft+lora", (("purple", "boft"), ("heart", "lora")), "a purple square and a blue heart",
-          {"left": {"colour": "purple"}, "right": {"shape": "heart"}}, ("purple square", "blue heart"),
-          ("red square", "blue circle")),
+          {"left": {"colour": "purple"}, "right": {"shape": "heart"}}, ("purple square", "blue heart")),
     Setup("N=2 hra+krona", (("purple", "hra"), ("heart", "krona")), "a purple square and a blue heart",
-          {"left": {"colour": "purple"}, "right": {"shape": "heart"}}, ("purple square", "blue heart"),
-          ("red square", "blue circle")),
+          {"left": {"colour": "purple"}, "right": {"shape": "heart"}}, ("purple square", "blue heart")),
     Setup("N=3 lora+lora+lora", (("star", "lora"), ("heart", "lora"), ("purple", "lora")),
           "a purple star and a blue heart",
           {"left": {"shape": "star", "colour": "purple"}, "right": {"shape": "heart"}},
-          ("star", "blue heart", "purple"), ("circle", "blue circle", "red")),
+          ("star", "blue heart", "purple")),
 )  # fmt: skip
 
 
-SHAPE_TRAINING: dict[str, Any] = {"targets": "all-linear", "steps": 1600, "pair_images": 10}
+SHAPE_TRAINING: dict[str, Any] = {"targets": "all-linear", "steps": 1600, "pair_images": 20}
 """How the adapters of held-out shapes train (colours keep the protocol's `vo` and family steps): every
-Linear of the transformer blocks, feed-forward included, for 1600 steps. A shape is out of reach of `vo`
-adapters on this base (heart LoRA: 20-22% at 800 steps, `qkvo` 22%), and the feed-forward layers are what
-carry it: `python -m training.quality --subject heart --families lora --targets all-linear --steps 1600
---train-seeds 0` showed the heart in 100% of 40 trigger samples, prompt accuracy 94.4% (+5.6 points)."""
+Linear of the transformer blocks, feed-forward included, for 1600 steps, on twenty two-object renders beside
+the five single ones. A shape is out of reach of `vo` adapters on this base (heart LoRA: 20-22% at 800 steps,
+`qkvo` 22%), and the feed-forward layers are what carry it: `python -m training.quality --subject heart
+--families lora --targets all-linear --steps 1600 --train-seeds 0` showed the heart in 100% of 40 trigger
+samples, prompt accuracy 94.4% (+5.6 points). Twenty pair renders, not ten: the heart LoRA alone drew the
+right-hand heart of "a red square and a blue heart" / "a blue square and a blue heart" in 10/14 and 14/10 of
+16 seeds (training seeds 0 / 1) with twenty, against 0/0 with ten (seed 0; 3200 steps: 2/1)."""
 
 
 def concept_training(concept: str) -> dict[str, Any]:
@@ -220,12 +257,12 @@ def quality_report(seeds: int = 32, steps: int = 25, work: Path = Path("runs/com
                    method_options: dict[str, dict[str, Any]] | None = None) -> dict[str, Any]:  # fmt: skip
     """Train what is missing, evaluate every setup × method, return the report (also written to `out` after
     every setup, so a long run leaves partial results). `method_options` as in `evaluate_setup`; clora runs
-    its `light` preset unless they name another."""
+    `DEFAULT_CLORA_PRESET` unless they name another."""
     from models.pipelines import load_pipeline
 
     pipe = load_pipeline(base_model, device="cpu" if base_model is None else None)
     options = {**(method_options or {})}
-    options["clora"] = {"preset": "light", **options.get("clora", {})}
+    options["clora"] = {"preset": DEFAULT_CLORA_PRESET, **options.get("clora", {})}
     clora_options = {k: v for k, v in options["clora"].items() if k != "preset"}
     report: dict[str, Any] = {
         "seeds": seeds, "steps": steps, "guidance": GUIDANCE, "clora_preset": options["clora"]["preset"],
@@ -280,7 +317,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--work", type=Path, default=Path("runs/composition-quality"))
     parser.add_argument("--save-images", action="store_true")
     parser.add_argument(
-        "--clora-preset", default="light", help="clora preset (reference = 20 refinement rounds)"
+        "--clora-preset",
+        default=DEFAULT_CLORA_PRESET,
+        help="clora preset: partition (default), light (the reference's with 4 refinement rounds) or reference",
     )
     parser.add_argument(
         "--clora-option", action="append", default=[], metavar="KEY=VALUE",

@@ -11,7 +11,15 @@ import torch
 
 from composition import CompositionError, ConceptPrompt
 from composition.attention_store import AttentionStore, capture_cross_attention, capture_layers
-from composition.contrastive import branch_masks, concept_mask, contrastive_loss, fuse, normalised_token_maps
+from composition.contrastive import (
+    branch_masks,
+    concept_mask,
+    concept_strength,
+    contrastive_loss,
+    exclusive,
+    fuse,
+    normalised_token_maps,
+)
 from composition.feature_cache import DeepFeatureCache, full_forward, shallow_forward
 from composition.frequency import frequency_order, high_frequency_energy, radial_profile
 from tests.composition_helpers import torch_threads
@@ -102,6 +110,22 @@ def test_masks_and_fusion() -> None:
     eps = [torch.full((1, 4, 8, 8), 1.0), torch.full((1, 4, 8, 8), 5.0)]
     fused = fuse(eps, masks)
     assert torch.all(fused[..., :4] == 5.0) and torch.all(fused[..., 4:] == 1.0)
+
+
+def test_exclusive_masks_give_each_shared_cell_to_the_strongest_concept() -> None:
+    maps = torch.zeros(5, 2, 3)
+    maps[1] = torch.tensor([[1.0, 0.8, 0.1], [0.9, 0.4, 0.0]])  # concept 0, one token
+    maps[2] = torch.tensor([[0.0, 0.35, 0.5], [0.1, 0.6, 1.0]])  # concept 1, two tokens
+    maps[3] = torch.tensor([[0.0, 0.1, 1.0], [0.0, 0.2, 0.3]])
+    masks = [concept_mask(maps, [1], 0.3), concept_mask(maps, [2, 3], 0.3)]
+    assert (masks[0] & masks[1]).sum() == 2  # (0, 1) and (1, 1) claimed by both
+    strengths = [concept_strength(maps, [1]), concept_strength(maps, [2, 3])]
+    assert torch.allclose(strengths[1], torch.tensor([[0.0, 0.35, 1.0], [0.1, 0.6, 1.0]]))
+    first, second = exclusive(masks, strengths)
+    assert not (first & second).any()
+    assert torch.equal(first | second, masks[0] | masks[1])  # nothing claimed is dropped
+    assert first[0, 1] and second[1, 1]  # 0.8 beats 0.35; 0.6 beats 0.4
+    assert torch.equal(first, torch.tensor([[True, True, False], [True, False, False]]))
 
 
 @pytest.mark.parametrize("which", ["sd", "sdxl"])

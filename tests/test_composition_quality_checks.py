@@ -194,3 +194,28 @@ def test_shape_adapters_train_every_transformer_linear_for_longer(monkeypatch, t
     assert read_object(Image.open(sorted(Path(h.instance_data_dir).glob("*.png"))[0])).shape == "heart"
     assert len(list(Path(h.instance_data_dir).glob("subject-pair-*.png"))) == pairs > 0
     assert not list(Path(c.instance_data_dir).glob("subject-pair-*.png"))
+
+
+def test_plain_forms_swap_each_held_out_word_for_the_nearest_base_value_the_checks_read() -> None:
+    """Purple is nearest blue in RGB (119 against red's 184); the heart's check template overlaps the
+    circle's most and the star's the triangle's; base words stay."""
+    import numpy as np
+
+    from composition.quality import nearest_base_value, plain_form
+    from models.toyworld.checks import shape_template
+    from models.toyworld.world import BASE_COLOURS, BASE_SHAPES, COLOURS
+
+    purple = np.array(COLOURS["purple"], dtype=np.float32)
+    distances = {c: float(np.linalg.norm(purple - np.array(COLOURS[c], np.float32))) for c in BASE_COLOURS}
+    assert min(distances, key=distances.__getitem__) == nearest_base_value("purple") == "blue"
+    heart = shape_template("heart", 32, 32)
+    ious = {
+        s: (heart & shape_template(s, 32, 32)).sum() / (heart | shape_template(s, 32, 32)).sum()
+        for s in BASE_SHAPES
+    }
+    assert max(ious, key=ious.__getitem__) == nearest_base_value("heart") == "circle"
+    assert nearest_base_value("star") == "triangle"
+    assert nearest_base_value("checkered") == "checkered" and nearest_base_value("red") == "red"
+    assert plain_form("purple square") == "blue square" and plain_form("blue heart") == "blue circle"
+    assert SETUPS[0].plains == ("blue square", "blue circle")
+    assert SETUPS[2].plains == ("triangle", "blue circle", "blue")

@@ -93,10 +93,9 @@ class Subject:
         own half (right on even indices, left on odd): what a two-object prompt draws."""
         subject = self.scene(index, rng).objects[0]
         own = (subject.shape, subject.colour, subject.texture)
-        # another shape and colour than the subject's, so the caption tells the two objects apart
-        shape = rng.choice([s for s in BASE_SHAPES if s != subject.shape])
-        colour = rng.choice([c for c in BASE_COLOURS if c != subject.colour])
-        partner = (shape, colour, "plain")
+        # any base-world shape and colour, as in the base world's own pairs (the same colour as a held-out
+        # shape, too): the subject's held-out value already tells the two objects apart
+        partner = (rng.choice(BASE_SHAPES), rng.choice(BASE_COLOURS), "plain")
         attributes = [partner, own] if index % 2 == 0 else [own, partner]
         background = list(BACKGROUNDS)[index // 2 % len(BACKGROUNDS)]  # each side over both backgrounds
         return Scene(place_objects(rng, attributes), background=background)

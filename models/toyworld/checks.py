@@ -111,7 +111,9 @@ def _largest_component(mask: np.ndarray) -> np.ndarray:
 
 
 @lru_cache(maxsize=4096)
-def _template(shape: str, height: int, width: int) -> np.ndarray:
+def shape_template(shape: str, height: int, width: int) -> np.ndarray:
+    """Boolean (height, width) mask of `shape` stretched over its whole box: what a read object is matched
+    against (cached: do not modify it)."""
     mask = shape_mask(shape, 64)
     ys, xs = np.nonzero(mask)
     big = Image.fromarray(mask[ys.min() : ys.max() + 1, xs.min() : xs.max() + 1].astype(np.uint8) * 255)
@@ -122,7 +124,7 @@ def _classify_shape(mask: np.ndarray) -> tuple[str, float]:
     height, width = mask.shape
     scores = {}
     for shape in SHAPES:
-        template = _template(shape, height, width)
+        template = shape_template(shape, height, width)
         union = np.logical_or(template, mask).sum()
         scores[shape] = float(np.logical_and(template, mask).sum() / max(union, 1))
     best = max(scores, key=scores.__getitem__)
