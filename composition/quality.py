@@ -6,46 +6,47 @@ checks (`models.toyworld.checks`) replace human judgement. Concept adapters are 
 `training.dreambooth.train` on held-out toy concepts the base model never saw (the shapes "star" and "heart",
 the colour "purple"), each under the protocol of `training.quality` (five subject renders, batch 8, prior
 preservation on captioned base-world renders) with its own word as the trigger. A shape's adapter trains every
-Linear of the transformer blocks for 1600 steps instead of `vo`, on ten two-object renders beside the five
+Linear of the transformer blocks for 1600 steps instead of `vo`, on twenty two-object renders beside the five
 single ones (`SHAPE_TRAINING`). Then they are composed:
 
 - N=2: "a purple square and a blue heart": purple left, heart right (mixed families: purple BOFT + heart LoRA,
   purple HRA + heart KronA);
-- N=3: "a purple star and a blue heart", with a star adapter too (LoRA+LoRA+LoRA).
+- N=3: "a purple star and a blue heart", with a star adapter too (LoRA+LoRA+LoRA);
+- N=2 one object: "a purple heart on a white background" (purple BOFT + heart LoRA): two concepts that are
+  attributes of one object, the case the Composite/CMLoRA papers compose (a character and its clothes or
+  style) rather than two objects side by side.
 
 Each adapter is bound to its concept word together with the word it qualifies in the prompt ("purple
 square", "blue heart"), as CLoRA's own prompts bind a trigger with its class noun ("a <c> cat"): CLoRA reads
-its masks from the bound tokens' cross-attention. Bound to "purple" alone, the purple mask was one cell of the
-4×4 map (purple on the left in 25% of 32 seeds, against 53% bound to "purple square"). Each phrase also has a
-plain form, the nearest base-world phrase ("red square", "blue circle"), which the other adapters' prompts
-carry instead of a word they never learnt (`ConceptPrompt.branch_text`).
+its masks from the bound tokens' cross-attention (bound to "purple" alone, the reference's purple mask was one
+cell of the 4×4 map). Each phrase also has a plain form (`plain_form`): the phrase with the held-out word
+swapped for the nearest base-world value the pixel checks read (purple -> blue, heart -> circle, star ->
+triangle), which the other adapters' prompts carry instead of a word they never learnt
+(`ConceptPrompt.branch_text`), so that the branches disagree as little as the base world allows.
 
-What each choice did, measured with the purple adapter on the left and the heart adapter on the right (32
-seeds unless said; the README has the full account):
+What each choice did (purple adapter left, heart adapter right; the README has the full account):
 
 - `vo` shape adapters never drew the heart (0% for every method); all-linear ones trained on single renders
-  drew it on single-object prompts but not in the pair (heart BOFT alone on the pair prompt: 0 of 8).
-- Pair renders: the heart LoRA alone on "a red square and a blue heart" drew the heart in 2 and 8 of 8 seeds
-  after 5 and 10 pair renders (without any, 0 of 8 on "a red circle and a blue heart"). The heart BOFT and
-  KronA trained the same way stayed weak in composition (right-hand heart 0% and 9% with clora).
-- Plain forms: alone on "a purple square and a blue heart" the same heart LoRA drew the heart in 2 of 8 seeds,
-  against 8 of 8 on "a red square and a blue heart".
-- Purple BOFT + heart LoRA, clora `light`: both present in 31.2% (left 97%, right 31%); without latent updates
-  (`--clora-option iterations=0`) 50.0% (97%, 53%), and 56.2% with mask threshold 0.2 as well. Composite and
-  cmlora draw the heart (38%, 25%) but paint the left square red (0%, 3% purple): each averages the purple
-  adapter's prediction with the heart adapter's, whose prompt says "red square". merge 0% (left 97%, right 0%).
-- Those pair renders tied the subject's side to the background; with each side over both (the current
-  `Subject.pair_scene`) the retrained heart LoRA gave clora 21.9%, and 31.2% without updates at α 0.2. The
-  same LoRA trained with seed 1 drew the heart alone in 8 of 8 seeds but under clora in 3%: the adapter's
-  training seed moves these rates more than any clora option.
+  drew it on single-object prompts but not in the pair. Two-object subject renders teach it: with twenty
+  (`SHAPE_TRAINING`) the heart LoRA alone drew the right-hand heart in 10-14 of 16 seeds.
+- The word "purple" in the heart adapter's prompt broke it (2 of 8), hence the plain forms. The nearest-value
+  rule replaced hand-picked ones ("red square"): with "red square" in the heart adapter's prompt composite and
+  cmlora painted the left square red (0% and 3% purple); with "blue square" the left stayed purple in 72% and
+  75% (32 seeds).
+- clora: the reference's masks (`light`, `reference`) lost the heart (about 20-30% of 32 seeds, and as low as
+  3% with another training seed of the same adapter): they came from the cells where a concept word wins
+  Attend-and-Excite's sharpened softmax, a few scattered cells of the heart's half, and the base branch's
+  circle filled the rest. The `partition` preset (unsharpened maps, exclusive cells, no latent updates; see
+  `composition.methods.clora`) splits the image between the concepts and is what this report runs by default
+  (`DEFAULT_CLORA_PRESET`; `--clora-preset light` for the reference's masks).
+- Composite and cmlora average the adapters' predictions over the whole image. On two objects that keeps the
+  colour (purple against the heart adapter's blue) but not the shape (the heart against the purple adapter's
+  circle): both present in 0-3%. On one object with both attributes they do what they are for.
 
 For every method and seed the image passes when each concept is read in its own region (left: purple, N=3
-also a star; right: heart). The star is only in N=3: these setups were chosen when the toy world's old 4x VAE
-could not draw stars at two-object sizes (the current 2x VAE redraws them). clora runs its `light` preset by
-default (4 refinement rounds instead of the reference's 20, to fit the CPU budget; `--clora-preset reference`
-for the full one). Reported per setup × method: that all-present rate and each concept's own rate, the mean
-per-concept minimum CLIPScore (toy CLIP, Hessel scale), the prompt CLIPScore, UNet evaluations and wall time
-per image.
+also a star; right: heart; one object: the whole image). Reported per setup × method: that all-present rate
+and each concept's own rate, the mean per-concept minimum CLIPScore (toy CLIP, Hessel scale), the prompt
+CLIPScore, UNet evaluations and wall time per image.
 
     python -m composition.quality [--seeds 32] [--steps 25] [--work DIR] [--out report.json]
 """
@@ -131,6 +132,8 @@ SETUPS = (
           "a purple star and a blue heart",
           {"left": {"shape": "star", "colour": "purple"}, "right": {"shape": "heart"}},
           ("star", "blue heart", "purple")),
+    Setup("N=2 one object boft+lora", (("purple", "boft"), ("heart", "lora")), "a purple heart on a white background",
+          {"whole": {"colour": "purple", "shape": "heart"}}, ("purple", "heart")),
 )  # fmt: skip
 
 
@@ -287,7 +290,7 @@ def _percent(value: float | None) -> str:
 
 def format_table(report: dict[str, Any]) -> str:
     """The report as an aligned text table."""
-    lines = [f"{'setup':22s} {'method':10s} {'all-present':>11s} {'left':>6s} {'right':>6s} {'concept-min':>11s} "
+    lines = [f"{'setup':26s} {'method':10s} {'all-present':>11s} {'left':>6s} {'right':>6s} {'concept-min':>11s} "
              f"{'CLIPScore':>9s} {'UNet evals':>10s} {'wall s':>7s}"]  # fmt: skip
     for name, entry in report["setups"].items():
         for method, row in entry["methods"].items():
@@ -295,7 +298,7 @@ def format_table(report: dict[str, Any]) -> str:
                 "n/a" if v is None else f"{v:.3f}" for v in (row["concept_min_clipscore"], row["clipscore"])
             )
             lines.append(
-                f"{name:22s} {method:10s} {100 * row['all_present']:>10.1f}% "
+                f"{name:26s} {method:10s} {100 * row['all_present']:>10.1f}% "
                 f"{_percent(row.get('left_present')):>6s} {_percent(row.get('right_present')):>6s} {concept:>11s} {clip:>9s} "
                 f"{row['unet_evals']:>10.0f} {row['wall_s']:>7.2f}"
             )
