@@ -145,7 +145,8 @@ the five single ones. A shape is out of reach of `vo` adapters on this base (hea
 --families lora --targets all-linear --steps 1600 --train-seeds 0` showed the heart in 100% of 40 trigger
 samples, prompt accuracy 94.4% (+5.6 points). Twenty pair renders, not ten: the heart LoRA alone drew the
 right-hand heart of "a red square and a blue heart" / "a blue square and a blue heart" in 10/14 and 14/10 of
-16 seeds (training seeds 0 / 1) with twenty, against 0/0 with ten (seed 0; 3200 steps: 2/1)."""
+16 seeds (training seeds 0 / 1) with twenty, against 0/0 with ten (seed 0; 3200 steps: 2/1) and 16/2
+with forty (then clora `partition` 6.2% both present, 32 seeds)."""
 
 
 def concept_training(concept: str) -> dict[str, Any]:

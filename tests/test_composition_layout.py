@@ -9,6 +9,8 @@ acceptance check it is. The `partition` preset's masks (second test) do split th
 
 from __future__ import annotations
 
+from typing import Any
+
 import pytest
 import torch
 
@@ -17,14 +19,19 @@ from models.pipelines import default_base_model, load_pipeline
 from tests.composition_helpers import FakeAdapter
 
 
-@pytest.mark.slow
-def test_clora_masks_follow_a_left_right_layout() -> None:
+def _layout_case() -> tuple[Any, AdapterBank, ConceptPrompt]:
+    """The toy-world pipeline, two faint adapters, and a prompt that puts a red circle left, a blue square right."""
     folder = default_base_model()
     if folder is None:
         pytest.skip("the toy-world pipeline is not installed under assets/ (python -m models.toyworld.train)")
     pipe = load_pipeline(folder, device="cpu", dtype="fp32")
     bank = AdapterBank(pipe, [FakeAdapter(1, scale=0.005), FakeAdapter(2, scale=0.005)])
-    prompt = ConceptPrompt.build("a red circle and a blue square", ["red circle", "blue square"])
+    return pipe, bank, ConceptPrompt.build("a red circle and a blue square", ["red circle", "blue square"])
+
+
+@pytest.mark.slow
+def test_clora_masks_follow_a_left_right_layout() -> None:
+    pipe, bank, prompt = _layout_case()
     overlaps, sides = [], []
     for seed in range(3):
         result = generate("clora", pipe, bank, prompt, steps=10, guidance=5.0, seed=seed, iterations=0)
@@ -43,12 +50,7 @@ def test_clora_masks_follow_a_left_right_layout() -> None:
 def test_clora_partition_masks_split_a_left_right_layout_between_the_concepts() -> None:
     """The `partition` preset (unsharpened maps, exclusive cells) on the same layout: the two concept masks
     never share a cell, and each covers its own half of the image."""
-    folder = default_base_model()
-    if folder is None:
-        pytest.skip("the toy-world pipeline is not installed under assets/ (python -m models.toyworld.train)")
-    pipe = load_pipeline(folder, device="cpu", dtype="fp32")
-    bank = AdapterBank(pipe, [FakeAdapter(1, scale=0.005), FakeAdapter(2, scale=0.005)])
-    prompt = ConceptPrompt.build("a red circle and a blue square", ["red circle", "blue square"])
+    pipe, bank, prompt = _layout_case()
     for seed in range(3):
         result = generate("clora", pipe, bank, prompt, steps=10, guidance=5.0, seed=seed, preset="partition")
         assert result.unet_evals == 10 * 2 * 3  # no latent updates: the CFG pair of three branches per step
