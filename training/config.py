@@ -73,7 +73,9 @@ min-SNR-5 95%/+4.2 and seed 1 82%/+13.9 (better on both seeds than without, 85%/
 100 warm-up steps 98%/+5.6 but seed 1 78%/+15.3, min-SNR-5 at 5e-3 x 1200 75%/+11.1; HRA with cosine
 decay at 1e-2 x 1200 57%/+9.7, seed 1 55%/+4.2, min-SNR-5 72%/+4.2 but seed 1 40%/+9.7 (at 1e-2
 70%/+5.6), apply_gs with min-SNR-5 57%/+15.3; HRA r=16 (batch 8, seeds 0/1/2 pooled, `python -m training.quality
---families hra --adapter-option r=16`) 65% (82/72/40)/+9.3, against 62% (82/68/38)/+8.3 at r=8."""
+--families hra --adapter-option r=16`) 65% (82/72/40)/+9.3, against 62% (82/68/38)/+8.3 at r=8; KronA
+factors (same protocol, `--adapter-option`) a1=16 42% (42/35/48)/+0.9 with 5,760 parameters, a2=16 81%
+(98/50/95)/+1.9 with 28,944, against 88% at the default a1=64, a2=8."""
 
 
 def _opt(help_text: str, **kwargs: Any) -> Any:
