@@ -81,20 +81,15 @@ def nearest_base_value(word: str) -> str:
     heart -> circle, star -> triangle). Any other word is returned as it is."""
     import numpy as np
 
-    from models.toyworld.checks import shape_template
+    from models.toyworld.checks import shape_scores, shape_template
     from models.toyworld.world import BASE_COLOURS, BASE_SHAPES, COLOURS, HELD_OUT
 
     if word in HELD_OUT["colour"]:
         rgb = np.array(COLOURS[word], dtype=np.float32)
         return min(BASE_COLOURS, key=lambda c: float(np.linalg.norm(rgb - np.array(COLOURS[c], np.float32))))
     if word in HELD_OUT["shape"]:
-        mine = shape_template(word, 32, 32)
-
-        def overlap(shape: str) -> float:
-            other = shape_template(shape, 32, 32)
-            return float((mine & other).sum() / (mine | other).sum())
-
-        return max(BASE_SHAPES, key=overlap)
+        scores = shape_scores(shape_template(word, 32, 32), BASE_SHAPES)
+        return max(scores, key=scores.__getitem__)
     return word
 
 

@@ -39,7 +39,7 @@ def test_pair_renders_show_the_subject_in_its_half_beside_a_named_base_object(
     name: str, tmp_path: Path
 ) -> None:
     """Two-object subject renders: the subject alternates between the right and the left half, at pair size,
-    beside a base-world object of another shape and colour; the caption names both left to right, the
+    beside a base-world object (any base shape and colour: the subject's held-out value sets them apart); the caption names both left to right, the
     subject by the trigger."""
     folder = write_subject_images(tmp_path, count=2, subject=name, pairs=4)
     subject = SUBJECTS[name]

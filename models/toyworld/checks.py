@@ -10,6 +10,7 @@ every attribute of `world`, held-out ones included, so they can score personaliz
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 from functools import lru_cache
 from typing import Literal
@@ -120,13 +121,19 @@ def shape_template(shape: str, height: int, width: int) -> np.ndarray:
     return np.asarray(big.resize((width, height), Image.Resampling.BOX)) >= 128
 
 
-def _classify_shape(mask: np.ndarray) -> tuple[str, float]:
+def shape_scores(mask: np.ndarray, shapes: Sequence[str] = SHAPES) -> dict[str, float]:
+    """IoU of a boolean object mask with each shape's template stretched over the mask's box."""
     height, width = mask.shape
     scores = {}
-    for shape in SHAPES:
+    for shape in shapes:
         template = shape_template(shape, height, width)
         union = np.logical_or(template, mask).sum()
         scores[shape] = float(np.logical_and(template, mask).sum() / max(union, 1))
+    return scores
+
+
+def _classify_shape(mask: np.ndarray) -> tuple[str, float]:
+    scores = shape_scores(mask)
     best = max(scores, key=scores.__getitem__)
     return best, scores[best]
 
