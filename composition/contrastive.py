@@ -79,12 +79,34 @@ def concept_strength(maps: torch.Tensor, positions: Sequence[int]) -> torch.Tens
     return (selected / peak).amax(0)
 
 
-def exclusive(masks: Sequence[torch.Tensor], strengths: Sequence[torch.Tensor]) -> list[torch.Tensor]:
-    """The masks with every cell claimed by several concepts kept only by the strongest one there."""
-    stacked = torch.stack(list(masks))  # (N, h, w) bool
-    scores = torch.stack(list(strengths)).masked_fill(~stacked, float("-inf"))
-    winner = scores.argmax(0)  # (h, w)
-    return [mask & (winner == index) for index, mask in enumerate(masks)]
+def strength_masks(strengths: Sequence[torch.Tensor], threshold: float) -> list[torch.Tensor]:
+    """(h, w) bool masks from concept strengths: strength >= threshold · max(strength), as `concept_mask`
+    reads a single step's maps (the two agree on strengths that peak at 1)."""
+    return [s >= threshold * s.max() for s in strengths]
+
+
+def exclusive(
+    masks: Sequence[torch.Tensor],
+    strengths: Sequence[torch.Tensor],
+    objects: Sequence[Sequence[int]] | None = None,
+) -> list[torch.Tensor]:
+    """The masks with every cell claimed by several objects kept only by the strongest one there.
+
+    `objects` groups the concepts that describe one object (`ConceptPrompt.objects`); default: one concept
+    per object. An object claims the union of its concepts' masks with the strongest of their strengths, and
+    every concept of the winning object gets the object's cells, so attributes of one object are fused there
+    instead of splitting it between them.
+    """
+    groups = [list(g) for g in objects] if objects is not None else [[i] for i in range(len(masks))]
+    claimed = torch.stack([torch.stack([masks[i] for i in g]).any(0) for g in groups])  # (G, h, w) bool
+    power = torch.stack([torch.stack([strengths[i] for i in g]).amax(0) for g in groups])  # (G, h, w)
+    winner = power.masked_fill(~claimed, float("-inf")).argmax(0)  # (h, w)
+    out: list[torch.Tensor] = list(masks)
+    for number, group in enumerate(groups):
+        region = claimed[number] & (winner == number)
+        for concept in group:
+            out[concept] = region if len(group) > 1 else masks[concept] & region
+    return out
 
 
 def branch_masks(concept_masks: Sequence[torch.Tensor], size: tuple[int, int]) -> torch.Tensor:

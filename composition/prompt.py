@@ -111,6 +111,29 @@ class ConceptPrompt:
             c.phrase if (i == adapter or c.plain is None) else c.plain for i, c in enumerate(self.concepts)
         ]
 
+    def objects(self) -> list[list[int]]:
+        """Adapters grouped by the object they describe: concepts whose phrases touch in the prompt (nothing but
+        spaces between them, or overlapping) qualify one object ("a purple star": "purple" and "star"); any
+        other word ("a purple square and a blue heart") separates objects. Groups in order of first adapter."""
+        spans = [_find(self.text, c.phrase) for c in self.concepts]
+        group = list(range(len(spans)))
+
+        def root(i: int) -> int:
+            while group[i] != i:
+                i = group[i]
+            return i
+
+        for i, a in enumerate(spans):
+            for j, b in enumerate(spans[:i]):
+                assert a is not None and b is not None  # validated in __post_init__
+                first, second = sorted((a, b))
+                if second[0] <= first[1] or not self.text[first[1] : second[0]].strip():
+                    group[root(i)] = root(j)
+        members: dict[int, list[int]] = {}
+        for i in range(len(spans)):
+            members.setdefault(root(i), []).append(i)
+        return list(members.values())
+
     def token_indices(self, pipe: Any, adapter: int | None = None) -> list[list[int]]:
         """Positions (in the padded 77-token sequence, BOS = 0) of each concept's tokens in a branch's text.
 

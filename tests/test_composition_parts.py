@@ -19,6 +19,7 @@ from composition.contrastive import (
     exclusive,
     fuse,
     normalised_token_maps,
+    strength_masks,
 )
 from composition.feature_cache import DeepFeatureCache, full_forward, shallow_forward
 from composition.frequency import frequency_order, high_frequency_energy, radial_profile
@@ -126,6 +127,41 @@ def test_exclusive_masks_give_each_shared_cell_to_the_strongest_concept() -> Non
     assert torch.equal(first | second, masks[0] | masks[1])  # nothing claimed is dropped
     assert first[0, 1] and second[1, 1]  # 0.8 beats 0.35; 0.6 beats 0.4
     assert torch.equal(first, torch.tensor([[True, True, False], [True, False, False]]))
+
+
+def test_concepts_of_one_object_share_its_cells_and_objects_stay_exclusive() -> None:
+    """N=3 as in "a purple star and a blue heart": purple and star describe the left object, the heart the
+    right one. The object wins a cell with its strongest concept; both its concepts get all its cells."""
+    star = torch.tensor([[0.9, 0.2], [0.8, 0.1]])
+    heart = torch.tensor([[0.3, 1.0], [0.85, 0.9]])
+    purple = torch.tensor([[0.4, 0.1], [0.95, 0.5]])
+    strengths = [star, heart, purple]
+    masks = strength_masks(strengths, 0.3)
+    assert torch.equal(masks[2], torch.tensor([[True, False], [True, True]]))
+    left, right, colour = exclusive(masks, strengths, [[0, 2], [1]])
+    assert torch.equal(left, colour)  # one object: the same cells for both of its concepts
+    # (0,0): 0.9 vs 0.3; (1,0): purple 0.95 beats heart 0.85; (1,1): heart 0.9 beats purple 0.5
+    assert torch.equal(left, torch.tensor([[True, False], [True, False]]))
+    assert torch.equal(right, torch.tensor([[False, True], [False, True]]))
+    # one concept per object (the default): the star loses (1,0) to the heart, purple keeps it
+    alone = exclusive(masks, strengths)
+    assert torch.equal(alone[0], torch.tensor([[True, False], [False, False]]))
+    assert torch.equal(alone[2], torch.tensor([[False, False], [True, False]]))
+
+
+@pytest.mark.parametrize(
+    ("text", "phrases", "objects"),
+    [
+        ("a purple star and a blue heart", ["star", "blue heart", "purple"], [[0, 2], [1]]),
+        ("a purple square and a blue heart", ["purple square", "blue heart"], [[0], [1]]),
+        ("a purple heart on a white background", ["purple", "heart"], [[0, 1]]),
+        ("a sks dog, a cat and my style", ["sks dog", "cat", "my style"], [[0], [1], [2]]),
+        ("a big  sks dog", ["big", "sks dog"], [[0, 1]]),
+        ("a big sks dog", ["big sks", "sks dog"], [[0, 1]]),
+    ],
+)
+def test_concept_prompt_groups_touching_phrases_into_objects(text, phrases, objects) -> None:
+    assert ConceptPrompt.build(text, phrases).objects() == objects
 
 
 @pytest.mark.parametrize("which", ["sd", "sdxl"])
