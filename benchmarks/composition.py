@@ -1,6 +1,6 @@
 """Composition benchmark: UNet evaluations, wall time and memory of every method, side by side, as ratios.
 
-    python -m benchmarks.composition [--quick] [--steps S] [--size PX] [--device cpu|cuda]
+    python -m benchmarks.composition [--quick] [--steps S] [--size PX] [--device cpu|cuda] [--clora-preset P]
 
 One process, one randomly initialised pipeline with the SD 1.5 architecture (UNet 860M, CLIP ViT-L text
 encoder, SD VAE; built from configs, nothing downloaded) at a reduced image size on CPU (128 px: latent 16×16)
@@ -32,6 +32,7 @@ import torch
 
 from benchmarks._sd15 import build_sd15_pipeline
 from composition import AdapterBank, ConceptPrompt, generate
+from composition.methods.clora import PRESETS as CLORA_PRESETS
 from models.adapters import resolve_targets
 
 CONCEPTS = ("zq star", "vx heart", "kp circle", "wm square")
@@ -285,11 +286,21 @@ def main(argv: Sequence[str] | None = None) -> int:
         choices=TIMED_METHODS,
         help="methods timed by the `methods` part beside the single-adapter run (default: all)",
     )
+    parser.add_argument(
+        "--clora-preset",
+        default="light",
+        choices=sorted(CLORA_PRESETS),
+        help="clora preset timed (default light, with 2 refinement rounds; partition makes no latent updates)",
+    )
     args = parser.parse_args(None if argv is None else list(argv))
     steps = args.steps or 10
     torch.set_num_threads(args.threads)
     pipe = build_sd15_pipeline(args.quick, args.size, args.device)
-    clora_options = {"preset": "light", "refine_rounds": 2}
+    clora_options: dict[str, Any] = {"preset": args.clora_preset}
+    if CLORA_PRESETS[
+        args.clora_preset
+    ].iterations:  # fewer refinement rounds: the full ones take minutes on CPU
+        clora_options["refine_rounds"] = 2
     print(f"device={args.device} unet={'narrow' if args.quick else 'SD1.5'} size={args.size}px steps={steps} "
           f"threads={torch.get_num_threads()} clora options={clora_options}")  # fmt: skip
     if "methods" in args.parts:

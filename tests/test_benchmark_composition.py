@@ -48,6 +48,18 @@ def test_methods_table_counts_each_schedules_unet_evaluations(capsys) -> None:
     assert "clora peak memory" not in out
 
 
+def test_methods_table_times_the_chosen_clora_preset(capsys) -> None:
+    steps = 2
+    args = ["--quick", "--steps", str(steps), "--repeats", "1", "--parts", "methods", "--methods", "clora"]
+    assert composition.main([*args, "--clora-preset", "partition"]) == 0
+    out = capsys.readouterr().out
+    assert "clora options={'preset': 'partition'}" in out
+    evals = {int(n): int(e) for n, e in re.findall(r"^\s*(\d) clora\s+(\d+)\s", out, flags=re.MULTILINE)}
+    # no latent updates: the CFG pair of the base branch and of every adapter's branch, per step
+    assert evals == {n: 2 * (n + 1) * steps for n in (2, 3, 4)}
+    assert "clora peak memory N=4 / N=2" in out
+
+
 def composition_refreshes(steps: int) -> set[int]:
     from composition.methods.cmlora import DEFAULT_CACHE_INTERVAL, refresh_steps
 
