@@ -103,9 +103,8 @@ def exclusive(
     winner = power.masked_fill(~claimed, float("-inf")).argmax(0)  # (h, w)
     out: list[torch.Tensor] = list(masks)
     for number, group in enumerate(groups):
-        region = claimed[number] & (winner == number)
         for concept in group:
-            out[concept] = region if len(group) > 1 else masks[concept] & region
+            out[concept] = claimed[number] & (winner == number)
     return out
 
 

@@ -115,7 +115,7 @@ class ConceptPrompt:
         """Adapters grouped by the object they describe: concepts whose phrases touch in the prompt (nothing but
         spaces between them, or overlapping) qualify one object ("a purple star": "purple" and "star"); any
         other word ("a purple square and a blue heart") separates objects. Groups in order of first adapter."""
-        spans = [_find(self.text, c.phrase) for c in self.concepts]
+        spans = [_find(self.text, c.phrase) or (0, 0) for c in self.concepts]  # all present: __post_init__
         group = list(range(len(spans)))
 
         def root(i: int) -> int:
@@ -125,7 +125,6 @@ class ConceptPrompt:
 
         for i, a in enumerate(spans):
             for j, b in enumerate(spans[:i]):
-                assert a is not None and b is not None  # validated in __post_init__
                 first, second = sorted((a, b))
                 if second[0] <= first[1] or not self.text[first[1] : second[0]].strip():
                     group[root(i)] = root(j)

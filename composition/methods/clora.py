@@ -42,13 +42,15 @@ cells, 10 of 16 (sharpening 10: 8 of 16). The latent updates cost here (with the
 with the reference's masks. Reading the maps at 8×8 (`capture_factor=2`) instead of 4×4 lost the purple
 (left 0% of 32). Masks read from each step's maps alone flip a cell of the heart's half to the purple for a
 few steps in the failures; the running mean keeps them (32 seeds: 78.1% both present against 50.0% per
-step; masks frozen after step 0: 75.0%, after step 5: 59.4%; an EMA of the maps, 0.5 or 0.7, did not help;
+step; masks read at the first step only: 75.0%, over the first five steps and then kept: 59.4%; an EMA of the maps, 0.5 or 0.7, did not help;
 each concept's phrase averaged over every branch's maps: 53.1% per step, 68.8% with the running mean).
 Over 32 seeds: both concepts present 78.1% with `partition` against 3.1% with `light` (purple BOFT + heart
 LoRA), 75.0% against 0% (purple HRA + heart KronA), at 150 instead of 312 UNet evaluations per image. On one
 object ("a purple heart on a white background") the shared cells give 62.5%; when each concept kept its own
 cells the two split the object between them (21.9%). N=3 ("a purple star and a blue heart") stays at 0%:
-the heart adapter's own branch ("a blue triangle and a blue heart") draws two triangles.
+the heart adapter's own branch ("a blue triangle and a blue heart") draws two triangles. With "a red heart"
+the heart is there (97%) but the left object, the average of the star's and the purple's branches, reads as
+the purple branch's plain triangle (23 of 32; 3.1% both present).
 """
 
 from __future__ import annotations
