@@ -43,7 +43,8 @@ with the reference's masks. Reading the maps at 8×8 (`capture_factor=2`) instea
 (left 0% of 32). Masks read from each step's maps alone flip a cell of the heart's half to the purple for a
 few steps in the failures; the running mean keeps them (32 seeds: 78.1% both present against 50.0% per
 step; masks read at the first step only: 75.0%, over the first five steps and then kept: 59.4%; an EMA of the maps, 0.5 or 0.7, did not help;
-each concept's phrase averaged over every branch's maps: 53.1% per step, 68.8% with the running mean).
+each concept's phrase averaged over every branch's maps: 53.1% per step, 68.8% with the running mean; one
+latent update per early step on top, 65.6%).
 Over 32 seeds: both concepts present 78.1% with `partition` against 3.1% with `light` (purple BOFT + heart
 LoRA), 75.0% against 0% (purple HRA + heart KronA), at 150 instead of 312 UNet evaluations per image. On one
 object ("a purple heart on a white background") the shared cells give 62.5%; when each concept kept its own
