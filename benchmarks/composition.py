@@ -297,9 +297,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     torch.set_num_threads(args.threads)
     pipe = build_sd15_pipeline(args.quick, args.size, args.device)
     clora_options: dict[str, Any] = {"preset": args.clora_preset}
-    if CLORA_PRESETS[
-        args.clora_preset
-    ].iterations:  # fewer refinement rounds: the full ones take minutes on CPU
+    # presets with latent updates get fewer refinement rounds: the full ones take minutes on CPU
+    if CLORA_PRESETS[args.clora_preset].iterations:
         clora_options["refine_rounds"] = 2
     print(f"device={args.device} unet={'narrow' if args.quick else 'SD1.5'} size={args.size}px steps={steps} "
           f"threads={torch.get_num_threads()} clora options={clora_options}")  # fmt: skip

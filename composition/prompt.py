@@ -116,22 +116,17 @@ class ConceptPrompt:
         spaces between them, or overlapping) qualify one object ("a purple star": "purple" and "star"); any
         other word ("a purple square and a blue heart") separates objects. Groups in order of first adapter."""
         spans = [_find(self.text, c.phrase) or (0, 0) for c in self.concepts]  # all present: __post_init__
-        group = list(range(len(spans)))
-
-        def root(i: int) -> int:
-            while group[i] != i:
-                i = group[i]
-            return i
-
-        for i, a in enumerate(spans):
-            for j, b in enumerate(spans[:i]):
-                first, second = sorted((a, b))
-                if second[0] <= first[1] or not self.text[first[1] : second[0]].strip():
-                    group[root(i)] = root(j)
-        members: dict[int, list[int]] = {}
-        for i in range(len(spans)):
-            members.setdefault(root(i), []).append(i)
-        return list(members.values())
+        groups: list[list[int]] = []
+        end = 0
+        for index in sorted(range(len(spans)), key=spans.__getitem__):  # in the order of the text
+            start, stop = spans[index]
+            if groups and (start <= end or not self.text[end:start].strip()):
+                groups[-1].append(index)
+                end = max(end, stop)
+            else:
+                groups.append([index])
+                end = stop
+        return sorted((sorted(group) for group in groups), key=lambda group: group[0])
 
     def token_indices(self, pipe: Any, adapter: int | None = None) -> list[list[int]]:
         """Positions (in the padded 77-token sequence, BOS = 0) of each concept's tokens in a branch's text.

@@ -246,7 +246,8 @@ def generate(
             for index, t in enumerate(sampler.timesteps):
                 for _ in range(opts.rounds_at(index, steps)):
                     losses.append(_update_latents(sampler, bank, store, branches, t, opts))
-                uncond, cond, concept_masks, strengths = [], [], [], []
+                # reads: each concept's (token maps, positions) in its own branch
+                uncond, cond, reads = [], [], []
                 for number, branch in enumerate(branches):
                     bank.activate(branch.selection)
                     u, c = sampler.predict(sampler.latents, t, branch.embeds)
@@ -255,9 +256,8 @@ def generate(
                     if number > 0:
                         raw = store.token_maps(latent_size)[-1]  # (T, h, w)
                         token_maps = normalised_token_maps(raw, branch.eos, opts.mask_sharpen)
-                        positions = branch.indices[number - 1]
-                        concept_masks.append(concept_mask(token_maps, positions, opts.mask_threshold))
-                        strengths.append(concept_strength(token_maps, positions))
+                        reads.append((token_maps, branch.indices[number - 1]))
+                strengths = [concept_strength(maps, positions) for maps, positions in reads]
                 if opts.running_mean:
                     strength_sum = (
                         strengths
@@ -266,6 +266,8 @@ def generate(
                     )
                     strengths = [s / (index + 1) for s in strength_sum]
                     concept_masks = strength_masks(strengths, opts.mask_threshold)
+                else:
+                    concept_masks = [concept_mask(m, p, opts.mask_threshold) for m, p in reads]
                 if opts.exclusive_masks:
                     concept_masks = exclusive(concept_masks, strengths, objects)
                 masks = branch_masks(concept_masks, latent_size)  # (N+1, H, W)
