@@ -15,6 +15,8 @@ Reported per side: steps/s of the training loop, wall time including setup (Atel
 setup), and the peak resident-memory growth above the process's RSS just before that side started
 (sampled every 5 ms). Atelier runs first, so any allocator reuse favours the reference. The sides
 alternate for ``--repeats`` rounds; per side the best round is kept for each figure (the CPU is shared).
+The reference also reports the share of its loop spent in the UNet's forward and backward passes: caching
+and a leaner loop can remove only the rest, so 1/share is the most they can gain (the ceiling line).
 
     python -m benchmarks.train [--quick] [--steps N] [--batch B [B ...]] [--threads T]
 """
@@ -135,8 +137,9 @@ class ReferenceDataset(torch.utils.data.Dataset):
 
 def reference_loop(
     model: Path, images: Path, *, steps: int, batch: int, rank: int, lr: float, seed: int
-) -> float:
-    """The plain diffusers + PEFT loop; returns steps/s of the loop (setup excluded, like Atelier's figure)."""
+) -> tuple[float, float]:
+    """The plain diffusers + PEFT loop; returns steps/s of the loop (setup excluded, like Atelier's figure)
+    and the share of the loop's time spent in the UNet's forward and backward passes."""
     torch.manual_seed(seed)
     pipe = StableDiffusionPipeline.from_pretrained(model, torch_dtype=torch.float32, safety_checker=None)
     unet, vae, text_encoder = pipe.unet, pipe.vae, pipe.text_encoder
@@ -150,23 +153,26 @@ def reference_loop(
     dataset = ReferenceDataset(images, pipe.tokenizer, IMAGE_SIZE)
     loader = torch.utils.data.DataLoader(dataset, batch_size=batch, shuffle=True, drop_last=True)
     unet.train()
-    done, start = 0, time.perf_counter()
+    done, unet_seconds, start = 0, 0.0, time.perf_counter()
     while done < steps:
         for item in loader:
             latents = vae.encode(item["pixel_values"]).latent_dist.sample() * vae.config.scaling_factor
             hidden = text_encoder(item["input_ids"])[0]
             noise = torch.randn_like(latents)
             timesteps = torch.randint(0, noise_scheduler.config.num_train_timesteps, (latents.shape[0],))
+            unet_start = time.perf_counter()
             prediction = unet(noise_scheduler.add_noise(latents, noise, timesteps), timesteps, hidden).sample
             loss = F.mse_loss(prediction, noise)
             loss.backward()
+            unet_seconds += time.perf_counter() - unet_start
             torch.nn.utils.clip_grad_norm_(params, 1.0)
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
             done += 1
             if done == steps:
                 break
-    return steps / (time.perf_counter() - start)
+    seconds = time.perf_counter() - start
+    return steps / seconds, unet_seconds / seconds
 
 
 def atelier_run(
@@ -193,20 +199,26 @@ def atelier_run(
     return train(config).steps_per_second
 
 
-def measure(run: Callable[[], float]) -> dict[str, Any]:
+def measure(run: Callable[[], float | tuple[float, float]]) -> dict[str, Any]:
+    """Run one side; a side that also returns its UNet share (the reference) has it kept as ``unet_share``."""
     started = time.perf_counter()
     with PeakRss() as rss:
-        rate = run()
-    return {"steps_per_s": rate, "wall_s": time.perf_counter() - started, "peak_mb": rss.peak_growth / 2**20}
+        outcome = run()
+    rate, share = outcome if isinstance(outcome, tuple) else (outcome, None)
+    row = {"steps_per_s": rate, "wall_s": time.perf_counter() - started, "peak_mb": rss.peak_growth / 2**20}
+    return row | ({"unet_share": share} if share is not None else {})
 
 
 def best(rounds: list[dict[str, Any]]) -> dict[str, Any]:
-    """Fastest steps/s, shortest wall time and smallest peak RSS over the rounds of one side."""
-    return {
-        "steps_per_s": max(r["steps_per_s"] for r in rounds),
+    """Fastest steps/s, shortest wall time and smallest peak RSS over the rounds of one side (and the UNet
+    share of the fastest round, when the side reports one)."""
+    fastest = max(rounds, key=lambda r: r["steps_per_s"])
+    row = {
+        "steps_per_s": fastest["steps_per_s"],
         "wall_s": min(r["wall_s"] for r in rounds),
         "peak_mb": min(r["peak_mb"] for r in rounds),
     }
+    return row | ({"unet_share": fastest["unet_share"]} if "unet_share" in fastest else {})
 
 
 def compare(model: Path, images: Path, root: Path, *, batch: int, repeats: int, steps: int) -> dict[str, Any]:
@@ -276,6 +288,12 @@ def main(argv: list[str] | None = None) -> int:
             f"[target >= {TARGET_SPEEDUP}x: {'met' if speedup >= TARGET_SPEEDUP else 'NOT met'}]; "
             f"peak RSS growth ratio (reference / Atelier) {memory:.2f}x; "
             f"wall-time ratio incl. setup (reference / Atelier) {reference['wall_s'] / atelier['wall_s']:.2f}x"
+        )
+        share = reference["unet_share"]
+        print(
+            f"batch {batch}: the reference spends {100 * share:.1f}% of its loop in the UNet forward/backward; "
+            f"a loop that kept only that part would be {1 / share:.2f}x (the ceiling of caching and loop work; "
+            f"past it only a faster UNet pass helps)"
         )
     return 0
 

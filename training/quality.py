@@ -128,6 +128,8 @@ class QualitySettings:
     """Family hyperparameters over the family's defaults (e.g. {"r": 16} for HRA); none by default."""
     steps: int | None = None
     learning_rate: float | None = None
+    snr_gamma: float | None = None
+    """Min-SNR γ over the family's default (0 = off); None keeps the family's (`FAMILY_TRAINING_DEFAULTS`)."""
     batch_size: int = 8
     """Instance images per step (as many class images beside them). Batch 8 rather than 4 (five subject images:
     each is seen more than once per step, under other noise and timesteps): LoRA 96.7% (92/100/98 by seed)
@@ -149,6 +151,7 @@ class QualitySettings:
             "adapter_config": dict(self.adapter_config),
             "max_train_steps": self.steps,
             "learning_rate": self.learning_rate,
+            "snr_gamma": self.snr_gamma,
             "train_batch_size": self.batch_size,
             "center_crop": True,
         }
@@ -379,6 +382,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--learning-rate", type=float, default=None, help="default: each family's default")
     parser.add_argument("--targets", nargs="+", default=["vo"], help="target preset or module patterns")
     parser.add_argument(
+        "--snr-gamma", type=float, default=None, help="min-SNR γ (0 = off; default: each family's default)"
+    )
+    parser.add_argument(
         "--batch", type=int, default=QualitySettings.batch_size, help="instance images per step"
     )
     parser.add_argument(
@@ -423,6 +429,7 @@ def main(argv: list[str] | None = None) -> int:
                 adapter_config=adapter_config,
                 steps=args.steps,
                 learning_rate=args.learning_rate,
+                snr_gamma=args.snr_gamma,
                 batch_size=args.batch,
                 pair_images=args.pair_images,
                 prior=not args.no_prior,
