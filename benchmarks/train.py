@@ -1,12 +1,15 @@
 """Steps/s and peak RSS of Atelier's DreamBooth trainer against a plain diffusers + PEFT training loop.
 
-Reference: the textbook DreamBooth-LoRA loop as diffusers' ``train_dreambooth_lora.py`` writes it — a
-Dataset that opens, transforms and tokenizes each image in ``__getitem__``, a DataLoader, PEFT LoRA
-attached with ``unet.add_adapter(LoraConfig(...))``, and every step a VAE encode of the pixel batch and a
-text-encoder pass before the UNet forward/backward and a (default, for-each) AdamW step. Atelier's
-``training.dreambooth.train`` runs the same model, batch size, targets (``vo``), rank, learning rate and
-number of steps, with its optimisations: text embeddings and VAE posteriors cached once (both encoders are
-frozen), images decoded once, a fused AdamW step, and a channels-last UNet. Both run in this one process on the same subject images and the same thread count.
+Reference: the DreamBooth-LoRA loop of diffusers' ``train_dreambooth_lora.py``, step for step — a Dataset
+that opens, transforms and tokenizes each image in ``__getitem__``, a DataLoader, PEFT LoRA attached with
+``unet.add_adapter(LoraConfig(...))``, UNet, optimizer, loader and LR scheduler prepared by accelerate, and
+every step a VAE encode of the pixel batch and a text-encoder pass before the UNet forward/backward, the
+gradient clip, a (default, for-each) AdamW step, the scheduler step and a progress-bar update with the loss.
+Atelier's ``training.dreambooth.train`` runs the same model, batch size, targets (``vo``), rank, learning
+rate and number of steps with the CLI's progress bar, and its optimisations: text embeddings and VAE
+posteriors cached once (both encoders are frozen), images decoded once, a fused AdamW step, a channels-last
+UNet and direct attention-processor calls (`models.attention_calls`). Both run in this one process on the
+same subject images and the same thread count.
 
 Model: the toy world (``assets/toyworld``) when installed, otherwise the toy world's architecture with
 random weights (speed does not depend on the weights; the table says which).
@@ -35,16 +38,21 @@ from typing import Any
 import psutil
 import torch
 import torch.nn.functional as F
+from accelerate import Accelerator
+from accelerate.utils import set_seed
 from diffusers import DDIMScheduler, DDPMScheduler, StableDiffusionPipeline
+from diffusers.optimization import get_scheduler
 from peft import LoraConfig
 from PIL import Image, ImageOps
 from torchvision import transforms
+from tqdm.auto import tqdm
 from transformers import CLIPTokenizer
 
 from models.adapters import resolve_targets
 from models.clip_tokenizer import write_clip_tokenizer_files
 from models.pipelines import default_base_model
 from models.toyworld.world import IMAGE_SIZE, Scene, SceneObject, render_scene
+from training.cli import ProgressBar
 from training.config import TrainConfig
 from training.dreambooth import train
 
@@ -138,9 +146,13 @@ class ReferenceDataset(torch.utils.data.Dataset):
 def reference_loop(
     model: Path, images: Path, *, steps: int, batch: int, rank: int, lr: float, seed: int
 ) -> tuple[float, float]:
-    """The plain diffusers + PEFT loop; returns steps/s of the loop (setup excluded, like Atelier's figure)
-    and the share of the loop's time spent in the UNet's forward and backward passes."""
-    torch.manual_seed(seed)
+    """The plain diffusers + PEFT loop, step for step as diffusers' ``train_dreambooth_lora.py`` runs it
+    (accelerate-prepared UNet, optimizer, data loader and LR scheduler; ``accelerator.accumulate``,
+    ``backward`` and ``clip_grad_norm_``; a tqdm bar with the loss and LR; ``accelerator.log``). Returns
+    steps/s of the loop (setup excluded, like Atelier's figure) and the share of the loop's time spent in
+    the UNet's forward and backward passes."""
+    set_seed(seed)
+    accelerator = Accelerator()
     pipe = StableDiffusionPipeline.from_pretrained(model, torch_dtype=torch.float32, safety_checker=None)
     unet, vae, text_encoder = pipe.unet, pipe.vae, pipe.text_encoder
     for module in (unet, vae, text_encoder):
@@ -152,26 +164,40 @@ def reference_loop(
     noise_scheduler = DDPMScheduler.from_config(pipe.scheduler.config)
     dataset = ReferenceDataset(images, pipe.tokenizer, IMAGE_SIZE)
     loader = torch.utils.data.DataLoader(dataset, batch_size=batch, shuffle=True, drop_last=True)
+    lr_scheduler = get_scheduler("constant", optimizer=optimizer, num_training_steps=steps)
+    unet, optimizer, loader, lr_scheduler = accelerator.prepare(unet, optimizer, loader, lr_scheduler)
+    bar = tqdm(range(steps), desc="reference", disable=not accelerator.is_local_main_process)
     unet.train()
     done, unet_seconds, start = 0, 0.0, time.perf_counter()
     while done < steps:
         for item in loader:
-            latents = vae.encode(item["pixel_values"]).latent_dist.sample() * vae.config.scaling_factor
-            hidden = text_encoder(item["input_ids"])[0]
-            noise = torch.randn_like(latents)
-            timesteps = torch.randint(0, noise_scheduler.config.num_train_timesteps, (latents.shape[0],))
-            unet_start = time.perf_counter()
-            prediction = unet(noise_scheduler.add_noise(latents, noise, timesteps), timesteps, hidden).sample
-            loss = F.mse_loss(prediction, noise)
-            loss.backward()
-            unet_seconds += time.perf_counter() - unet_start
-            torch.nn.utils.clip_grad_norm_(params, 1.0)
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
-            done += 1
+            with accelerator.accumulate(unet):
+                latents = vae.encode(item["pixel_values"]).latent_dist.sample() * vae.config.scaling_factor
+                hidden = text_encoder(item["input_ids"])[0]
+                noise = torch.randn_like(latents)
+                timesteps = torch.randint(0, noise_scheduler.config.num_train_timesteps, (latents.shape[0],))
+                unet_start = time.perf_counter()
+                noisy = noise_scheduler.add_noise(latents, noise, timesteps)
+                prediction = unet(noisy, timesteps, hidden, return_dict=False)[0]
+                loss = F.mse_loss(prediction.float(), noise.float(), reduction="mean")
+                accelerator.backward(loss)
+                unet_seconds += time.perf_counter() - unet_start
+                if accelerator.sync_gradients:
+                    accelerator.clip_grad_norm_(params, 1.0)
+                optimizer.step()
+                lr_scheduler.step()
+                optimizer.zero_grad()
+            if accelerator.sync_gradients:
+                bar.update(1)
+                done += 1
+            logs = {"loss": loss.detach().item(), "lr": lr_scheduler.get_last_lr()[0]}
+            bar.set_postfix(**logs)
+            accelerator.log(logs, step=done)
             if done == steps:
                 break
     seconds = time.perf_counter() - start
+    bar.close()
+    accelerator.end_training()
     return steps / seconds, unet_seconds / seconds
 
 
@@ -196,7 +222,11 @@ def atelier_run(
         num_validation_images=1,
         num_inference_steps=1,
     )
-    return train(config).steps_per_second
+    progress = ProgressBar()  # the CLI's bar, as the reference draws one
+    try:
+        return train(config, progress=progress).steps_per_second
+    finally:
+        progress.close()
 
 
 def measure(run: Callable[[], float | tuple[float, float]]) -> dict[str, Any]:
