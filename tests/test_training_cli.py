@@ -210,3 +210,17 @@ def test_accelerate_launch_two_cpu_processes(tiny_sd_path: Path, subject_dir: Pa
     assert sorted(p.name for p in out.iterdir() if p.name.startswith("checkpoint-")) == ["checkpoint-2"]
     assert not [p for p in out.iterdir() if p.name.startswith(".")]  # no leftover temporary files
     assert run.stdout.count("adapter: ") == 1
+
+
+def test_progress_bar_counts_steps_and_shows_the_latest_loss(capsys: pytest.CaptureFixture[str]) -> None:
+    from training.cli import ProgressBar
+
+    bar = ProgressBar()
+    bar(0, 10, class_images=(2, 4))
+    for step in range(1, 11):
+        bar(step, 10, loss=1.0 / step, lr=1e-3, eta=0.0, validation_images=[])
+    assert bar.bar is not None and bar.bar.n == 10
+    assert bar.bar.desc.startswith("training")
+    assert bar.bar.postfix == "loss=0.1000, lr=1.00e-03"
+    bar.close()
+    assert "10/10" in capsys.readouterr().err

@@ -146,11 +146,13 @@ class ProgressBar:
             done, count = info["class_images"]
             self.bar.set_description(f"class images {done}/{count}")
             return
-        self.bar.set_description("training")
+        # the postfix and description are redrawn by update(), at most every tqdm `mininterval`, rather than
+        # twice per step on their own (0.28 ms of a 31 ms toy-world step)
+        self.bar.set_description("training", refresh=False)
         self.bar.total = total
-        self.bar.update(step - self.bar.n)
         if "loss" in info:
-            self.bar.set_postfix(loss=f"{info['loss']:.4f}", lr=f"{info['lr']:.2e}")
+            self.bar.set_postfix(loss=f"{info['loss']:.4f}", lr=f"{info['lr']:.2e}", refresh=False)
+        self.bar.update(step - self.bar.n)
         for path in info.get("validation_images") or []:
             self.bar.write(f"validation samples: {path}")
 
