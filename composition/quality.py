@@ -46,7 +46,8 @@ What each choice did (purple adapter left, heart adapter right; the README has t
 
 For every method and seed the image passes when each concept is read in its own region (left: purple, N=3
 also a star; right: heart; one object: the whole image). Reported per setup × method: that all-present rate
-and each concept's own rate, the mean per-concept minimum CLIPScore (toy CLIP, Hessel scale), the prompt
+with its 95% Wilson interval over the seeds (`evaluation.intervals`; at 32 seeds, 25 passes is 61-89%, so
+differences of a few seeds are within it) and each concept's own rate, the mean per-concept minimum CLIPScore (toy CLIP, Hessel scale), the prompt
 CLIPScore, UNet evaluations and wall time per image.
 
     python -m composition.quality [--seeds 32] [--steps 25] [--work DIR] [--out report.json]
@@ -67,6 +68,7 @@ from composition.bank import AdapterBank
 from composition.methods import check_options, generate, parse_options
 from composition.prompt import ConceptPrompt
 from composition.report import save_image, save_json
+from evaluation.intervals import wilson_interval
 
 GUIDANCE = 5.0
 """The toy world's guidance scale (as in `models.toyworld.evaluate`)."""
@@ -236,8 +238,10 @@ def evaluate_setup(pipe: Any, setup: Setup, paths: list[Path], seeds: int, steps
             {region: region_passes(image, region, attrs) for region, attrs in setup.expect.items()}
             for image in images
         ]
+        passed = sum(all(v.values()) for v in verdicts)
         rows[method] = {
-            "all_present": sum(all(v.values()) for v in verdicts) / len(images),
+            "all_present": passed / len(images),
+            "all_present_95ci": list(wilson_interval(passed, len(images))),
             **{
                 f"{region}_present": sum(v[region] for v in verdicts) / len(images) for region in setup.expect
             },
@@ -287,15 +291,17 @@ def _percent(value: float | None) -> str:
 
 def format_table(report: dict[str, Any]) -> str:
     """The report as an aligned text table."""
-    lines = [f"{'setup':26s} {'method':10s} {'all-present':>11s} {'left':>6s} {'right':>6s} {'concept-min':>11s} "
-             f"{'CLIPScore':>9s} {'UNet evals':>10s} {'wall s':>7s}"]  # fmt: skip
+    lines = [f"{'setup':26s} {'method':10s} {'all-present':>11s} {'95% CI':>9s} {'left':>6s} {'right':>6s} "
+             f"{'concept-min':>11s} {'CLIPScore':>9s} {'UNet evals':>10s} {'wall s':>7s}"]  # fmt: skip
     for name, entry in report["setups"].items():
         for method, row in entry["methods"].items():
             concept, clip = (
                 "n/a" if v is None else f"{v:.3f}" for v in (row["concept_min_clipscore"], row["clipscore"])
             )
+            low, high = row.get("all_present_95ci") or (None, None)
+            interval = "n/a" if low is None else f"{100 * low:.0f}-{100 * high:.0f}%"
             lines.append(
-                f"{name:26s} {method:10s} {100 * row['all_present']:>10.1f}% "
+                f"{name:26s} {method:10s} {100 * row['all_present']:>10.1f}% {interval:>9s} "
                 f"{_percent(row.get('left_present')):>6s} {_percent(row.get('right_present')):>6s} {concept:>11s} {clip:>9s} "
                 f"{row['unet_evals']:>10.0f} {row['wall_s']:>7.2f}"
             )

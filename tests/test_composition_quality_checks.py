@@ -38,11 +38,14 @@ def test_a_missing_or_swapped_concept_fails_its_region_only() -> None:
 
 
 def test_table_lists_per_concept_rates() -> None:
-    row = {"all_present": 0.25, "left_present": 0.5, "right_present": 0.75, "concept_min_clipscore": None,
-           "clipscore": 0.5, "unet_evals": 60, "wall_s": 1.0}  # fmt: skip
+    row = {"all_present": 0.25, "all_present_95ci": [0.1, 0.45], "left_present": 0.5, "right_present": 0.75,
+           "concept_min_clipscore": None, "clipscore": 0.5, "unet_evals": 60, "wall_s": 1.0}  # fmt: skip
     table = format_table({"setups": {"N=2 x": {"methods": {"cmlora": row}}}})
     line = table.splitlines()[1]
-    assert line.split()[3:7] == ["25.0%", "50%", "75%", "n/a"]
+    assert line.split()[3:8] == ["25.0%", "10-45%", "50%", "75%", "n/a"]
+    del row["all_present_95ci"]  # a report written before the interval existed
+    line = format_table({"setups": {"N=2 x": {"methods": {"cmlora": row}}}}).splitlines()[1]
+    assert line.split()[3:8] == ["25.0%", "n/a", "50%", "75%", "n/a"]
 
 
 def test_clora_and_cmlora_options_reach_their_method_only(monkeypatch, tmp_path) -> None:
@@ -219,3 +222,33 @@ def test_plain_forms_swap_each_held_out_word_for_the_nearest_base_value_the_chec
     assert plain_form("purple square") == "blue square" and plain_form("blue heart") == "blue circle"
     assert SETUPS[0].plains == ("blue square", "blue circle")
     assert SETUPS[2].plains == ("triangle", "blue circle", "blue")
+
+
+def test_rates_and_their_interval_count_the_images_that_pass(monkeypatch) -> None:
+    from types import SimpleNamespace
+
+    import composition.quality as quality
+    from evaluation.intervals import wilson_interval
+
+    good = render_scene(scene(("square", "purple"), ("heart", "blue")))
+    no_heart = render_scene(scene(("square", "purple"), ("circle", "blue")))
+    images = [good, good, no_heart, good]  # seeds 0..3
+
+    class Bank:
+        def __init__(self, pipe, paths) -> None:
+            pass
+
+        def close(self) -> None:
+            pass
+
+    monkeypatch.setattr(quality, "AdapterBank", Bank)
+    monkeypatch.setattr(
+        quality,
+        "generate",
+        lambda method, *args, **kw: SimpleNamespace(images=[images[args[5]]], unet_evals=7),
+    )
+    monkeypatch.setattr(quality.ConceptPrompt, "build", staticmethod(lambda *a, **k: None))
+    row = quality.evaluate_setup(None, SETUPS[0], [], 4, 2, ["composite"], None)["composite"]
+    assert (row["all_present"], row["left_present"], row["right_present"]) == (0.75, 1.0, 0.75)
+    assert row["all_present_95ci"] == list(wilson_interval(3, 4))
+    assert row["unet_evals"] == 7
