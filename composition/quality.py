@@ -47,10 +47,11 @@ What each choice did (purple adapter left, heart adapter right; the README has t
 For every method and seed the image passes when each concept is read in its own region (left: purple, N=3
 also a star; right: heart; one object: the whole image). Reported per setup × method: that all-present rate
 with its 95% Wilson interval over the seeds (`evaluation.intervals`; at 32 seeds, 25 passes is 61-89%, so
-differences of a few seeds are within it) and each concept's own rate, the mean per-concept minimum CLIPScore (toy CLIP, Hessel scale), the prompt
-CLIPScore, UNet evaluations and wall time per image.
+differences of a few seeds are within it) and each concept's own rate, the mean per-concept minimum
+CLIPScore (toy CLIP, Hessel scale), the prompt CLIPScore, UNet evaluations and wall time per image.
+`--first-seed` runs other seeds than 0..31, to replicate a rate on samples it was not tuned on.
 
-    python -m composition.quality [--seeds 32] [--steps 25] [--work DIR] [--out report.json]
+    python -m composition.quality [--seeds 32] [--first-seed 0] [--steps 25] [--work DIR] [--out report.json]
 """
 
 from __future__ import annotations
@@ -206,10 +207,11 @@ def passes(image: Any, expect: dict[str, dict[str, str]]) -> bool:
 
 
 def evaluate_setup(pipe: Any, setup: Setup, paths: list[Path], seeds: int, steps: int, methods: Sequence[str],
-                   images_dir: Path | None,
-                   method_options: dict[str, dict[str, Any]] | None = None) -> dict[str, dict[str, float | None]]:  # fmt: skip
-    """All-present rate, CLIP scores, UNet evals and wall time per method for one setup; `method_options`
-    holds the keyword options of each method that takes some (e.g. {"clora": {"preset": "light"}})."""
+                   images_dir: Path | None, method_options: dict[str, dict[str, Any]] | None = None,
+                   first_seed: int = 0) -> dict[str, dict[str, float | None]]:  # fmt: skip
+    """All-present rate, CLIP scores, UNet evals and wall time per method for one setup, over the seeds
+    `first_seed` .. `first_seed + seeds - 1`; `method_options` holds the keyword options of each method that
+    takes some (e.g. {"clora": {"preset": "light"}})."""
     from evaluation import ClipLoadError, concept_scores, score
 
     bank = AdapterBank(pipe, paths)
@@ -218,7 +220,7 @@ def evaluate_setup(pipe: Any, setup: Setup, paths: list[Path], seeds: int, steps
     rows: dict[str, dict[str, float | None]] = {}
     for method in methods:
         images, evals, walls = [], [], []
-        for seed in range(seeds):
+        for seed in range(first_seed, first_seed + seeds):
             start = time.perf_counter()
             options = (method_options or {}).get(method, {})
             result = generate(method, pipe, bank, prompt, steps, GUIDANCE, seed, **options)
@@ -258,7 +260,8 @@ def quality_report(seeds: int = 32, steps: int = 25, work: Path = Path("runs/com
                    base_model: str | None = None, train_steps: int | None = None,
                    methods: Sequence[str] = METHODS, setups: Sequence[Setup] = SETUPS,
                    save_images: bool = False, out: Path | None = None,
-                   method_options: dict[str, dict[str, Any]] | None = None) -> dict[str, Any]:  # fmt: skip
+                   method_options: dict[str, dict[str, Any]] | None = None,
+                   first_seed: int = 0) -> dict[str, Any]:  # fmt: skip
     """Train what is missing, evaluate every setup × method, return the report (also written to `out` after
     every setup, so a long run leaves partial results). `method_options` as in `evaluate_setup`; clora runs
     `DEFAULT_CLORA_PRESET` unless they name another."""
@@ -269,7 +272,7 @@ def quality_report(seeds: int = 32, steps: int = 25, work: Path = Path("runs/com
     options["clora"] = {"preset": DEFAULT_CLORA_PRESET, **options.get("clora", {})}
     clora_options = {k: v for k, v in options["clora"].items() if k != "preset"}
     report: dict[str, Any] = {
-        "seeds": seeds, "steps": steps, "guidance": GUIDANCE, "clora_preset": options["clora"]["preset"],
+        "seeds": seeds, "first_seed": first_seed, "steps": steps, "guidance": GUIDANCE, "clora_preset": options["clora"]["preset"],
         "clora_options": clora_options, "cmlora_options": options.get("cmlora", {}), "setups": {},
     }  # fmt: skip
     for setup in setups:
@@ -277,7 +280,7 @@ def quality_report(seeds: int = 32, steps: int = 25, work: Path = Path("runs/com
         images_dir = work / "images" if save_images else None
         report["setups"][setup.name] = {
             "prompt": setup.prompt, "adapters": [f"{c}:{f}" for c, f in setup.adapters],
-            "methods": evaluate_setup(pipe, setup, paths, seeds, steps, methods, images_dir, options),
+            "methods": evaluate_setup(pipe, setup, paths, seeds, steps, methods, images_dir, options, first_seed),
             "adapter_files": [str(p) for p in paths],
         }  # fmt: skip
         if out is not None:
@@ -313,6 +316,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         prog="python -m composition.quality", description=__doc__.split("\n\n")[0]
     )
     parser.add_argument("--seeds", type=int, default=32)
+    parser.add_argument(
+        "--first-seed", type=int, default=0, help="seeds run from this one on (a replication on new seeds)"
+    )
     parser.add_argument("--steps", type=int, default=25)
     parser.add_argument("--train-steps", type=int, default=None, help="default: the family's default")
     parser.add_argument("--base-model", default=None, help="default: the toy world")
@@ -338,6 +344,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--threads", type=int, default=1, help="torch CPU threads")
     parser.add_argument("--out", type=Path, default=None, help="JSON report path (default: WORK/report.json)")
     args = parser.parse_args(argv)
+    if args.seeds <= 0 or args.first_seed < 0:
+        parser.error("--seeds must be positive and --first-seed non-negative")
     clora_options = parse_options(args.clora_option, "--clora-option")
     check_options("clora", clora_options)  # before any training: a misspelt option fails at once
     cmlora_options = parse_options(args.cmlora_option, "--cmlora-option")
@@ -349,7 +357,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     out = args.out or args.work / "report.json"
     method_options = {"clora": {"preset": args.clora_preset, **clora_options}, "cmlora": cmlora_options}
     report = quality_report(args.seeds, args.steps, args.work, args.base_model, args.train_steps, args.methods,
-                            chosen, args.save_images, out, method_options)  # fmt: skip
+                            chosen, args.save_images, out, method_options, args.first_seed)  # fmt: skip
     print(format_table(report))
     print(json.dumps({"written": str(out)}))
     return 0

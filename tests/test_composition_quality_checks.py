@@ -252,3 +252,9 @@ def test_rates_and_their_interval_count_the_images_that_pass(monkeypatch) -> Non
     assert (row["all_present"], row["left_present"], row["right_present"]) == (0.75, 1.0, 0.75)
     assert row["all_present_95ci"] == list(wilson_interval(3, 4))
     assert row["unet_evals"] == 7
+    later = quality.evaluate_setup(None, SETUPS[0], [], 3, 2, ["composite"], None, first_seed=1)["composite"]
+    assert later["all_present"] == pytest.approx(2 / 3)  # seeds 1, 2, 3
+    for bad in (["--seeds", "0"], ["--first-seed", "-1"]):
+        with pytest.raises(SystemExit) as exit_info:
+            quality.main(bad)
+        assert exit_info.value.code == 2
