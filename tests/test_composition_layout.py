@@ -53,7 +53,10 @@ def test_clora_partition_masks_split_a_left_right_layout_between_the_concepts() 
     pipe, bank, prompt = _layout_case()
     for seed in range(3):
         result = generate("clora", pipe, bank, prompt, steps=10, guidance=5.0, seed=seed, preset="partition")
-        assert result.unet_evals == 10 * 2 * 3  # no latent updates: the CFG pair of three branches per step
+        # no latent updates, and the base branch never runs (the two objects claim every cell): the CFG pair
+        # of the two adapter branches per step
+        assert result.extras["base_branch_steps"] == 0
+        assert result.unet_evals == 10 * 2 * 2
         final = result.extras["masks"]
         assert not (final[1] * final[2]).any()  # exclusive cells
         first, second = (result.extras["mean_masks"][i] > 0.5 for i in (1, 2))  # (H, W) bool

@@ -6,6 +6,7 @@ from collections.abc import Iterator
 
 import numpy as np
 import pytest
+import torch
 
 from composition import AdapterBank, CompositionError, ConceptPrompt, generate
 from composition.methods import METHODS, method_options
@@ -60,10 +61,13 @@ def test_each_method_is_seeded_and_counts_its_unet_evaluations(method, tiny_sd_p
         assert first.extras["shallow_evals"] == (n - 1) * pair * (STEPS - refreshed)
         assert first.unet_evals == first.extras["sampling_evals"] + first.extras["profile_evals"]
         assert again.extras["profile_evals"] == 0  # measured scores are cached on the bank
-    else:  # clora: every branch's CFG pair per step + per update round 2 conditional passes per branch
+    else:  # clora: each adapter branch's CFG pair per step, the base branch's where its mask covers a
+        # cell, + per update round 2 conditional passes per branch
         rounds = len(first.extras["losses"])
         assert rounds == 4  # refinement at round(0.0·3)=0 and round(0.2·3)=round(0.4·3)=1: (1+1) + (1+1)
-        assert first.unet_evals == (n + 1) * pair * STEPS + rounds * 2 * (n + 1)
+        base = first.extras["base_branch_steps"]
+        assert 0 <= base <= STEPS
+        assert first.unet_evals == n * pair * STEPS + pair * base + rounds * 2 * (n + 1)
         assert first.extras["masks"].shape == (n + 1, 16, 16)
 
 
@@ -145,6 +149,23 @@ def test_bad_inputs_give_clear_errors(tiny_sd_pipe) -> None:
         generate("switch", tiny_sd_pipe, bank, prompt, steps=0)
     assert method_options("switch") == {"interval": 5}
     assert method_options("clora")["refine_rounds"] == 20
+
+
+@pytest.mark.parametrize("preset", ["light", "partition"])
+def test_clora_skipping_the_idle_base_branch_changes_only_the_evaluation_count(tiny_sd_pipe, preset) -> None:
+    bank, prompt = _two_concepts(tiny_sd_pipe)
+    options = {"preset": preset, **({"refine_rounds": 1} if preset == "light" else {})}
+    skipped = generate("clora", tiny_sd_pipe, bank, prompt, steps=STEPS, seed=2, **options)
+    every = generate(
+        "clora", tiny_sd_pipe, bank, prompt, steps=STEPS, seed=2, skip_idle_base=False, **options
+    )
+    assert np.array_equal(_pixels(skipped), _pixels(every))
+    assert torch.equal(skipped.extras["mean_masks"], every.extras["mean_masks"])
+    assert every.extras["base_branch_steps"] == STEPS
+    idle = STEPS - skipped.extras["base_branch_steps"]
+    assert every.unet_evals - skipped.unet_evals == 2 * idle
+    if preset == "partition":  # the objects' cells cover the image: the base branch never runs
+        assert idle == STEPS
 
 
 def test_clora_branchwise_backprop_equals_the_joint_gradient(tiny_sd_pipe) -> None:

@@ -20,8 +20,11 @@ Departures from the reference, on purpose:
   alone with that gradient (exact by the chain rule: ∇z L = Σ_b J_bᵀ ∂L/∂A_b). One branch's graph at a time,
   at the price of one extra conditional forward per branch per update.
 
-`unet_evals` counts every UNet forward of one image: each branch's CFG pair per step, plus two conditional
-forwards per branch per latent-update round (maps without a graph, then the branch's backward pass).
+`unet_evals` counts every UNet forward of one image: each adapter branch's CFG pair per step, the base
+branch's at the steps where its mask covers a cell (`extras["base_branch_steps"]`; all of them with
+`skip_idle_base=False`), plus two conditional forwards per branch per latent-update round (maps without a
+graph, then the branch's backward pass). Under `partition` the objects' masks claim every cell, so the base
+branch never runs: N CFG pairs per step, as composite, instead of N+1.
 
 Presets (`preset=`): `reference` (default) = the reference's settings: latent updates at every step
 i < 0.6·steps (30 of 50), 20 extra refinement rounds at 0, 0.2 and 0.4 of the steps (0, 10, 20 of 50),
@@ -109,6 +112,10 @@ class CloraOptions:
     concepts of one object (adjacent phrases, `ConceptPrompt.objects`) share its cells."""
     running_mean: bool = False
     """Read the masks from the mean of the concept maps over the steps so far instead of the current step's."""
+    skip_idle_base: bool = True
+    """Run the base branch only at steps where its mask covers a cell. Its maps make no mask, so the adapter
+    branches run first, the masks follow, and where the base mask is empty (always, under `partition`) the
+    fused prediction is the same without it; False runs it at every step, as the reference does."""
 
     def check(self) -> None:
         if self.iterations < 0 or self.refine_rounds < 0:
@@ -239,6 +246,7 @@ def generate(
     latent_size = tuple(sampler.latents.shape[-2:])
     losses: list[float] = []
     mask_sum = masks = strength_sum = None
+    base_steps = 0
     objects = prompt.objects()
     try:
         with capture_cross_attention(pipe.unet, store, opts.capture_factor), torch.no_grad():
@@ -246,17 +254,16 @@ def generate(
             for index, t in enumerate(sampler.timesteps):
                 for _ in range(opts.rounds_at(index, steps)):
                     losses.append(_update_latents(sampler, bank, store, branches, t, opts))
-                # reads: each concept's (token maps, positions) in its own branch
+                # the adapter branches first; reads: each concept's (token maps, positions) in its own branch
                 uncond, cond, reads = [], [], []
-                for number, branch in enumerate(branches):
+                for number, branch in enumerate(branches[1:], start=1):
                     bank.activate(branch.selection)
                     u, c = sampler.predict(sampler.latents, t, branch.embeds)
                     uncond.append(u)
                     cond.append(c)
-                    if number > 0:
-                        raw = store.token_maps(latent_size)[-1]  # (T, h, w)
-                        token_maps = normalised_token_maps(raw, branch.eos, opts.mask_sharpen)
-                        reads.append((token_maps, branch.indices[number - 1]))
+                    raw = store.token_maps(latent_size)[-1]  # (T, h, w)
+                    token_maps = normalised_token_maps(raw, branch.eos, opts.mask_sharpen)
+                    reads.append((token_maps, branch.indices[number - 1]))
                 strengths = [concept_strength(maps, positions) for maps, positions in reads]
                 if opts.running_mean:
                     strength_sum = (
@@ -272,7 +279,15 @@ def generate(
                     concept_masks = exclusive(concept_masks, strengths, objects)
                 masks = branch_masks(concept_masks, latent_size)  # (N+1, H, W)
                 mask_sum = masks if mask_sum is None else mask_sum + masks
-                eps = sampler.guide(fuse(uncond, masks), fuse(cond, masks))
+                if masks[0].any() or not opts.skip_idle_base:
+                    bank.activate(branches[0].selection)
+                    u, c = sampler.predict(sampler.latents, t, branches[0].embeds)
+                    uncond.insert(0, u)
+                    cond.insert(0, c)
+                    base_steps += 1
+                    eps = sampler.guide(fuse(uncond, masks), fuse(cond, masks))
+                else:  # the base branch's weight is zero everywhere: the adapter branches alone
+                    eps = sampler.guide(fuse(uncond, masks[1:]), fuse(cond, masks[1:]))
                 sampler.step(eps, t, index, loss=losses[-1] if losses else None)
     finally:
         bank.deactivate()
@@ -281,5 +296,6 @@ def generate(
         mean_masks=(mask_sum / steps).cpu(),
         mask_names=["base", *bank.names],
         losses=losses,
+        base_branch_steps=base_steps,
         options={"preset": preset, **{k: getattr(opts, k) for k in sorted(fields)}},
     )
