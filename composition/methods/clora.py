@@ -49,7 +49,8 @@ step; masks read at the first step only: 75.0%, over the first five steps and th
 each concept's phrase averaged over every branch's maps: 53.1% per step, 68.8% with the running mean; one
 latent update per early step on top, 65.6%).
 Over 32 seeds: both concepts present 78.1% with `partition` against 3.1% with `light` (purple BOFT + heart
-LoRA), 75.0% against 0% (purple HRA + heart KronA), at 150 instead of 312 UNet evaluations per image. On one
+LoRA), 75.0% against 0% (purple HRA + heart KronA), at 100 UNet evaluations per image (the base branch idle)
+instead of `light`'s 310-312; on the next 32 seeds, 75.0% and 62.5%. On one
 object ("a purple heart on a white background") the shared cells give 62.5%; when each concept kept its own
 cells the two split the object between them (21.9%). N=3 ("a purple star and a blue heart") stays at 0%:
 the heart adapter's own branch ("a blue triangle and a blue heart") draws two triangles. With "a red heart"
