@@ -79,7 +79,8 @@ factors (same protocol, `--adapter-option`) a1=16 42% (42/35/48)/+0.9 with 5,760
 better than 1200; HRA 2.5e-3 x 800 55% (85/40/40)/+6.0; KronA 1e-2 x 1200 82% (95/62/90)/+5.1; HRA 500
 steps 64% (70/38/85)/+6.5; HRA r=4 52% (82/45/28)/+5.1; KronA min-SNR-5 (`--snr-gamma 5`) 80% (62/92/85)/
 +3.7; HRA 1e-2 x 1200 at batch 8 38% (40/22/50)/+5.6. Defaults on
-training seeds 3/4/5: KronA 72% (82/98/35)/+1.9, BOFT 94% (98/95/90)/+13.4."""
+training seeds 3/4/5: LoRA 90% (90/80/100)/+2.3, KronA 72% (82/98/35)/+1.9, BOFT 94% (98/95/90)/+13.4,
+HRA 62% (100/25/62)/+6.0."""
 
 
 def _opt(help_text: str, **kwargs: Any) -> Any:
