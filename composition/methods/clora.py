@@ -280,15 +280,15 @@ def generate(
                     concept_masks = exclusive(concept_masks, strengths, objects)
                 masks = branch_masks(concept_masks, latent_size)  # (N+1, H, W)
                 mask_sum = masks if mask_sum is None else mask_sum + masks
+                weights = masks[1:]  # where the base mask is empty, the adapter branches alone
                 if masks[0].any() or not opts.skip_idle_base:
                     bank.activate(branches[0].selection)
                     u, c = sampler.predict(sampler.latents, t, branches[0].embeds)
                     uncond.insert(0, u)
                     cond.insert(0, c)
                     base_steps += 1
-                    eps = sampler.guide(fuse(uncond, masks), fuse(cond, masks))
-                else:  # the base branch's weight is zero everywhere: the adapter branches alone
-                    eps = sampler.guide(fuse(uncond, masks[1:]), fuse(cond, masks[1:]))
+                    weights = masks
+                eps = sampler.guide(fuse(uncond, weights), fuse(cond, weights))
                 sampler.step(eps, t, index, loss=losses[-1] if losses else None)
     finally:
         bank.deactivate()
