@@ -133,3 +133,56 @@ def test_cli_passes_family_hyperparameters_and_pair_renders_into_the_protocol(
             quality.main(bad)
         assert error.value.code == 2
     assert len(seen) == 1
+
+
+def test_trigger_option_reaches_captions_prompts_and_training(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    """`--trigger` replaces "sks" in the subject captions, the trigger prompts and the TrainConfig; a word the
+    base world uses is refused (exit 2) before anything trains."""
+    import training.quality as quality
+
+    folder = write_subject_images(tmp_path / "subject", count=3, subject="purple", trigger="purple")
+    captions = [p.read_text(encoding="utf-8").split() for p in sorted(folder.glob("*.txt"))]
+    assert all("purple" in words and TRIGGER not in words for words in captions)
+    assert "blue" in quality.base_world_words() and "purple" not in quality.base_world_words()
+
+    prompts: list[str] = []
+
+    def fake_sample(pipe: object, texts: list[str], seeds: list[int]) -> list[Image.Image]:
+        prompts.extend(texts)
+        return [Image.new("RGB", (32, 32), "white") for _ in texts]
+
+    monkeypatch.setattr(quality, "sample", fake_sample)
+    assert quality.concept_scores(None, concept_cases(3, "purple"), "purple", trigger="purple") == (0.0, 0.0)
+    assert len(prompts) == 3 and all(text.split()[1] == "purple" for text in prompts), prompts
+
+    seen: list[quality.QualitySettings] = []
+
+    def fake_report(families, *, out, settings, concept_count, prompt_count):
+        seen.append(settings)
+        return {"base": {"concept_accuracy": 0.0, "concept_exact_accuracy": 0.0, "prompt_accuracy": 1.0},
+                "families": [], "samples": {"concept": 1, "prompts": 1},
+                "settings": dataclasses.asdict(settings)}  # fmt: skip
+
+    monkeypatch.setattr(quality, "run_report", fake_report)
+    assert quality.main(["--families", "hra", "--trigger", "purple", "--out", str(tmp_path)]) == 0
+    assert seen[-1].trigger == "purple"
+    configs: list[quality.TrainConfig] = []
+
+    class Stop(Exception):
+        pass
+
+    def fake_train(config: quality.TrainConfig) -> None:
+        configs.append(config)
+        raise Stop
+
+    monkeypatch.setattr(quality, "train", fake_train)
+    with pytest.raises(Stop):
+        quality._train_and_score("hra", "model", folder, tmp_path, 0, settings=seen[-1], cases=[], prompts=[],
+                                 prior={})  # fmt: skip
+    (config,) = configs
+    assert config.trigger_phrase == "purple" and config.instance_prompt.split()[1] == "purple"
+    with pytest.raises(SystemExit) as error:
+        quality.main(["--trigger", "blue"])
+    assert error.value.code == 2 and len(seen) == 1

@@ -140,6 +140,8 @@ class QualitySettings:
     prior: bool = True
     regularisation_images: int = 64
     subject: str = DEFAULT_SUBJECT
+    trigger: str = TRIGGER
+    """The word that stands for the subject in captions and trigger prompts."""
     train_seeds: tuple[int, ...] = (0, 1, 2)
     """Each family is trained once per seed; accuracies pool the samples of every run. One seed is not
     enough: the same protocol (batch 4) gave LoRA 95% with seed 0 and 78% with seed 1."""
@@ -190,17 +192,26 @@ def write_regularisation_images(folder: Path, count: int, seed: int = 777) -> Pa
     return folder
 
 
+def base_world_words() -> set[str]:
+    """Every word of the base world's captions (its colours, shapes, textures, backgrounds and glue words)."""
+    return {
+        word for scene in sample_batch(0, 256, held_out=False) for word in scene.caption().lower().split()
+    }
+
+
 def concept_cases(count: int, subject: str = DEFAULT_SUBJECT) -> list[Case]:
     """Trigger prompts over the base world's other attributes and backgrounds, seeded (scene = what should
     appear)."""
     return [Case(SUBJECTS[subject].scene(index), seed=5000 + index) for index in range(count)]
 
 
-def concept_scores(pipe: Any, cases: list[Case], subject: str = DEFAULT_SUBJECT) -> tuple[float, float]:
+def concept_scores(
+    pipe: Any, cases: list[Case], subject: str = DEFAULT_SUBJECT, trigger: str = TRIGGER
+) -> tuple[float, float]:
     """(fraction showing the subject, fraction showing it with every other asked attribute) for trigger
     prompts."""
     concept = SUBJECTS[subject]
-    prompts = [concept.caption(case.scene) for case in cases]
+    prompts = [concept.caption(case.scene, trigger) for case in cases]
     readings = [read_object(image) for image in sample(pipe, prompts, [case.seed for case in cases])]
     shown = [concept.shown(r) for r in readings]
     exact = [
@@ -239,15 +250,15 @@ def _train_and_score(
     config = TrainConfig(
         pretrained_model_name_or_path=model,
         instance_data_dir=str(subject),
-        instance_prompt=concept.caption(concept.scene(0)),
-        trigger_phrase=TRIGGER,
+        instance_prompt=concept.caption(concept.scene(0), settings.trigger),
+        trigger_phrase=settings.trigger,
         adapter=family,
         output_dir=str(out / family / f"seed-{seed}"),
         seed=seed,
         checkpointing_steps=10**9,
         validation_steps=0,
         num_validation_images=4,
-        validation_prompt=concept.caption(concept.scene(6)),
+        validation_prompt=concept.caption(concept.scene(6), settings.trigger),
         **settings.train_options(),
         **prior,
     )
@@ -256,7 +267,7 @@ def _train_and_score(
     wall = time.perf_counter() - started
     pipe = load_pipeline(model, device="cpu", dtype="fp32")
     load_adapter_file(result.adapter_path).attach(pipe.unet)
-    shown_rate, exact_rate = concept_scores(pipe, cases, settings.subject)
+    shown_rate, exact_rate = concept_scores(pipe, cases, settings.subject, settings.trigger)
     return {
         "concept_accuracy": shown_rate,
         "concept_exact_accuracy": exact_rate,
@@ -316,10 +327,12 @@ def run_report(
         raise SystemExit(
             "the toy world is not installed under assets/toyworld; train it with python -m models.toyworld.train"
         )
-    subject = write_subject_images(out / "subject", subject=settings.subject, pairs=settings.pair_images)
+    subject = write_subject_images(
+        out / "subject", subject=settings.subject, trigger=settings.trigger, pairs=settings.pair_images
+    )
     cases, prompts = concept_cases(concept_count, settings.subject), single_object_cases(prompt_count)
     base = load_pipeline(model, device="cpu", dtype="fp32")
-    base_shown, base_exact = concept_scores(base, cases, settings.subject)
+    base_shown, base_exact = concept_scores(base, cases, settings.subject, settings.trigger)
     report: dict[str, Any] = {
         "base": {"concept_accuracy": base_shown, "concept_exact_accuracy": base_exact,
                  "prompt_accuracy": prompt_accuracy(base, prompts, PROMPT_CHECKS)},
@@ -347,7 +360,7 @@ def run_report(
 def format_report(report: dict[str, Any]) -> str:
     base, subject = report["base"], report["settings"]["subject"]
     lines = [
-        f"toy world, subject: held-out {SUBJECTS[subject].attribute} '{subject}' (trigger '{TRIGGER}'), "
+        f"toy world, subject: held-out {SUBJECTS[subject].attribute} '{subject}' (trigger '{report['settings']['trigger']}'), "
         f"{report['samples']['concept']} concept samples and {report['samples']['prompts']} no-trigger "
         f"prompts per training seed, seeds {', '.join(map(str, report['settings']['train_seeds']))} pooled",
         f"base model: concept {base['concept_accuracy']:.0%} (all attributes {base['concept_exact_accuracy']:.0%}), "
@@ -402,6 +415,10 @@ def main(argv: list[str] | None = None) -> int:
         "--train-seeds", nargs="+", type=int, default=list(QualitySettings.train_seeds),
         help="train each family once per seed; accuracies pool every run's samples",
     )  # fmt: skip
+    parser.add_argument(
+        "--trigger", default=TRIGGER,
+        help="the word standing for the subject in captions and trigger prompts (not a base-world word)",
+    )  # fmt: skip
     parser.add_argument("--concept-samples", type=int, default=40)
     parser.add_argument("--prompt-samples", type=int, default=72)
     parser.add_argument(
@@ -417,6 +434,11 @@ def main(argv: list[str] | None = None) -> int:
     if adapter_config and len(args.families) != 1:
         parser.error(
             "--adapter-option sets one family's hyperparameters: name that family alone in --families"
+        )
+    if args.trigger.lower() in base_world_words():
+        parser.error(
+            f"--trigger {args.trigger!r} is a word the base world already uses; the no-trigger prompts that "
+            "measure language drift would contain it. Choose another word."
         )
     torch.set_num_threads(args.threads)
     with tempfile.TemporaryDirectory(prefix="atelier-quality-") as tmp:
@@ -434,6 +456,7 @@ def main(argv: list[str] | None = None) -> int:
                 pair_images=args.pair_images,
                 prior=not args.no_prior,
                 subject=args.subject,
+                trigger=args.trigger,
                 train_seeds=tuple(args.train_seeds),
             ),
             concept_count=args.concept_samples,
