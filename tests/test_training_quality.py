@@ -1,6 +1,6 @@
-"""Toy-world DreamBooth quality (slow): each family learns the report's held-out subject (the colour purple)
-from five images (>= 90% of trigger samples) without language drift (no-trigger prompt accuracy within 5
-points of the base model)."""
+"""Toy-world DreamBooth quality (slow): each family learns the report's held-out subject (the colour purple,
+bound to its own name: `training.quality.TRIGGER` says why) from five images (>= 90% of trigger samples)
+without language drift (no-trigger prompt accuracy within 5 points of the base model)."""
 
 from __future__ import annotations
 

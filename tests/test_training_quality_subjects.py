@@ -138,8 +138,8 @@ def test_cli_passes_family_hyperparameters_and_pair_renders_into_the_protocol(
 def test_trigger_option_reaches_captions_prompts_and_training(
     monkeypatch: pytest.MonkeyPatch, tmp_path: Path
 ) -> None:
-    """`--trigger` replaces "sks" in the subject captions, the trigger prompts and the TrainConfig; a word the
-    base world uses is refused (exit 2) before anything trains."""
+    """`--trigger` (default: the subject's own name) is the word of the subject captions, the trigger prompts
+    and the TrainConfig; a word the base world uses is refused (exit 2) before anything trains."""
     import training.quality as quality
 
     folder = write_subject_images(tmp_path / "subject", count=3, subject="purple", trigger="purple")
@@ -166,8 +166,10 @@ def test_trigger_option_reaches_captions_prompts_and_training(
                 "settings": dataclasses.asdict(settings)}  # fmt: skip
 
     monkeypatch.setattr(quality, "run_report", fake_report)
-    assert quality.main(["--families", "hra", "--trigger", "purple", "--out", str(tmp_path)]) == 0
-    assert seen[-1].trigger == "purple"
+    assert quality.main(["--families", "hra", "--out", str(tmp_path)]) == 0
+    assert seen[-1].trigger is None and seen[-1].trigger_word == "purple"  # the subject's own name
+    assert quality.main(["--families", "hra", "--trigger", "zwx", "--out", str(tmp_path)]) == 0
+    assert seen[-1].trigger_word == "zwx"
     configs: list[quality.TrainConfig] = []
 
     class Stop(Exception):
@@ -182,7 +184,7 @@ def test_trigger_option_reaches_captions_prompts_and_training(
         quality._train_and_score("hra", "model", folder, tmp_path, 0, settings=seen[-1], cases=[], prompts=[],
                                  prior={})  # fmt: skip
     (config,) = configs
-    assert config.trigger_phrase == "purple" and config.instance_prompt.split()[1] == "purple"
+    assert config.trigger_phrase == "zwx" and config.instance_prompt.split()[1] == "zwx"
     with pytest.raises(SystemExit) as error:
         quality.main(["--trigger", "blue"])
-    assert error.value.code == 2 and len(seen) == 1
+    assert error.value.code == 2 and len(seen) == 2

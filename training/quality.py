@@ -4,8 +4,9 @@ without forgetting the rest?
 DreamBooth (Ruiz et al., 2023) on the project's toy world: every family (LoRA, DiffuseKronA, BOFT, HRA)
 with the given targets (default ``vo``, the project default) and the family's default steps and learning
 rate is trained on five images of a concept the base model never saw (``--subject``, any held-out concept;
-default the colour ``purple``), captioned per image with the concept's word replaced by the trigger ("a sks
-circle on a white background"), batch 8 (``--batch``), with prior preservation on captioned regularisation
+default the colour ``purple``), captioned per image with the trigger in the concept word's place (``--trigger``;
+default the concept's own name, "a purple circle on a white background"; ``TRIGGER`` says why not DreamBooth's
+rare token "sks"), batch 8 (``--batch``), with prior preservation on captioned regularisation
 images of the base world (rendered scenes, the "real class images" variant of DreamBooth's prior loss). Every
 family is trained once per training seed (``--train-seeds``, default 0, 1 and 2) and the samples of all its
 runs are pooled: the outcome of one run depends on its seed (LoRA at its defaults, batch 4: 95% with seed 0,
@@ -19,7 +20,7 @@ runs are pooled: the outcome of one run depends on its seed (LoRA at its default
   LoRA's concept accuracy with fewer parameters (the DiffuseKronA claim).
 
     python -m training.quality [--families lora krona ...] [--train-seeds 0 1 2] [--batch 8] [--targets vo] [--no-prior]
-                               [--pair-images N] [--adapter-option KEY=VALUE]
+                               [--pair-images N] [--adapter-option KEY=VALUE] [--trigger WORD]
                                [--out DIR] [--json FILE]
 """
 
@@ -60,6 +61,15 @@ from training.config import TrainConfig
 from training.dreambooth import train
 
 TRIGGER = "sks"
+"""DreamBooth's rare-token identifier, and `write_subject_images`' default. It is not the report's default
+trigger (`QualitySettings.trigger_word`: the subject's own name). The toy text encoder learnt only toy captions,
+so every word outside them reaches nearly one hidden state: "sks" and "zxq" in "a _ circle on a white background"
+are at cosine 0.97, and both are 0.54 from "yellow". The base model draws "a sks circle" yellow or red (22 / 18 of
+40 samples). Orthogonal adapters (BOFT, HRA) keep the angles between their inputs, so on the value path they
+cannot move "sks" away from "yellow" without moving "yellow" too. With `--trigger sks`, HRA showed purple in 62%
+of samples over six training seeds and KronA in 80%. The toy world's counterpart of a rare token is a word the
+text encoder tells apart but the UNet never drew: the held-out concept's own name. "purple" is at -0.03 from
+"yellow", and the base model draws "a purple circle" red or yellow (purple in 3 of 40)."""
 CONCEPT_TARGET = 0.90
 DRIFT_LIMIT = 0.05
 PROMPT_CHECKS = ("colour", "shape", "background")
@@ -140,11 +150,17 @@ class QualitySettings:
     prior: bool = True
     regularisation_images: int = 64
     subject: str = DEFAULT_SUBJECT
-    trigger: str = TRIGGER
-    """The word that stands for the subject in captions and trigger prompts."""
+    trigger: str | None = None
+    """The word that stands for the subject in captions and trigger prompts; None = the subject's own name
+    (`trigger_word`; why not 'sks': `TRIGGER`)."""
     train_seeds: tuple[int, ...] = (0, 1, 2)
     """Each family is trained once per seed; accuracies pool the samples of every run. One seed is not
     enough: the same protocol (batch 4) gave LoRA 95% with seed 0 and 78% with seed 1."""
+
+    @property
+    def trigger_word(self) -> str:
+        """The trigger the runs use: `trigger`, or the subject's own name."""
+        return self.trigger or self.subject
 
     def train_options(self) -> dict[str, Any]:
         """The TrainConfig options the protocol fixes (prior preservation aside: `prior_options`)."""
@@ -250,15 +266,15 @@ def _train_and_score(
     config = TrainConfig(
         pretrained_model_name_or_path=model,
         instance_data_dir=str(subject),
-        instance_prompt=concept.caption(concept.scene(0), settings.trigger),
-        trigger_phrase=settings.trigger,
+        instance_prompt=concept.caption(concept.scene(0), settings.trigger_word),
+        trigger_phrase=settings.trigger_word,
         adapter=family,
         output_dir=str(out / family / f"seed-{seed}"),
         seed=seed,
         checkpointing_steps=10**9,
         validation_steps=0,
         num_validation_images=4,
-        validation_prompt=concept.caption(concept.scene(6), settings.trigger),
+        validation_prompt=concept.caption(concept.scene(6), settings.trigger_word),
         **settings.train_options(),
         **prior,
     )
@@ -267,7 +283,7 @@ def _train_and_score(
     wall = time.perf_counter() - started
     pipe = load_pipeline(model, device="cpu", dtype="fp32")
     load_adapter_file(result.adapter_path).attach(pipe.unet)
-    shown_rate, exact_rate = concept_scores(pipe, cases, settings.subject, settings.trigger)
+    shown_rate, exact_rate = concept_scores(pipe, cases, settings.subject, settings.trigger_word)
     return {
         "concept_accuracy": shown_rate,
         "concept_exact_accuracy": exact_rate,
@@ -328,11 +344,11 @@ def run_report(
             "the toy world is not installed under assets/toyworld; train it with python -m models.toyworld.train"
         )
     subject = write_subject_images(
-        out / "subject", subject=settings.subject, trigger=settings.trigger, pairs=settings.pair_images
+        out / "subject", subject=settings.subject, trigger=settings.trigger_word, pairs=settings.pair_images
     )
     cases, prompts = concept_cases(concept_count, settings.subject), single_object_cases(prompt_count)
     base = load_pipeline(model, device="cpu", dtype="fp32")
-    base_shown, base_exact = concept_scores(base, cases, settings.subject, settings.trigger)
+    base_shown, base_exact = concept_scores(base, cases, settings.subject, settings.trigger_word)
     report: dict[str, Any] = {
         "base": {"concept_accuracy": base_shown, "concept_exact_accuracy": base_exact,
                  "prompt_accuracy": prompt_accuracy(base, prompts, PROMPT_CHECKS)},
@@ -360,7 +376,8 @@ def run_report(
 def format_report(report: dict[str, Any]) -> str:
     base, subject = report["base"], report["settings"]["subject"]
     lines = [
-        f"toy world, subject: held-out {SUBJECTS[subject].attribute} '{subject}' (trigger '{report['settings']['trigger']}'), "
+        f"toy world, subject: held-out {SUBJECTS[subject].attribute} '{subject}' "
+        f"(trigger '{report['settings']['trigger'] or subject}'), "
         f"{report['samples']['concept']} concept samples and {report['samples']['prompts']} no-trigger "
         f"prompts per training seed, seeds {', '.join(map(str, report['settings']['train_seeds']))} pooled",
         f"base model: concept {base['concept_accuracy']:.0%} (all attributes {base['concept_exact_accuracy']:.0%}), "
@@ -416,8 +433,9 @@ def main(argv: list[str] | None = None) -> int:
         help="train each family once per seed; accuracies pool every run's samples",
     )  # fmt: skip
     parser.add_argument(
-        "--trigger", default=TRIGGER,
-        help="the word standing for the subject in captions and trigger prompts (not a base-world word)",
+        "--trigger", default=None,
+        help="the word standing for the subject in captions and trigger prompts (not a base-world word; "
+        "default: the subject's own name, e.g. purple; 'sks' for DreamBooth's rare token)",
     )  # fmt: skip
     parser.add_argument("--concept-samples", type=int, default=40)
     parser.add_argument("--prompt-samples", type=int, default=72)
@@ -435,7 +453,7 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(
             "--adapter-option sets one family's hyperparameters: name that family alone in --families"
         )
-    if args.trigger.lower() in base_world_words():
+    if args.trigger is not None and args.trigger.lower() in base_world_words():
         parser.error(
             f"--trigger {args.trigger!r} is a word the base world already uses; the no-trigger prompts that "
             "measure language drift would contain it. Choose another word."
