@@ -56,7 +56,10 @@ FAMILY_TRAINING_DEFAULTS: dict[str, FamilyTrainingDefaults] = {
         5e-3, 1200, "DiffuseKronA: lr 5e-4..1e-3, 500 steps on SDXL; toy world: 5e-3, 1200"
     ),
     "boft": FamilyTrainingDefaults(
-        5e-3, 1200, "BOFT/OFT DreamBooth: lr 3e-5..6e-5 on SD; toy world: 5e-3, 1200, min-SNR 5", snr_gamma=5.0
+        5e-3,
+        1200,
+        "BOFT/OFT DreamBooth: lr 3e-5..6e-5 on SD; toy world: 5e-3, 1200, min-SNR 5",
+        snr_gamma=5.0,
     ),
     "hra": FamilyTrainingDefaults(5e-3, 800, "HRA DreamBooth: lr ~5e-3 range on SD; toy world: 5e-3, 800"),
 }
