@@ -107,11 +107,8 @@ def test_a_family_row_pools_every_training_seed(monkeypatch: pytest.MonkeyPatch,
     assert "seeds 0, 1 pooled" in table and table.splitlines()[-1].endswith("NO    95% / 75%")
 
 
-def test_cli_passes_family_hyperparameters_and_pair_renders_into_the_protocol(
-    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
-) -> None:
-    """`--adapter-option` values are parsed as JSON and reach TrainConfig through the settings; they need one
-    family, and a malformed one is refused before anything trains."""
+def _record_settings(monkeypatch: pytest.MonkeyPatch) -> list:
+    """Replace `run_report` by a stub that records the settings `main` built and returns an empty report."""
     import training.quality as quality
 
     seen: list[quality.QualitySettings] = []
@@ -123,6 +120,17 @@ def test_cli_passes_family_hyperparameters_and_pair_renders_into_the_protocol(
                 "settings": dataclasses.asdict(settings)}  # fmt: skip
 
     monkeypatch.setattr(quality, "run_report", fake_report)
+    return seen
+
+
+def test_cli_passes_family_hyperparameters_and_pair_renders_into_the_protocol(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    """`--adapter-option` values are parsed as JSON and reach TrainConfig through the settings; they need one
+    family, and a malformed one is refused before anything trains."""
+    import training.quality as quality
+
+    seen = _record_settings(monkeypatch)
     argv = ["--families", "hra", "--adapter-option", "r=16", "--adapter-option", "apply_gs=true"]
     assert quality.main([*argv, "--pair-images", "3", "--out", str(tmp_path)]) == 0
     (settings,) = seen
@@ -157,15 +165,7 @@ def test_trigger_option_reaches_captions_prompts_and_training(
     assert quality.concept_scores(None, concept_cases(3, "purple"), "purple", trigger="purple") == (0.0, 0.0)
     assert len(prompts) == 3 and all(text.split()[1] == "purple" for text in prompts), prompts
 
-    seen: list[quality.QualitySettings] = []
-
-    def fake_report(families, *, out, settings, concept_count, prompt_count):
-        seen.append(settings)
-        return {"base": {"concept_accuracy": 0.0, "concept_exact_accuracy": 0.0, "prompt_accuracy": 1.0},
-                "families": [], "samples": {"concept": 1, "prompts": 1},
-                "settings": dataclasses.asdict(settings)}  # fmt: skip
-
-    monkeypatch.setattr(quality, "run_report", fake_report)
+    seen = _record_settings(monkeypatch)
     assert quality.main(["--families", "hra", "--out", str(tmp_path)]) == 0
     assert seen[-1].trigger is None and seen[-1].trigger_word == "purple"  # the subject's own name
     assert quality.main(["--families", "hra", "--trigger", "zwx", "--out", str(tmp_path)]) == 0
