@@ -7,8 +7,9 @@ every step a VAE encode of the pixel batch and a text-encoder pass before the UN
 gradient clip, a (default, for-each) AdamW step, the scheduler step and a progress-bar update with the loss.
 Atelier's ``training.dreambooth.train`` runs the same model, batch size, targets (``vo``), rank, learning
 rate and number of steps with the CLI's progress bar, and its optimisations: text embeddings and VAE
-posteriors cached once (both encoders are frozen), images decoded once, a fused AdamW step, a channels-last
-UNet and direct attention-processor calls (`models.attention_calls`). Both run in this one process on the
+posteriors cached once (both encoders are frozen), images decoded once, a fused AdamW step, PEFT's LoRA
+layers without their per-call bookkeeping (`models.adapters.lean_lora`) and direct attention-processor calls
+(`models.attention_calls`); a channels-last UNet on CUDA only. Both run in this one process on the
 same subject images and the same thread count.
 
 Model: the toy world (``assets/toyworld``) when installed, otherwise the toy world's architecture with

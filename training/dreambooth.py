@@ -33,6 +33,7 @@ from diffusers.optimization import get_scheduler
 from diffusers.training_utils import cast_training_params
 
 from models.adapters import attach
+from models.adapters.lean_lora import lean_lora_forward
 from training.checkpoints import capture_rng, restore_rng, save_checkpoint
 from training.conditioning import TrainingSet
 from training.config import TrainConfig
@@ -222,13 +223,17 @@ def train(
     set_seed(cfg.seed)
     unet = pipe.unet
     handle = attach(unet, cfg.adapter, plan.adapter_config, plan.targets)
+    lean_lora_forward(unet)  # PEFT's LoRA layers without their per-call bookkeeping (same sums)
     if plan.weight_dtype != torch.float32:
         cast_training_params(unet, dtype=torch.float32)
     if cfg.gradient_checkpointing:
         unet.enable_gradient_checkpointing()
     if plan.use_xformers:
         unet.enable_xformers_memory_efficient_attention()
-    unet.to(memory_format=torch.channels_last)  # NHWC convolutions are faster on CPU (oneDNN) and GPU
+    if accelerator.device.type == "cuda":  # NHWC convolutions suit tensor cores; on CPU they cost time at
+        unet.to(
+            memory_format=torch.channels_last
+        )  # batch >= 2 (toy world: 36.4 vs 35.0 ms a step at batch 2)
     params = handle.trainable_parameters()
 
     train_set = TrainingSet(
