@@ -141,6 +141,11 @@ def test_cli_passes_family_hyperparameters_and_pair_renders_into_the_protocol(
             quality.main(bad)
         assert error.value.code == 2
     assert len(seen) == 1
+    assert quality.main(["--families", "hra", "--prior-loss-weight", "1.5", "--out", str(tmp_path)]) == 0
+    assert seen[-1].prior_loss_weight == 1.5 and settings.prior_loss_weight == 1.0
+    settings = dataclasses.replace(seen[-1], regularisation_images=2)
+    assert quality.prior_options(tmp_path, settings)["prior_loss_weight"] == 1.5
+    assert quality.prior_options(tmp_path, dataclasses.replace(settings, prior=False)) == {}
 
 
 def test_trigger_option_reaches_captions_prompts_and_training(

@@ -148,6 +148,8 @@ class QualitySettings:
     """Two-object subject renders beside the single-object ones (`write_subject_images`' ``pairs``): what an
     adapter composed into a two-object prompt needs to have seen (`composition.quality`)."""
     prior: bool = True
+    prior_loss_weight: float = 1.0
+    """Weight of the prior-preservation loss (DreamBooth's λ; `TrainConfig.prior_loss_weight`)."""
     regularisation_images: int = 64
     subject: str = DEFAULT_SUBJECT
     trigger: str | None = None
@@ -254,6 +256,7 @@ def prior_options(out: Path, settings: QualitySettings) -> dict[str, Any]:
         ),
         "class_prompt": "a scene",  # unused: every regularisation image has its caption
         "num_class_images": settings.regularisation_images,
+        "prior_loss_weight": settings.prior_loss_weight,
     }
 
 
@@ -426,6 +429,10 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--no-prior", action="store_true", help="train without prior preservation")
     parser.add_argument(
+        "--prior-loss-weight", type=float, default=QualitySettings.prior_loss_weight,
+        help="weight of the prior-preservation loss",
+    )  # fmt: skip
+    parser.add_argument(
         "--subject", default=DEFAULT_SUBJECT, choices=sorted(SUBJECTS), help="the held-out concept to teach"
     )
     parser.add_argument(
@@ -473,6 +480,7 @@ def main(argv: list[str] | None = None) -> int:
                 batch_size=args.batch,
                 pair_images=args.pair_images,
                 prior=not args.no_prior,
+                prior_loss_weight=args.prior_loss_weight,
                 subject=args.subject,
                 trigger=args.trigger,
                 train_seeds=tuple(args.train_seeds),
