@@ -96,7 +96,8 @@ with +4.7 points over the six seeds, BOFT's default now (it keeps min-SNR 5). HR
 16 82% (92/70/82)/+4.6 and 82% (92/95/57)/+6.0; HRA 5e-3 x 1200 81% (98/57/88)/+6.5 and 92% (92/95/88)/+4.6;
 HRA 1e-2 x 800 90% (95/82/92)/+5.6 and 93% (90/95/95)/+5.1: 92% with +5.3 points over the six seeds, HRA's
 default now (still 0.3 points over the drift bar); beside it on seeds 0/1/2, 1e-2 x 600 89% (88/92/88)/+5.6
-and 1e-2 x 800 with prior-loss weight 1.5 (`--prior-loss-weight 1.5`) 82% (92/75/78)/+4.6."""
+and 1e-2 x 800 with prior-loss weight 1.5 (`--prior-loss-weight 1.5`) 82% (92/75/78)/+4.6; with weight 1.2, 84%
+(90/78/85)/+5.6 and 90% (90/85/95)/+4.6."""
 
 
 def _opt(help_text: str, **kwargs: Any) -> Any:
