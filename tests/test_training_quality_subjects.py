@@ -141,10 +141,14 @@ def test_cli_passes_family_hyperparameters_and_pair_renders_into_the_protocol(
             quality.main(bad)
         assert error.value.code == 2
     assert len(seen) == 1
-    assert quality.main(["--families", "hra", "--prior-loss-weight", "1.5", "--out", str(tmp_path)]) == 0
+    argv = ["--families", "hra", "--prior-loss-weight", "1.5", "--class-images", "3", "--out", str(tmp_path)]
+    assert quality.main(argv) == 0
     assert seen[-1].prior_loss_weight == 1.5 and settings.prior_loss_weight == 1.0
-    settings = dataclasses.replace(seen[-1], regularisation_images=2)
-    assert quality.prior_options(tmp_path, settings)["prior_loss_weight"] == 1.5
+    assert seen[-1].regularisation_images == 3 and settings.regularisation_images == 64
+    settings = seen[-1]
+    options = quality.prior_options(tmp_path, settings)
+    assert options["prior_loss_weight"] == 1.5 and options["num_class_images"] == 3
+    assert len(list(Path(options["class_data_dir"]).glob("*.png"))) == 3
     assert quality.prior_options(tmp_path, dataclasses.replace(settings, prior=False)) == {}
 
 

@@ -433,6 +433,10 @@ def main(argv: list[str] | None = None) -> int:
         help="weight of the prior-preservation loss",
     )  # fmt: skip
     parser.add_argument(
+        "--class-images", type=int, default=QualitySettings.regularisation_images,
+        help="captioned base-world renders for prior preservation",
+    )  # fmt: skip
+    parser.add_argument(
         "--subject", default=DEFAULT_SUBJECT, choices=sorted(SUBJECTS), help="the held-out concept to teach"
     )
     parser.add_argument(
@@ -481,6 +485,7 @@ def main(argv: list[str] | None = None) -> int:
                 pair_images=args.pair_images,
                 prior=not args.no_prior,
                 prior_loss_weight=args.prior_loss_weight,
+                regularisation_images=args.class_images,
                 subject=args.subject,
                 trigger=args.trigger,
                 train_seeds=tuple(args.train_seeds),
