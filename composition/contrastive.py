@@ -65,13 +65,6 @@ def contrastive_loss(
     return (log_denominator - log_numerator)[has_positive].mean()
 
 
-def concept_mask(maps: torch.Tensor, positions: Sequence[int], threshold: float) -> torch.Tensor:
-    """(h, w) bool mask: OR over the concept's tokens of (map >= threshold · max(map))."""
-    selected = maps[list(positions)]  # (k, h, w)
-    peak = selected.flatten(1).max(1).values.view(-1, 1, 1)
-    return (selected >= threshold * peak).any(0)
-
-
 def concept_strength(maps: torch.Tensor, positions: Sequence[int]) -> torch.Tensor:
     """(h, w) strength of a concept: the max over its tokens of each token map scaled by its own peak."""
     selected = maps[list(positions)]  # (k, h, w)
@@ -80,8 +73,9 @@ def concept_strength(maps: torch.Tensor, positions: Sequence[int]) -> torch.Tens
 
 
 def strength_masks(strengths: Sequence[torch.Tensor], threshold: float) -> list[torch.Tensor]:
-    """(h, w) bool masks from concept strengths: strength >= threshold · max(strength), as `concept_mask`
-    reads a single step's maps (the two agree on strengths that peak at 1)."""
+    """(h, w) bool masks from concept strengths: strength >= threshold · max(strength). On one step's
+    `concept_strength` (which peaks at 1) this is CLoRA's mask: OR over the concept's tokens of
+    (map >= threshold · max(map))."""
     return [s >= threshold * s.max() for s in strengths]
 
 
@@ -106,6 +100,81 @@ def exclusive(
         for concept in group:
             out[concept] = claimed[number] & (winner == number)
     return out
+
+
+def connected(masks: Sequence[torch.Tensor], strengths: Sequence[torch.Tensor]) -> list[torch.Tensor]:
+    """Exclusive masks made one region each: every mask keeps its 4-connected part of largest summed
+    strength, and the cells it loses go to the neighbouring mask whose concept is strongest there (grown
+    one ring at a time; a cell that no kept region reaches is left to the base branch).
+
+    An object of the prompt is one thing in one place. Read from a coarse map, an object's mask sometimes also
+    holds a stray cell inside the other object's half (a corner where neither draws attention, taken by the
+    one whose normalised map is less weak there); that cell's prediction then comes from a branch that draws
+    something else there and cuts into the other object. Masks that are identical (the concepts of one
+    object, `exclusive`) stay identical, and empty masks stay empty.
+    """
+    out = [m.clone() for m in masks]
+    unique: list[int] = []
+    for index, mask in enumerate(out):
+        if mask.any() and not any(torch.equal(mask, out[u]) for u in unique):
+            unique.append(index)
+    power = {  # an object's strength: the strongest of its concepts'
+        u: torch.stack([strengths[i] for i, m in enumerate(masks) if torch.equal(m, masks[u])]).amax(0)
+        for u in unique
+    }
+    orphans = torch.zeros_like(out[0])
+    for index in unique:
+        region = _main_component(out[index], power[index])
+        orphans |= out[index] & ~region
+        out[index] = region
+    while orphans.any():
+        gains = []
+        for index in unique:
+            reach = _grow(out[index]) & orphans
+            gains.append(power[index].masked_fill(~reach, float("-inf")))
+        best = torch.stack(gains)  # (U, h, w)
+        value, winner = best.max(0)
+        taken = value > float("-inf")
+        if not taken.any():
+            break
+        for number, index in enumerate(unique):
+            out[index] = out[index] | (taken & (winner == number))
+        orphans &= ~taken
+    for index, mask in enumerate(masks):  # concepts sharing an object follow its representative
+        for u in unique:
+            if torch.equal(mask, masks[u]):
+                out[index] = out[u]
+                break
+    return out
+
+
+def _main_component(mask: torch.Tensor, strength: torch.Tensor) -> torch.Tensor:
+    """The 4-connected component of `mask` with the largest summed strength."""
+    left, best, best_sum = mask.clone(), torch.zeros_like(mask), float("-inf")
+    while left.any():
+        region = torch.zeros_like(left).flatten()
+        region[strength.masked_fill(~left, float("-inf")).flatten().argmax()] = True
+        region = region.view_as(left)
+        while True:  # flood fill inside what is left of the mask
+            grown = _grow(region) & left
+            if torch.equal(grown, region):
+                break
+            region = grown
+        total = float(strength[region].sum())
+        if total > best_sum:
+            best, best_sum = region, total
+        left &= ~region
+    return best
+
+
+def _grow(region: torch.Tensor) -> torch.Tensor:
+    """The region and its 4-neighbours."""
+    grown = region.clone()
+    grown[1:] |= region[:-1]
+    grown[:-1] |= region[1:]
+    grown[:, 1:] |= region[:, :-1]
+    grown[:, :-1] |= region[:, 1:]
+    return grown
 
 
 def branch_masks(concept_masks: Sequence[torch.Tensor], size: tuple[int, int]) -> torch.Tensor:

@@ -62,9 +62,10 @@ def test_methods_table_times_the_chosen_clora_preset(capsys) -> None:
 
 
 def composition_refreshes(steps: int) -> set[int]:
-    from composition.methods.cmlora import DEFAULT_CACHE_INTERVAL, refresh_steps
+    """Refresh steps of cmlora at its default interval on the benchmark's prompts (separate objects: regions)."""
+    from composition.methods.cmlora import default_cache_interval, refresh_steps
 
-    return refresh_steps(steps, DEFAULT_CACHE_INTERVAL)
+    return refresh_steps(steps, default_cache_interval(regional=True))
 
 
 @pytest.mark.parametrize("bad", [["--methods", "blend"], ["--parts", "everything"]])

@@ -10,7 +10,7 @@ import torch
 
 from composition import AdapterBank, CompositionError, ConceptPrompt, generate
 from composition.methods import METHODS, method_options
-from composition.methods.cmlora import refresh_steps
+from composition.methods.cmlora import default_cache_interval, refresh_steps, regional_weights
 from tests.composition_helpers import FakeAdapter, torch_threads
 
 STEPS = 3
@@ -55,7 +55,8 @@ def test_each_method_is_seeded_and_counts_its_unet_evaluations(method, tiny_sd_p
     elif method == "composite":
         assert first.unet_evals == n * pair * STEPS
     elif method == "cmlora":
-        assert first.extras["refresh_steps"] == sorted(refresh_steps(STEPS, 5))
+        assert first.extras["regions"]  # two separate objects: regional mixing, its refresh interval
+        assert first.extras["refresh_steps"] == sorted(refresh_steps(STEPS, default_cache_interval(True)))
         refreshed = len(first.extras["refresh_steps"])
         assert first.extras["sampling_evals"] == pair * STEPS + (n - 1) * pair * refreshed
         assert first.extras["shallow_evals"] == (n - 1) * pair * (STEPS - refreshed)
@@ -123,6 +124,41 @@ def test_each_adapter_reads_its_own_branch_prompt_when_concepts_have_plain_forms
     plain = ConceptPrompt.build(prompt.text, [c.phrase for c in prompt.concepts])
     generate(method, tiny_sd_pipe, bank, plain, steps=STEPS, seed=0, **options)
     assert asked == {(prompt.text, (1.0, 0.0)), (prompt.text, (0.0, 1.0))}
+
+
+def test_regional_weights_mix_inside_each_region_and_fall_back_to_the_step_mix() -> None:
+    masks = torch.zeros(2, 2, 3)
+    masks[0, :, 0] = 1  # region of adapter 0
+    masks[1, :, 2] = 1  # region of adapter 1
+    masks[:, 1, 1] = 1  # a cell both hold (one object)
+    weights = regional_weights([0.6, 0.4], masks)
+    assert torch.allclose(weights.sum(0), torch.ones(2, 3))
+    assert torch.equal(weights[:, 0, 0], torch.tensor([1.0, 0.0]))
+    assert torch.equal(weights[:, 0, 2], torch.tensor([0.0, 1.0]))
+    assert torch.allclose(weights[:, 1, 1], torch.tensor([0.6, 0.4]))  # shared: the step's shares
+    assert torch.allclose(weights[:, 0, 1], torch.tensor([0.6, 0.4]))  # held by none: the plain mix
+
+
+def test_cmlora_regions_split_separate_objects_and_leave_one_object_to_the_plain_mix(tiny_sd_pipe) -> None:
+    bank, prompt = _two_concepts(tiny_sd_pipe)
+    options = {"profile_steps": 1, "frequency_scores": [2.0, 1.0]}
+    regional = generate("cmlora", tiny_sd_pipe, bank, prompt, steps=STEPS, seed=1, **options)
+    plain = generate("cmlora", tiny_sd_pipe, bank, prompt, steps=STEPS, seed=1, regions=False, **options)
+    assert regional.extras["regions"] and not plain.extras["regions"] and "masks" not in plain.extras
+    masks = regional.extras["masks"]
+    assert masks.shape == (2, 16, 16) and not (masks[0] * masks[1]).any()  # one region per object
+    assert regional.extras["mask_names"] == bank.names
+    assert (regional.extras["cache_interval"], plain.extras["cache_interval"]) == (4, 5)
+    assert not np.array_equal(_pixels(regional), _pixels(plain))
+    # one object ("a zwx heart sks star": the phrases touch): regions default off, and forcing them on
+    # gives both concepts the same cells, so the mix is the plain one
+    one = ConceptPrompt.build("a zwx heart sks star", ["sks star", "zwx heart"])
+    auto = generate("cmlora", tiny_sd_pipe, bank, one, steps=STEPS, seed=1, **options)
+    forced = generate("cmlora", tiny_sd_pipe, bank, one, steps=STEPS, seed=1, regions=True, cache_interval=5,
+                      **options)  # fmt: skip
+    assert not auto.extras["regions"] and forced.extras["regions"]
+    assert torch.equal(forced.extras["masks"][0], forced.extras["masks"][1])
+    assert np.abs(_pixels(forced) - _pixels(auto)).max() <= 1
 
 
 def test_clora_without_updates_and_full_mask_equals_single_adapter(tiny_sd_pipe) -> None:

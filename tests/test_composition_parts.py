@@ -13,8 +13,8 @@ from composition import CompositionError, ConceptPrompt
 from composition.attention_store import AttentionStore, capture_cross_attention, capture_layers
 from composition.contrastive import (
     branch_masks,
-    concept_mask,
     concept_strength,
+    connected,
     contrastive_loss,
     exclusive,
     fuse,
@@ -101,9 +101,9 @@ def test_masks_and_fusion() -> None:
     maps = normalised_token_maps(raw, eos=6)
     assert maps[0].abs().sum() == 0 and maps[6:].abs().sum() == 0
     assert torch.allclose(maps[1:6].flatten(1).amax(1), torch.ones(5))
-    assert concept_mask(maps, [2], 0.0).all()
-    mask = concept_mask(maps, [2, 3], 0.3)
-    assert torch.equal(mask, (maps[2] >= 0.3) | (maps[3] >= 0.3))
+    assert strength_masks([concept_strength(maps, [2])], 0.0)[0].all()
+    (mask,) = strength_masks([concept_strength(maps, [2, 3])], 0.3)
+    assert torch.equal(mask, (maps[2] >= 0.3) | (maps[3] >= 0.3))  # CLoRA's OR over the tokens
     left = torch.zeros(4, 4, dtype=torch.bool)
     left[:, :2] = True
     masks = branch_masks([left], (8, 8))
@@ -118,7 +118,7 @@ def test_exclusive_masks_give_each_shared_cell_to_the_strongest_concept() -> Non
     maps[1] = torch.tensor([[1.0, 0.8, 0.1], [0.9, 0.4, 0.0]])  # concept 0, one token
     maps[2] = torch.tensor([[0.0, 0.35, 0.5], [0.1, 0.6, 1.0]])  # concept 1, two tokens
     maps[3] = torch.tensor([[0.0, 0.1, 1.0], [0.0, 0.2, 0.3]])
-    masks = [concept_mask(maps, [1], 0.3), concept_mask(maps, [2, 3], 0.3)]
+    masks = strength_masks([concept_strength(maps, [1]), concept_strength(maps, [2, 3])], 0.3)
     assert (masks[0] & masks[1]).sum() == 2  # (0, 1) and (1, 1) claimed by both
     strengths = [concept_strength(maps, [1]), concept_strength(maps, [2, 3])]
     assert torch.allclose(strengths[1], torch.tensor([[0.0, 0.35, 1.0], [0.1, 0.6, 1.0]]))
@@ -147,6 +147,51 @@ def test_concepts_of_one_object_share_its_cells_and_objects_stay_exclusive() -> 
     alone = exclusive(masks, strengths)
     assert torch.equal(alone[0], torch.tensor([[True, False], [False, False]]))
     assert torch.equal(alone[2], torch.tensor([[False, False], [True, False]]))
+
+
+def _grid(rows: list[str]) -> torch.Tensor:
+    return torch.tensor([[c == "#" for c in row] for row in rows])
+
+
+def test_connected_masks_hand_a_stray_cell_to_the_object_around_it() -> None:
+    """The left object's mask also holds the bottom-right corner (a cell where both maps are weak): that cell
+    goes to the right object, whose region surrounds it, and each mask becomes one region."""
+    left = _grid(["##..", "##..", "##..", "##.#"])
+    right = ~left
+    strengths = [torch.where(left, 0.9, 0.1), torch.where(right, 0.8, 0.2)]
+    strengths[0][3, 3] = 0.35  # the stray cell: weak for both, a little less weak for the left object
+    strengths[1][3, 3] = 0.3
+    new_left, new_right = connected([left, right], strengths)
+    assert torch.equal(new_left, _grid(["##..", "##..", "##..", "##.."]))
+    assert torch.equal(new_right, _grid(["..##", "..##", "..##", "..##"]))
+
+
+def test_connected_keeps_the_component_of_largest_summed_strength_not_the_peak_cell() -> None:
+    """A single stray cell holds the left object's strongest value; the region it keeps is still the large
+    one, and the stray cell goes to its neighbour."""
+    left = _grid(["##..", "##.#", "##..", "##.."])
+    right = ~left
+    strengths = [torch.where(left, 0.6, 0.0), torch.where(right, 0.7, 0.0)]
+    strengths[0][1, 3] = 1.0
+    new_left, new_right = connected([left, right], strengths)
+    assert torch.equal(new_left, _grid(["##..", "##..", "##..", "##.."]))
+    assert new_right[1, 3] and not (new_left & new_right).any()
+
+
+def test_connected_leaves_object_groups_together_and_drops_unreachable_cells_to_the_base() -> None:
+    """Two concepts of one object (identical masks) stay identical; a stray cell that touches no other
+    object's region is left to the base branch; an empty mask stays empty."""
+    one = _grid(["##...", "##...", ".....", "....#"])
+    strengths = [torch.where(one, 0.9, 0.0), torch.where(one, 0.5, 0.0), torch.zeros(4, 5)]
+    colour, shape, nothing = connected([one, one.clone(), torch.zeros(4, 5, dtype=torch.bool)], strengths)
+    expected = _grid(["##...", "##...", ".....", "....."])
+    assert torch.equal(colour, expected) and torch.equal(shape, expected)
+    assert not nothing.any()
+    # already one region each: unchanged
+    halves = [_grid(["##..", "##.."]), _grid(["..##", "..##"])]
+    assert all(
+        torch.equal(a, b) for a, b in zip(connected(halves, [h.float() for h in halves]), halves, strict=True)
+    )
 
 
 @pytest.mark.parametrize(

@@ -70,17 +70,15 @@ from composition.bank import AdapterBank
 from composition.contrastive import (
     SHARPEN,
     branch_masks,
-    concept_mask,
     concept_strength,
     contrastive_loss,
-    exclusive,
     fuse,
     normalised_token_maps,
-    strength_masks,
 )
 from composition.errors import CompositionError
 from composition.methods.composite import one_hot
 from composition.prompt import ConceptPrompt
+from composition.regions import RegionTracker, eos_position
 from composition.sampling import EmbeddingCache, Progress, PromptEmbeds, Result, Sampler, check_inputs
 
 
@@ -111,6 +109,9 @@ class CloraOptions:
     exclusive_masks: bool = False
     """Give a cell claimed by several objects' masks only to the object whose map is strongest there; the
     concepts of one object (adjacent phrases, `ConceptPrompt.objects`) share its cells."""
+    connected_masks: bool = False
+    """After `exclusive_masks`, keep each object's mask one 4-connected region (the part holding its strongest
+    cell) and give the cells it drops to the neighbouring object strongest there (`contrastive.connected`)."""
     running_mean: bool = False
     """Read the masks from the mean of the concept maps over the steps so far instead of the current step's."""
     skip_idle_base: bool = True
@@ -141,7 +142,9 @@ class CloraOptions:
 PRESETS: dict[str, CloraOptions] = {
     "reference": CloraOptions(),
     "light": CloraOptions(refine_rounds=4),
-    "partition": CloraOptions(iterations=0, mask_sharpen=1.0, exclusive_masks=True, running_mean=True),
+    "partition": CloraOptions(
+        iterations=0, mask_sharpen=1.0, exclusive_masks=True, connected_masks=True, running_mean=True
+    ),
 }
 
 
@@ -161,10 +164,7 @@ def _branches(pipe: Any, bank: AdapterBank, prompt: ConceptPrompt, sampler: Samp
     for adapter in [None, *range(len(bank))]:
         text = prompt.branch_text(adapter)
         selection = None if adapter is None else one_hot(adapter, prompt.weights)
-        eos = (
-            len(pipe.tokenizer(text, truncation=True, max_length=pipe.tokenizer.model_max_length).input_ids)
-            - 1
-        )
+        eos = eos_position(pipe, text)
         embeds = sampler.batch_for(cache.get(text, selection))
         branches.append(Branch(selection, embeds, prompt.token_indices(pipe, adapter), eos))
     return branches
@@ -246,9 +246,12 @@ def generate(
     store = AttentionStore()
     latent_size = tuple(sampler.latents.shape[-2:])
     losses: list[float] = []
-    mask_sum = masks = strength_sum = None
+    mask_sum = masks = None
     base_steps = 0
-    objects = prompt.objects()
+    regions = RegionTracker(
+        len(bank), prompt.objects(), opts.mask_threshold, running_mean=opts.running_mean,
+        exclusive_masks=opts.exclusive_masks, connected_masks=opts.connected_masks,
+    )  # fmt: skip
     try:
         with capture_cross_attention(pipe.unet, store, opts.capture_factor), torch.no_grad():
             branches = _branches(pipe, bank, prompt, sampler)
@@ -265,19 +268,9 @@ def generate(
                     raw = store.token_maps(latent_size)[-1]  # (T, h, w)
                     token_maps = normalised_token_maps(raw, branch.eos, opts.mask_sharpen)
                     reads.append((token_maps, branch.indices[number - 1]))
-                strengths = [concept_strength(maps, positions) for maps, positions in reads]
-                if opts.running_mean:
-                    strength_sum = (
-                        strengths
-                        if strength_sum is None
-                        else [a + b for a, b in zip(strength_sum, strengths, strict=True)]
-                    )
-                    strengths = [s / (index + 1) for s in strength_sum]
-                    concept_masks = strength_masks(strengths, opts.mask_threshold)
-                else:
-                    concept_masks = [concept_mask(m, p, opts.mask_threshold) for m, p in reads]
-                if opts.exclusive_masks:
-                    concept_masks = exclusive(concept_masks, strengths, objects)
+                for concept, (maps, positions) in enumerate(reads):
+                    regions.add(concept, concept_strength(maps, positions))
+                concept_masks = regions.masks()
                 masks = branch_masks(concept_masks, latent_size)  # (N+1, H, W)
                 mask_sum = masks if mask_sum is None else mask_sum + masks
                 weights = masks[1:]  # where the base mask is empty, the adapter branches alone
