@@ -135,7 +135,8 @@ class ComposeRequest:
 
 @dataclass
 class ComposeOutput:
-    """Images (one per seed), the UNet evaluations each cost, and CLoRA's masks when there are some."""
+    """Images (one per seed), the UNet evaluations each cost, and the region masks when the method has some
+    (CLoRA; CMLoRA with regions)."""
 
     method: str
     images: list[Image.Image]
@@ -348,7 +349,8 @@ class Studio:
 
 
 def _mask_images(extras: dict[str, Any], seed: int) -> list[tuple[Image.Image, str]]:
-    """CLoRA's final per-branch masks as greyscale images with captions (empty for other methods)."""
+    """The final region masks (CLoRA's per branch, CMLoRA's per adapter) as greyscale images with captions;
+    empty for methods without masks."""
     masks = extras.get("masks")
     if masks is None:
         return []

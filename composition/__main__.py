@@ -7,7 +7,7 @@
 
 `--adapter FILE[:phrase[:weight[:plain]]]`: the phrase defaults to the adapter's trigger phrase, the weight to
 1, `plain` (CLoRA's trigger-free form, e.g. "star") to unset. `--compare` runs every method on the same seeds
-and writes a labelled grid. Writes the images, CLoRA's masks, and `report.json` (method, options, seeds, UNet
+and writes a labelled grid. Writes the images, the region masks (CLoRA; CMLoRA with regions), and `report.json` (method, options, seeds, UNet
 evaluations, wall time, CLIP scores when a CLIP model is available). Bad input exits with status 2 and one line
 saying what to fix.
 """

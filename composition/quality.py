@@ -37,13 +37,15 @@ What each choice did (purple adapter left, heart adapter right; the README has t
   3% with another training seed of the same adapter): they came from the cells where a concept word wins
   Attend-and-Excite's sharpened softmax, a few scattered cells of the heart's half, and the base branch's
   circle filled the rest. The `partition` preset (unsharpened maps averaged over the steps, cells exclusive
-  between objects, no latent updates; see `composition.methods.clora`) splits the image between the objects
-  and is what this report runs by default (`DEFAULT_CLORA_PRESET`; `--clora-preset light` for the reference's
-  masks): 75.0% both present over 64 seeds on each N=2 setup with the adapters at the current family
-  defaults (the README has the runs).
-- Composite and cmlora average the adapters' predictions over the whole image. On two objects that keeps the
-  colour (purple against the heart adapter's blue) but not the shape (the heart against the purple adapter's
-  circle): both present in 0-3%. On one object with both attributes they do what they are for.
+  between objects, one connected region per object, no latent updates; see `composition.methods.clora`)
+  splits the image between the objects and is what this report runs by default (`DEFAULT_CLORA_PRESET`;
+  `--clora-preset light` for the reference's masks): 93.8% both present on seeds 0-31 on each N=2 setup,
+  85.2% and 82.8% over seeds 0-127 (the README has the runs).
+- Composite averages the adapters' predictions over the whole image. On two objects that keeps the colour
+  (purple against the heart adapter's blue) but not the shape (the heart against the purple adapter's
+  circle): both present in 0-3%. cmlora mixes per object region when the prompt names several objects
+  (`composition.methods.cmlora`, `regions`): 90.6% on seeds 0-31 on each N=2 setup, 82.0% and 85.2% over
+  seeds 0-127. On one object with both attributes both mix over the whole image, which is what they are for.
 
 For every method and seed the image passes when each concept is read in its own region (left: purple, N=3
 also a star; right: heart; one object: the whole image). Reported per setup × method: that all-present rate
