@@ -68,7 +68,8 @@ image. Measured on the toy world (N=2 LoRA + BOFT, 25 steps, 32 seeds, purple ke
 REGIONAL_CACHE_INTERVAL = 4
 """The same under `regions`, where a cached adapter draws its own region alone instead of 40% of every cell,
 so its stale deep feature weighs fully there. Toy world, both concepts present over seeds 0-31 (purple BOFT +
-heart LoRA / purple HRA + heart KronA): interval 1 94% / 91%, 3 88% / 91%, 4 91% / 91%, 5 72% / 75%."""
+heart LoRA / purple HRA + heart KronA): interval 3 88% / 91%, 4 91% / 91%, 5 72% / 75%; interval 1 (no
+caching) 94% on the second."""
 DEFAULT_PROFILE_STEPS = 4
 """Denoising steps of each adapter's frequency-profiling sample."""
 REGION_THRESHOLD = 0.3
