@@ -40,8 +40,9 @@ def test_methods_table_counts_each_schedules_unet_evaluations(capsys) -> None:
     for n in (2, 3, 4):
         assert rows[n, "single"] == 2 * steps  # CFG pair per step
         assert rows[n, "composite"] == 2 * n * steps
-        # dominant adapter every step, the others only at refresh steps (the rest are shallow passes)
-        assert rows[n, "cmlora"] == 2 * (steps + (n - 1) * refreshes)
+        # step 0 in full for all; at later refresh steps the others in full and the dominant adapter shallow,
+        # at the other steps the dominant adapter alone in full (the rest are shallow passes)
+        assert rows[n, "cmlora"] == 2 * (n + (refreshes - 1) * (n - 1) + steps - refreshes)
         assert re.search(
             rf"^\s*{n} cmlora .* {rows[n, 'cmlora'] / rows[n, 'composite']:.2f}x/", out, re.MULTILINE
         )

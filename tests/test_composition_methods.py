@@ -57,9 +57,13 @@ def test_each_method_is_seeded_and_counts_its_unet_evaluations(method, tiny_sd_p
     elif method == "cmlora":
         assert first.extras["regions"]  # two separate objects: regional mixing, its refresh interval
         assert first.extras["refresh_steps"] == sorted(refresh_steps(STEPS, default_cache_interval(True)))
-        refreshed = len(first.extras["refresh_steps"])
-        assert first.extras["sampling_evals"] == pair * STEPS + (n - 1) * pair * refreshed
-        assert first.extras["shallow_evals"] == (n - 1) * pair * (STEPS - refreshed)
+        refreshed = len(first.extras["refresh_steps"])  # step 0 among them
+        # step 0: every adapter in full; later refresh steps: the others in full while the dominant adapter
+        # reuses its deep feature (dominant_yields); other steps: the dominant adapter alone in full
+        full = n + (refreshed - 1) * (n - 1) + (STEPS - refreshed)
+        assert first.extras["dominant_yields"]
+        assert first.extras["sampling_evals"] == pair * full
+        assert first.extras["shallow_evals"] == pair * (n * STEPS - full)
         assert first.unet_evals == first.extras["sampling_evals"] + first.extras["profile_evals"]
         assert again.extras["profile_evals"] == 0  # measured scores are cached on the bank
     else:  # clora: each adapter branch's CFG pair per step, the base branch's where its mask covers a
@@ -159,6 +163,28 @@ def test_cmlora_regions_split_separate_objects_and_leave_one_object_to_the_plain
     assert not auto.extras["regions"] and forced.extras["regions"]
     assert torch.equal(forced.extras["masks"][0], forced.extras["masks"][1])
     assert np.abs(_pixels(forced) - _pixels(auto)).max() <= 1
+
+
+def test_cmlora_dominant_adapter_in_full_every_step_without_yielding(tiny_sd_pipe) -> None:
+    """`dominant_yields=False` is the paper's schedule: the dominant adapter in full at every step, the others
+    at refresh steps; with caching off (interval 1) every adapter runs in full either way."""
+    bank, prompt = _two_concepts(tiny_sd_pipe)
+    options = {"profile_steps": 1, "frequency_scores": [2.0, 1.0]}
+    steps = 6
+    paper = generate(
+        "cmlora", tiny_sd_pipe, bank, prompt, steps=steps, seed=0, dominant_yields=False, **options
+    )
+    refreshed = len(paper.extras["refresh_steps"])
+    assert 1 < refreshed < steps
+    assert paper.extras["sampling_evals"] == 2 * (steps + refreshed)  # N=2: the other adapter, step 0 too
+    yielding = generate("cmlora", tiny_sd_pipe, bank, prompt, steps=steps, seed=0, **options)
+    assert yielding.extras["sampling_evals"] == 2 * (steps + 1)  # one full pass per step, two at step 0
+    for flag in (True, False):
+        uncached = generate(
+            "cmlora", tiny_sd_pipe, bank, prompt, steps=steps, seed=0, cache_interval=1, dominant_yields=flag,
+            **options,
+        )  # fmt: skip
+        assert uncached.extras["sampling_evals"] == 2 * 2 * steps and uncached.extras["shallow_evals"] == 0
 
 
 def test_clora_without_updates_and_full_mask_equals_single_adapter(tiny_sd_pipe) -> None:

@@ -19,8 +19,15 @@ Composite-style (each adapter predicts on its own, predictions are combined, the
    `composition.feature_cache`). Refresh steps are spaced by a cosine law, ⌈steps/cache_interval⌉ of
    them, denser at the start and end of sampling than in the middle. The reference caches nothing unless
    its interval is >= 2; here any interval >= 1 works and `cache_interval=1` disables caching (every step
-   refreshes). The dominant adapter always runs the full UNet (which also refreshes its cache).
-
+   refreshes). The dominant adapter runs the full UNet at every step except the refresh steps after the first:
+   there (`dominant_yields`, Atelier's addition, on by default) it reuses the deep feature of its full pass
+   one step earlier while the others recompute, so a step costs one full pass, N−1 at refresh steps, and N at
+   step 0, where nothing is cached yet (N=2: 52 UNet evaluations at 25 steps against composite's 100,
+   instead of 60-64 with the dominant adapter always in full). Measured on the toy world (32 seeds, both
+   concepts present, regions on): 29 of 32 with it and without it on purple BOFT + heart LoRA, 29 and 29 on
+   purple HRA + heart KronA; on one object ("a purple heart on a white background", no regions) 22 with it,
+   23 without. `dominant_yields=False` keeps the dominant adapter in full at every step, as the paper does;
+   with `cache_interval=1` every adapter runs in full at every step either way.
 4. **Regions (Atelier's addition).** The paper composes concepts that share the whole image (a character, its
    clothes, a style); mixed over every cell, two concepts meant to be separate objects ("my dog and my cat")
    average into one another (toy world, "a purple square and a blue heart": both present in 0% of 32 seeds,
@@ -164,6 +171,7 @@ def generate(
     frequency_scores: Sequence[float] | None = None,
     regions: bool | None = None,
     mask_threshold: float = REGION_THRESHOLD,
+    dominant_yields: bool = True,
     height: int | None = None,
     width: int | None = None,
     progress: Progress | None = None,
@@ -215,7 +223,13 @@ def generate(
                     batch = embed.hidden.shape[0]
                     model_input = sampler.model_input(sampler.latents, t, batch)
                     args = (pipe.unet, cache, adapter, model_input, t, embed.hidden, embed.added)
-                    if adapter == dominants[index] or index in refresh or adapter not in cache:
+                    dominant = adapter == dominants[index]
+                    refreshing = index in refresh
+                    if dominant_yields and index > 0 and cache_interval > 1:
+                        fresh = refreshing != dominant  # at refresh steps the others, else the dominant
+                    else:
+                        fresh = dominant or refreshing
+                    if fresh or adapter not in cache:
                         out = full_forward(*args)
                         sampler.unet_evals += batch
                         if regional:  # only a full forward passes the captured cross-attention
@@ -250,5 +264,6 @@ def generate(
         sampling_evals=sampling_evals,
         regions=regional,
         cache_interval=cache_interval,
+        dominant_yields=dominant_yields,
         **({"masks": masks.cpu(), "mask_names": list(bank.names)} if masks is not None else {}),
     )
