@@ -100,7 +100,8 @@ and 1e-2 x 800 with prior-loss weight 1.5 (`--prior-loss-weight 1.5`) 82% (92/75
 (90/78/85)/+5.6 and 90% (90/85/95)/+4.6; with 256 regularisation renders instead of 64 (`--class-images 256`),
 82% (75/82/88)/+5.1 and 82% (72/82/90)/+6.0. HRA's default on training seeds 6/7/8: 80% (82/78/80)/+7.4, so
 over nine seeds 88% with +6.0 points: the seed-to-seed spread is larger than any setting's effect above.
-BOFT's default on seeds 6/7/8: 86% (85/85/88)/+3.2; over nine seeds 91% with +4.2 points."""
+BOFT's default on seeds 6/7/8: 86% (85/85/88)/+3.2; over nine seeds 91% with +4.2 points. LoRA 92%
+(88/88/100)/+1.9 (nine seeds: 94%, +2.0); KronA 97% (98/98/95)/+4.6 (nine seeds: 94%, +4.0)."""
 
 
 def _opt(help_text: str, **kwargs: Any) -> Any:
