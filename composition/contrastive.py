@@ -102,49 +102,41 @@ def exclusive(
     return out
 
 
-def connected(masks: Sequence[torch.Tensor], strengths: Sequence[torch.Tensor]) -> list[torch.Tensor]:
-    """Exclusive masks made one region each: every mask keeps its 4-connected part of largest summed
-    strength, and the cells it loses go to the neighbouring mask whose concept is strongest there (grown
-    one ring at a time; a cell that no kept region reaches is left to the base branch).
+def connected(
+    masks: Sequence[torch.Tensor],
+    strengths: Sequence[torch.Tensor],
+    objects: Sequence[Sequence[int]] | None = None,
+) -> list[torch.Tensor]:
+    """Exclusive masks made one region per object: every object keeps its 4-connected part of largest
+    summed strength, and the cells it loses go to the neighbouring object strongest there (grown one ring at a
+    time; a cell that no kept region reaches is left to the base branch).
 
     An object of the prompt is one thing in one place. Read from a coarse map, an object's mask sometimes also
     holds a stray cell inside the other object's half (a corner where neither draws attention, taken by the
     one whose normalised map is less weak there); that cell's prediction then comes from a branch that draws
-    something else there and cuts into the other object. Masks that are identical (the concepts of one
-    object, `exclusive`) stay identical, and empty masks stay empty.
+    something else there and cuts into the other object. `objects` groups concepts as `exclusive` does
+    (default: one concept per object); every concept of an object gets the object's region, and an object
+    with no cells keeps none.
     """
-    out = [m.clone() for m in masks]
-    unique: list[int] = []
-    for index, mask in enumerate(out):
-        if mask.any() and not any(torch.equal(mask, out[u]) for u in unique):
-            unique.append(index)
-    power = {  # an object's strength: the strongest of its concepts'
-        u: torch.stack([strengths[i] for i, m in enumerate(masks) if torch.equal(m, masks[u])]).amax(0)
-        for u in unique
-    }
-    orphans = torch.zeros_like(out[0])
-    for index in unique:
-        region = _main_component(out[index], power[index])
-        orphans |= out[index] & ~region
-        out[index] = region
+    groups = [list(g) for g in objects] if objects is not None else [[i] for i in range(len(masks))]
+    claimed = [torch.stack([masks[i] for i in g]).any(0) for g in groups]
+    power = [torch.stack([strengths[i] for i in g]).amax(0) for g in groups]  # strongest of its concepts
+    kept = [_main_component(c, p) for c, p in zip(claimed, power, strict=True)]
+    orphans = torch.stack([c & ~k for c, k in zip(claimed, kept, strict=True)]).any(0)
     while orphans.any():
-        gains = []
-        for index in unique:
-            reach = _grow(out[index]) & orphans
-            gains.append(power[index].masked_fill(~reach, float("-inf")))
-        best = torch.stack(gains)  # (U, h, w)
-        value, winner = best.max(0)
+        reach = torch.stack(
+            [p.masked_fill(~(_grow(k) & orphans), float("-inf")) for k, p in zip(kept, power, strict=True)]
+        )  # (G, h, w)
+        value, winner = reach.max(0)
         taken = value > float("-inf")
         if not taken.any():
             break
-        for number, index in enumerate(unique):
-            out[index] = out[index] | (taken & (winner == number))
+        kept = [k | (taken & (winner == number)) for number, k in enumerate(kept)]
         orphans &= ~taken
-    for index, mask in enumerate(masks):  # concepts sharing an object follow its representative
-        for u in unique:
-            if torch.equal(mask, masks[u]):
-                out[index] = out[u]
-                break
+    out: list[torch.Tensor] = list(masks)
+    for group, region in zip(groups, kept, strict=True):
+        for concept in group:
+            out[concept] = region
     return out
 
 

@@ -69,7 +69,7 @@ class RegionTracker:
         if self.exclusive_masks:
             masks = exclusive(masks, strengths, self.objects)
             if self.connected_masks:
-                masks = connected(masks, strengths)
+                masks = connected(masks, strengths, self.objects)
         return masks
 
 

@@ -183,7 +183,9 @@ def test_connected_leaves_object_groups_together_and_drops_unreachable_cells_to_
     object's region is left to the base branch; an empty mask stays empty."""
     one = _grid(["##...", "##...", ".....", "....#"])
     strengths = [torch.where(one, 0.9, 0.0), torch.where(one, 0.5, 0.0), torch.zeros(4, 5)]
-    colour, shape, nothing = connected([one, one.clone(), torch.zeros(4, 5, dtype=torch.bool)], strengths)
+    colour, shape, nothing = connected(
+        [one, one.clone(), torch.zeros(4, 5, dtype=torch.bool)], strengths, [[0, 1], [2]]
+    )
     expected = _grid(["##...", "##...", ".....", "....."])
     assert torch.equal(colour, expected) and torch.equal(shape, expected)
     assert not nothing.any()

@@ -123,8 +123,8 @@ class CloraOptions:
     """Give a cell claimed by several objects' masks only to the object whose map is strongest there; the
     concepts of one object (adjacent phrases, `ConceptPrompt.objects`) share its cells."""
     connected_masks: bool = False
-    """After `exclusive_masks`, keep each object's mask one 4-connected region (the part holding its strongest
-    cell) and give the cells it drops to the neighbouring object strongest there (`contrastive.connected`)."""
+    """After `exclusive_masks`, keep each object's mask one 4-connected region (its part of largest summed
+    strength) and give the cells it drops to the neighbouring object strongest there (`contrastive.connected`)."""
     running_mean: bool = False
     """Read the masks from the mean of the concept maps over the steps so far instead of the current step's."""
     skip_idle_base: bool = True

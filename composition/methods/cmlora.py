@@ -66,7 +66,7 @@ from composition.frequency import frequency_order, high_frequency_energy
 from composition.methods.composite import one_hot
 from composition.prompt import ConceptPrompt
 from composition.regions import RegionTracker, eos_position
-from composition.sampling import EmbeddingCache, Progress, Result, Sampler, check_inputs
+from composition.sampling import EmbeddingCache, Progress, Result, Sampler, check_inputs, split_pair
 
 DEFAULT_CACHE_INTERVAL = 5
 """Mean steps between full recomputations of a non-dominant adapter when the adapters mix over the whole
@@ -206,10 +206,11 @@ def generate(
     shallow = 0
     store = AttentionStore()
     tracker = RegionTracker(n, objects, mask_threshold)
-    reads = [  # each adapter's own concept in its own branch: (EOS position, token positions)
-        (eos_position(pipe, prompt.branch_text(i)), prompt.token_indices(pipe, i)[i]) if regional else (0, [])
-        for i in range(n)
-    ]
+    reads = (  # each adapter's own concept in its own branch: (EOS position, token positions)
+        [(eos_position(pipe, prompt.branch_text(i)), prompt.token_indices(pipe, i)[i]) for i in range(n)]
+        if regional
+        else []
+    )
     latent_size = tuple(sampler.latents.shape[-2:])
     masks = None
     capture = capture_cross_attention(pipe.unet, store) if regional else nullcontext()
@@ -239,7 +240,7 @@ def generate(
                     else:
                         out = shallow_forward(*args)
                         shallow += batch
-                    u, c = (out[:1], out[1:2]) if batch == 2 else (out, out)
+                    u, c = split_pair(out)
                     uncond.append(u)
                     cond.append(c)
                 mix = mixing_weights(n, dominants[index])
