@@ -1,5 +1,5 @@
 """The DreamBooth loop on tiny models: resume equals uninterrupted, cancel, pruning, prior preservation,
-caching, checkpointing/mixed precision equivalences, divergence, SDXL and v-prediction."""
+caching, checkpointing/mixed precision equivalences, the moving average, divergence, SDXL and v-prediction."""
 
 from __future__ import annotations
 
@@ -16,7 +16,7 @@ from safetensors.torch import load_file
 
 from models.adapters.files import load_adapter_file
 from models.toyworld.world import Scene, SceneObject, render_scene
-from training.checkpoints import list_checkpoints
+from training.checkpoints import CheckpointError, list_checkpoints, load_checkpoint
 from training.config import TrainConfig
 from training.dreambooth import TrainingDivergedError, train
 from training.train_log import read_train_log
@@ -274,3 +274,53 @@ def test_captioned_class_images_use_their_captions(tiny_sd_pipe: Any, tmp_path: 
         prompts[1],
     ]  # the instance's sidecar caption, then class captions
     assert [e.prompt_index for e in train_set.classes] == [0, 1, 0]
+
+
+def test_moving_average_is_saved_and_resumes_exactly(
+    tiny_sd_path: Path, subject_dir: Path, tmp_path: Path
+) -> None:
+    """--use_ema: the adapter file holds diffusers' warmed-up average of the live weights after each step
+    (decay min(ema_decay, (1 + t) / (10 + t))), and a cancelled run resumes the same average bit for bit."""
+    live = train(tiny_config(tiny_sd_path, subject_dir, tmp_path / "live", checkpointing_steps=1))
+    per_step = [load_checkpoint(path).adapter for _, path in list_checkpoints(tmp_path / "live")]
+    assert len(per_step) == 4 and live.steps == 4
+    expected = dict(per_step[0])
+    for t, weights in enumerate(per_step[1:], start=1):
+        decay = min(0.2, (1 + t) / (10 + t))
+        expected = {k: decay * expected[k] + (1 - decay) * weights[k] for k in expected}
+
+    options = dict(use_ema=True, ema_decay=0.2)
+    averaged = train(tiny_config(tiny_sd_path, subject_dir, tmp_path / "ema", **options))
+    saved = adapter_tensors(tmp_path / "ema")
+    last = adapter_tensors(tmp_path / "live")
+    assert saved.keys() == last.keys() == expected.keys() and averaged.steps == 4
+    assert all(torch.allclose(saved[k], expected[k], atol=1e-6) for k in saved)
+    assert not all(torch.allclose(saved[k], last[k]) for k in saved)  # not the last step's weights
+
+    cancel = threading.Event()
+    part = train(
+        tiny_config(tiny_sd_path, subject_dir, tmp_path / "part", **options),
+        progress=lambda step, total, **info: cancel.set() if step == 2 else None,
+        cancel=cancel,
+    )
+    assert part.cancelled and (tmp_path / "part" / "checkpoint-2" / "ema.safetensors").is_file()
+    train(
+        tiny_config(tiny_sd_path, subject_dir, tmp_path / "part", resume_from_checkpoint="latest", **options)
+    )
+    resumed = adapter_tensors(tmp_path / "part")
+    assert all(torch.equal(resumed[k], saved[k]) for k in saved)
+
+
+def test_moving_average_cannot_resume_a_checkpoint_without_one(
+    tiny_sd_path: Path, subject_dir: Path, tmp_path: Path
+) -> None:
+    cancel = threading.Event()
+    train(
+        tiny_config(tiny_sd_path, subject_dir, tmp_path),
+        progress=lambda step, total, **info: cancel.set(),
+        cancel=cancel,
+    )
+    before = sorted(p.name for p in tmp_path.iterdir())
+    with pytest.raises(CheckpointError, match="no moving average.*without --use_ema"):
+        train(tiny_config(tiny_sd_path, subject_dir, tmp_path, resume_from_checkpoint="latest", use_ema=True))
+    assert sorted(p.name for p in tmp_path.iterdir()) == before

@@ -6,6 +6,7 @@ A checkpoint holds everything needed to continue a DreamBooth run exactly where 
 * ``optimizer.safetensors`` — every tensor of the optimiser state, with the param groups and the
   non-tensor state in the JSON header;
 * ``rng.safetensors``       — torch CPU (and CUDA) generator states of every process;
+* ``ema.safetensors``       — the moving average of the adapter weights, when the run keeps one (``--use_ema``);
 * ``state.json``            — step, LR-scheduler state, Python/NumPy RNG states, run identity.
 
 Nothing is pickled, so loading a checkpoint someone sent you cannot run code. A checkpoint is written
@@ -48,6 +49,7 @@ class Checkpoint:
     lr_scheduler: dict[str, Any]
     rng: dict[str, Any]
     run: dict[str, Any]
+    ema: dict[str, torch.Tensor] | None = None
 
 
 def list_checkpoints(output_dir: str | Path) -> list[tuple[int, Path]]:
@@ -146,6 +148,7 @@ def save_checkpoint(
     rng_values: dict[str, Any],
     run: dict[str, Any],
     total_limit: int | None = None,
+    ema: dict[str, torch.Tensor] | None = None,
 ) -> Path:
     """Write ``output_dir/checkpoint-<step>`` atomically and prune old ones down to ``total_limit``.
 
@@ -164,6 +167,8 @@ def save_checkpoint(
         save_file(opt_tensors, staging / "optimizer.safetensors", metadata={"header": json.dumps(opt_header)})
         rng = {f"{rank}.{k}": v for rank, states in enumerate(rng_tensors) for k, v in states.items()}
         save_file(rng, staging / "rng.safetensors")
+        if ema is not None:
+            save_file(ema, staging / "ema.safetensors")
         state = {
             "format": FORMAT,
             "step": step,
@@ -208,6 +213,7 @@ def load_checkpoint(path: str | Path, *, rank: int = 0) -> Checkpoint:
         with safe_open(str(path / "optimizer.safetensors"), framework="pt") as handle:
             opt_header = json.loads(handle.metadata()["header"])
         rng_all = load_file(path / "rng.safetensors")
+        ema = load_file(path / "ema.safetensors") if (path / "ema.safetensors").exists() else None
     except (OSError, SafetensorError, json.JSONDecodeError, KeyError) as exc:
         raise CheckpointError(
             f"checkpoint {path} is incomplete or corrupt ({exc}); pick another one"
@@ -224,4 +230,5 @@ def load_checkpoint(path: str | Path, *, rank: int = 0) -> Checkpoint:
         lr_scheduler=state["lr_scheduler"],
         rng={"tensors": rng_tensors, "values": state["rng"]},
         run=state["run"],
+        ema=ema,
     )

@@ -177,6 +177,14 @@ class TrainConfig:
         default=None,
     )
     noise_offset: float = _opt("Noise offset (0 disables).", default=0.0)
+    use_ema: bool = _opt(
+        "Keep an exponential moving average of the adapter weights; validation grids and the saved adapter "
+        "use it.",
+        default=False,
+    )
+    ema_decay: float = _opt(
+        "Decay of the moving average (--use_ema), warmed up as in diffusers.", default=0.99
+    )
     # --- performance -----------------------------------------------------------------------------------
     mixed_precision: str = _opt("no, fp16 (GPU) or bf16. Adapter weights stay fp32.", default="no")
     gradient_checkpointing: bool = _opt("Recompute UNet activations to save memory.", default=False)
@@ -282,6 +290,8 @@ class TrainConfig:
             out.append(f"--learning_rate must be a positive number (got {self.learning_rate})")
         if self.checkpoints_total_limit is not None and self.checkpoints_total_limit < 1:
             out.append(f"--checkpoints_total_limit must be >= 1 (got {self.checkpoints_total_limit})")
+        if not 0 < self.ema_decay < 1:
+            out.append(f"--ema_decay must be in (0, 1) (got {self.ema_decay}); 0.99 averages about 100 steps")
         if self.snr_gamma is not None and self.snr_gamma < 0:
             out.append(f"--snr_gamma must be >= 0 (got {self.snr_gamma}); 0 turns SNR weighting off")
         for name in ("adam_beta1", "adam_beta2"):

@@ -20,6 +20,7 @@ import logging
 import sys
 import time
 from collections.abc import Callable, Sequence
+from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
@@ -38,6 +39,7 @@ from training.checkpoints import capture_rng, restore_rng, save_checkpoint
 from training.conditioning import TrainingSet
 from training.config import TrainConfig
 from training.data import load_training_images
+from training.ema import AdapterEMA
 from training.objective import denoising_loss
 from training.outputs import write_final_outputs
 from training.preflight import RunPlan, preflight, report_target
@@ -159,7 +161,13 @@ def _check_finite(loss: torch.Tensor, step: int, accelerator: Accelerator, cfg: 
 
 
 def _save_checkpoint(
-    plan: RunPlan, accelerator: Accelerator, handle: Any, optimizer: Any, lr_scheduler: Any, step: int
+    plan: RunPlan,
+    accelerator: Accelerator,
+    handle: Any,
+    optimizer: Any,
+    lr_scheduler: Any,
+    step: int,
+    ema: AdapterEMA | None,
 ) -> Path | None:
     rng_tensors, rng_values = capture_rng()
     all_rng = gather_object([rng_tensors])
@@ -175,16 +183,17 @@ def _save_checkpoint(
             rng_values=rng_values,
             run=plan.run_identity(),
             total_limit=plan.config.checkpoints_total_limit,
+            ema=ema.state_tensors() if ema is not None else None,
         )
     accelerator.wait_for_everyone()
     return path
 
 
-def _validate(plan: RunPlan, accelerator: Accelerator, step: int) -> Path | None:
+def _validate(plan: RunPlan, accelerator: Accelerator, step: int, ema: AdapterEMA | None) -> Path | None:
     cfg = plan.config
     path = None
     if accelerator.is_main_process:
-        with accelerator.autocast():
+        with accelerator.autocast(), ema.averaged() if ema is not None else nullcontext():
             images = sample_images(
                 plan.pipe,
                 cfg.validation_prompt or cfg.instance_prompt,
@@ -235,6 +244,7 @@ def train(
     if accelerator.device.type == "cuda":
         unet.to(memory_format=torch.channels_last)
     params = handle.trainable_parameters()
+    ema = AdapterEMA(params, cfg.ema_decay) if cfg.use_ema else None
 
     train_set = TrainingSet(
         pipe,
@@ -265,6 +275,8 @@ def train(
         lr_scheduler.load_state_dict(plan.checkpoint.lr_scheduler)
         restore_rng(plan.checkpoint.rng["tensors"], plan.checkpoint.rng["values"])
         start_step = plan.checkpoint.step
+        if ema is not None and plan.checkpoint.ema is not None:
+            ema.load_state_tensors(plan.checkpoint.ema)
         logger.info("resumed from %s at step %d", plan.checkpoint.path, start_step)
     log = TrainLog(out / "train_log.jsonl", resume_step=start_step) if accelerator.is_main_process else None
     if plan.report_to:
@@ -280,7 +292,7 @@ def train(
     model.train()
     while step < total:
         if _cancel_requested(cancel, accelerator):
-            checkpoint_path = _save_checkpoint(plan, accelerator, handle, optimizer, lr_scheduler, step)
+            checkpoint_path = _save_checkpoint(plan, accelerator, handle, optimizer, lr_scheduler, step, ema)
             cancelled = True
             break
         losses: list[list[float]] = []  # per micro-batch: total, instance, prior
@@ -320,6 +332,8 @@ def train(
             losses.append([loss.item(), parts.instance, parts.prior if parts.prior is not None else 0.0])
         lr = lr_scheduler.get_last_lr()[0]
         lr_scheduler.step()
+        if ema is not None:
+            ema.step()
         step += 1
         means = accelerator.gather(torch.tensor(losses, device=accelerator.device).mean(dim=0, keepdim=True))
         last_loss, instance_loss, prior_loss = means.mean(
@@ -329,9 +343,9 @@ def train(
         eta = elapsed / (step - start_step) * (total - step)
         new_images = []
         if cfg.validation_steps and step % cfg.validation_steps == 0 and step < total:
-            new_images.append(_validate(plan, accelerator, step))
+            new_images.append(_validate(plan, accelerator, step, ema))
         if step % cfg.checkpointing_steps == 0:
-            checkpoint_path = _save_checkpoint(plan, accelerator, handle, optimizer, lr_scheduler, step)
+            checkpoint_path = _save_checkpoint(plan, accelerator, handle, optimizer, lr_scheduler, step, ema)
         if accelerator.is_main_process:
             row = {"step": step, "loss": last_loss, "lr": lr, "time": round(elapsed, 4)}
             if class_images:
@@ -367,7 +381,9 @@ def train(
         num_processes=world,
     )
     if not cancelled:
-        final_grid = _validate(plan, accelerator, step) if cfg.num_validation_images else None
+        if ema is not None:
+            ema.copy_to_live()  # the adapter file holds the average
+        final_grid = _validate(plan, accelerator, step, None) if cfg.num_validation_images else None
         if final_grid is not None:
             result.validation_images.append(final_grid)
             if progress is not None:

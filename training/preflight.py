@@ -189,6 +189,11 @@ def preflight(config: TrainConfig, device: torch.device, *, rank: int = 0) -> Ru
     )
     if checkpoint_run is not None:
         _check_same_run(checkpoint_run, plan.run_identity(), resume_from)
+    if checkpoint is not None and resolved.use_ema and checkpoint.ema is None:
+        raise CheckpointError(
+            f"checkpoint {resume_from} holds no moving average (it was written without --use_ema); resume "
+            "without --use_ema or start a new output_dir"
+        )
     if resolved.with_prior_preservation:
         existing = existing_class_images(resolved.class_dir)[: resolved.num_class_images]
         if existing:
