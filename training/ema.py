@@ -6,6 +6,12 @@ copies and its warm-up ``(1 + t) / (10 + t)`` caps the decay early on, so the av
 initialisation. The run trains the live weights as usual; validation grids and the final adapter file use the
 averaged ones. The shadow tensors travel in every checkpoint (``ema.safetensors``) so a resumed run continues
 the same average.
+
+The warm-up stays below the decay until step 9·d/(1 − d) (891 steps for d = 0.99), so on shorter runs the
+average spans roughly the last ninth of training whatever ``--ema_decay`` says. On the toy world it did not
+lift the quality report (`training.quality --ema-decay 0.99`): HRA at its defaults, training seeds 0-2, 89%
+purple with +5.6 points of drift, against 90% and +5.6 without (0.995 gave the same images: 800 steps never
+reach either cap); LoRA seed 1 at batch 4, 78% against 78%. It stays off by default.
 """
 
 from __future__ import annotations
