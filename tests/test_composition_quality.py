@@ -1,15 +1,17 @@
-"""Toy-world composition quality (slow): trained concept adapters, >= 32 seeds per method, the issue's targets."""
+"""Toy-world composition quality (slow): the committed concept adapters (`composition.quality.FIXTURES`), >= 32
+seeds per method, the issue's targets. `python -m composition.quality` without `--fixtures` trains them afresh."""
 
 from __future__ import annotations
 
 import pytest
 
-from composition.quality import SETUPS, format_table, quality_report
+from composition.quality import FIXTURES, SETUPS, format_table, quality_report
 
 
 @pytest.mark.slow
 def test_clora_and_cmlora_compose_held_out_concepts(tmp_path) -> None:
-    report = quality_report(seeds=32, steps=25, work=tmp_path)
+    report = quality_report(seeds=32, steps=25, work=tmp_path, fixtures=FIXTURES)
+    assert all(str(FIXTURES) in p for entry in report["setups"].values() for p in entry["adapter_files"])
     print(format_table(report))
     separate = {s.name for s in SETUPS if len(s.adapters) == 2 and len(s.expect) == 2}
     assert separate == {"N=2 boft+lora", "N=2 hra+krona"}  # the issue's mixed-family pairs

@@ -258,3 +258,24 @@ def test_rates_and_their_interval_count_the_images_that_pass(monkeypatch) -> Non
         with pytest.raises(SystemExit) as exit_info:
             quality.main(bad)
         assert exit_info.value.code == 2
+
+
+def test_committed_fixtures_cover_every_setup_and_are_used_without_training(monkeypatch, tmp_path) -> None:
+    """Every (concept, family) of the report has a committed adapter of that family, bound to that concept's
+    word and made for the toy world's UNet; with `fixtures` the report composes it and trains nothing."""
+    from composition.quality import FIXTURES, train_adapter
+    from models.adapters.files import load_adapter_file
+    from models.pipelines import default_base_model, load_pipeline, unet_fingerprint
+
+    configs = _record_training(monkeypatch)
+    unet = load_pipeline(default_base_model(), device="cpu").unet
+    for concept, family in {pair for setup in SETUPS for pair in setup.adapters}:
+        path = train_adapter(concept, family, tmp_path, None, None, FIXTURES)
+        assert path == FIXTURES / f"{concept}-{family}.safetensors"
+        adapter = load_adapter_file(path)
+        assert (adapter.family, adapter.trigger_phrase) == (family, concept)
+        assert adapter.fingerprint == unet_fingerprint(unet)
+    assert configs == []
+    assert (
+        train_adapter("purple", "krona", tmp_path, None, 5, FIXTURES).parent.name == "run"
+    )  # no fixture: trains
