@@ -296,6 +296,8 @@ def test_moving_average_is_saved_and_resumes_exactly(
     assert saved.keys() == last.keys() == expected.keys() and averaged.steps == 4
     assert all(torch.allclose(saved[k], expected[k], atol=1e-6) for k in saved)
     assert not all(torch.allclose(saved[k], last[k]) for k in saved)  # not the last step's weights
+    assert "| Weights saved | moving average, decay 0.2 |" in (tmp_path / "ema" / "README.md").read_text()
+    assert "| Weights saved | last step |" in (tmp_path / "live" / "README.md").read_text()
 
     cancel = threading.Event()
     part = train(
