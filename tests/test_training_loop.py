@@ -326,3 +326,34 @@ def test_moving_average_cannot_resume_a_checkpoint_without_one(
     with pytest.raises(CheckpointError, match="no moving average.*without --use_ema"):
         train(tiny_config(tiny_sd_path, subject_dir, tmp_path, resume_from_checkpoint="latest", use_ema=True))
     assert sorted(p.name for p in tmp_path.iterdir()) == before
+
+
+def test_lr_multipliers_scale_matching_layers_only(
+    tiny_sd_path: Path, subject_dir: Path, tmp_path: Path
+) -> None:
+    """One AdamW step from LoRA's zero-initialised B moves B by lr x factor x (the same Adam direction), so
+    self-attention B at factor 0.5 is exactly half the full-rate run's, factor 0 leaves it at zero, and
+    every other layer is unchanged; the log reports the schedule's full rate."""
+    full = tmp_path / "full"
+    train(tiny_config(tiny_sd_path, subject_dir, full, max_train_steps=1))
+    for factor in (0.5, 0.0):
+        out = tmp_path / f"x{factor}"
+        train(
+            tiny_config(
+                tiny_sd_path, subject_dir, out, max_train_steps=1, lr_multipliers={r"\.attn1\.": factor}
+            )
+        )
+        reference, scaled = adapter_tensors(full), adapter_tensors(out)
+        self_b = [k for k in reference if ".attn1." in k and "lora_B" in k]
+        assert self_b and all(reference[k].abs().max() > 0 for k in self_b)
+        for key in reference:
+            expected = factor * reference[key] if key in self_b else reference[key]
+            assert torch.allclose(scaled[key], expected, atol=1e-7), key
+        assert read_train_log(out / "train_log.jsonl")[0]["lr"] == pytest.approx(1e-3)
+
+
+def test_lr_multipliers_are_validated() -> None:
+    with pytest.raises(ValueError, match="not a regular expression"):
+        TrainConfig(instance_data_dir="x", instance_prompt="p", lr_multipliers={"attn1[": 0.5}).validate()
+    with pytest.raises(ValueError, match="factor must be a number >= 0"):
+        TrainConfig(instance_data_dir="x", instance_prompt="p", lr_multipliers={"attn1": -1}).validate()

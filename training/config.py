@@ -15,6 +15,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -110,6 +111,25 @@ BOFT's default on seeds 6/7/8: 86% (85/85/88)/+3.2; over nine seeds 91% with +4.
 (88/88/100)/+1.9 (nine seeds: 94%, +2.0); KronA 97% (98/98/95)/+4.6 (nine seeds: 94%, +4.0)."""
 
 
+def _lr_multiplier_problems(multipliers: Any) -> list[str]:
+    if not isinstance(multipliers, dict):
+        return [f'--lr_multipliers must be a JSON object such as {{"attn1": 0.25}} (got {multipliers!r})']
+    out = []
+    for pattern, factor in multipliers.items():
+        try:
+            re.compile(pattern)
+        except re.error as error:
+            out.append(f"--lr_multipliers pattern {pattern!r} is not a regular expression: {error}")
+        if isinstance(factor, bool) or not isinstance(factor, int | float) or not 0 <= factor < math.inf:
+            out.append(f"--lr_multipliers {pattern!r}: the factor must be a number >= 0 (got {factor!r})")
+    return out
+
+
+def lr_factor(module_name: str, multipliers: dict[str, float]) -> float:
+    """The learning-rate factor of an adapted module: the first `multipliers` pattern found in its name."""
+    return next((float(f) for p, f in multipliers.items() if re.search(p, module_name)), 1.0)
+
+
 def _opt(help_text: str, **kwargs: Any) -> Any:
     return field(metadata={"help": help_text}, **kwargs)
 
@@ -169,6 +189,15 @@ class TrainConfig:
     learning_rate: float | None = _opt("Peak learning rate. Default: per family (see --help).", default=None)
     lr_scheduler: str = _opt(f"Learning-rate schedule: {', '.join(LR_SCHEDULERS)}.", default="constant")
     lr_warmup_steps: int = _opt("Linear warm-up steps.", default=0)
+    lr_multipliers: dict[str, float] = field(
+        default_factory=dict,
+        metadata={
+            "help": "Per-layer learning-rate factors, kohya's block learning rates by module name: "
+            'JSON {"pattern": factor}, a pattern being a regular expression searched in each adapted '
+            'module\'s name, the first match winning, e.g. {"attn1": 0.25} (self-attention), '
+            '{"^down_blocks": 0.5}. Unmatched layers keep the full rate; factor 0 freezes a layer.'
+        },
+    )
     adam_beta1: float = _opt("AdamW beta1.", default=0.9)
     adam_beta2: float = _opt("AdamW beta2.", default=0.999)
     adam_weight_decay: float = _opt("AdamW weight decay.", default=1e-2)
@@ -300,6 +329,7 @@ class TrainConfig:
             out.append(f"--ema_decay must be in (0, 1) (got {self.ema_decay}); 0.99 averages about 100 steps")
         if self.snr_gamma is not None and self.snr_gamma < 0:
             out.append(f"--snr_gamma must be >= 0 (got {self.snr_gamma}); 0 turns SNR weighting off")
+        out.extend(_lr_multiplier_problems(self.lr_multipliers))
         for name in ("adam_beta1", "adam_beta2"):
             if not 0 <= getattr(self, name) < 1:
                 out.append(f"--{name} must be in [0, 1) (got {getattr(self, name)})")

@@ -34,10 +34,12 @@ from diffusers.optimization import get_scheduler
 from diffusers.training_utils import cast_training_params
 
 from models.adapters import attach
+from models.adapters.family import adapter_tensors
+from models.adapters.handle import AdapterHandle
 from models.adapters.lean_lora import lean_lora_forward
 from training.checkpoints import capture_rng, restore_rng, save_checkpoint
 from training.conditioning import TrainingSet
-from training.config import TrainConfig
+from training.config import TrainConfig, lr_factor
 from training.data import load_training_images
 from training.ema import AdapterEMA
 from training.objective import denoising_loss
@@ -124,7 +126,18 @@ def _class_images(plan: RunPlan, accelerator: Accelerator, progress: ProgressFn 
     return load_training_images(files, cfg.resolution, center_crop=True, seed=cfg.seed)
 
 
-def _optimizer(plan: RunPlan, params: list[torch.nn.Parameter]) -> torch.optim.Optimizer:
+def _param_groups(handle: AdapterHandle, cfg: TrainConfig) -> list[dict[str, Any]]:
+    """The adapter's parameters grouped by learning-rate factor (`TrainConfig.lr_multipliers`), the
+    full-rate group first; each group's ``lr`` is the peak rate times its factor."""
+    by_factor: dict[float, list[torch.nn.Parameter]] = {}
+    for name, layer in handle.layers.items():
+        factor = lr_factor(name, cfg.lr_multipliers)
+        by_factor.setdefault(factor, []).extend(adapter_tensors(layer).values())
+    order = sorted(by_factor, key=lambda factor: (factor != 1.0, -factor))
+    return [{"params": by_factor[f], "lr": cfg.learning_rate * f, "lr_factor": f} for f in order]
+
+
+def _optimizer(plan: RunPlan, params: list[dict[str, Any]]) -> torch.optim.Optimizer:
     cfg = plan.config
     kwargs = {
         "lr": cfg.learning_rate,
@@ -140,6 +153,14 @@ def _optimizer(plan: RunPlan, params: list[torch.nn.Parameter]) -> torch.optim.O
         return torch.optim.AdamW(params, fused=True, **kwargs)
     except RuntimeError:
         return torch.optim.AdamW(params, **kwargs)
+
+
+def _peak_relative_lr(current: list[float], groups: list[dict[str, Any]]) -> float:
+    """The schedule's learning rate for factor-1 layers (what the log and progress report), from the groups'
+    current rates."""
+    return next(
+        (lr / g["lr_factor"] for lr, g in zip(current, groups, strict=True) if g["lr_factor"] > 0), 0.0
+    )
 
 
 def _cancel_requested(cancel: CancelFlag | None, accelerator: Accelerator) -> bool:
@@ -257,7 +278,8 @@ def train(
         cache_latents=cfg.cache_latents,
         random_flip=cfg.random_flip,
     )
-    optimizer = _optimizer(plan, params)
+    groups = _param_groups(handle, cfg)
+    optimizer = _optimizer(plan, groups)
     lr_scheduler = get_scheduler(
         cfg.lr_scheduler,
         optimizer,
@@ -330,7 +352,7 @@ def train(
                 optimizer.step()
                 optimizer.zero_grad(set_to_none=True)
             losses.append([loss.item(), parts.instance, parts.prior if parts.prior is not None else 0.0])
-        lr = lr_scheduler.get_last_lr()[0]
+        lr = _peak_relative_lr(lr_scheduler.get_last_lr(), groups)
         lr_scheduler.step()
         if ema is not None:
             ema.step()

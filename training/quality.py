@@ -157,6 +157,9 @@ class QualitySettings:
     trigger: str | None = None
     """The word that stands for the subject in captions and trigger prompts; None = the subject's own name
     (`trigger_word`; why not 'sks': `TRIGGER`)."""
+    train_options_extra: dict[str, Any] = dataclasses.field(default_factory=dict)
+    """Further `TrainConfig` options over the protocol's (``--train-option adam_weight_decay=0``); none by
+    default."""
     train_seeds: tuple[int, ...] = (0, 1, 2)
     """Each family is trained once per seed; accuracies pool the samples of every run. One seed is not
     enough: the same protocol (batch 4) gave LoRA 95% with seed 0 and 78% with seed 1."""
@@ -168,15 +171,19 @@ class QualitySettings:
 
     def train_options(self) -> dict[str, Any]:
         """The TrainConfig options the protocol fixes (prior preservation aside: `prior_options`)."""
-        return {
-            "targets": self.targets,
-            "adapter_config": dict(self.adapter_config),
-            "max_train_steps": self.steps,
-            "learning_rate": self.learning_rate,
-            "snr_gamma": self.snr_gamma,
-            "train_batch_size": self.batch_size,
-            "center_crop": True,
-        } | ({"use_ema": True, "ema_decay": self.ema_decay} if self.ema_decay is not None else {})
+        return (
+            {
+                "targets": self.targets,
+                "adapter_config": dict(self.adapter_config),
+                "max_train_steps": self.steps,
+                "learning_rate": self.learning_rate,
+                "snr_gamma": self.snr_gamma,
+                "train_batch_size": self.batch_size,
+                "center_crop": True,
+            }
+            | ({"use_ema": True, "ema_decay": self.ema_decay} if self.ema_decay is not None else {})
+            | dict(self.train_options_extra)
+        )
 
 
 def _write_captioned(stem: Path, scene: Scene, text: str) -> None:
@@ -435,6 +442,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--pair-images", type=int, default=0, help="two-object subject renders beside the five single ones"
     )
+    parser.add_argument(
+        "--train-option", action="append", default=[], metavar="KEY=VALUE",
+        help="any other TrainConfig option over the protocol's (JSON value), e.g. adam_weight_decay=0",
+    )  # fmt: skip
     parser.add_argument("--no-prior", action="store_true", help="train without prior preservation")
     parser.add_argument(
         "--prior-loss-weight", type=float, default=QualitySettings.prior_loss_weight,
@@ -466,8 +477,14 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         adapter_config = parse_key_values(args.adapter_option, "--adapter-option", "r=16")
+        train_extra = parse_key_values(args.train_option, "--train-option", "adam_weight_decay=0")
     except ValueError as error:
         parser.error(str(error))
+    unknown = sorted(set(train_extra) - {field.name for field in dataclasses.fields(TrainConfig)})
+    if unknown:
+        parser.error(
+            f"--train-option {', '.join(unknown)}: not a TrainConfig option (see training/config.py)"
+        )
     if adapter_config and len(args.families) != 1:
         parser.error(
             "--adapter-option sets one family's hyperparameters: name that family alone in --families"
@@ -486,6 +503,7 @@ def main(argv: list[str] | None = None) -> int:
             settings=QualitySettings(
                 targets=args.targets[0] if len(args.targets) == 1 else args.targets,
                 adapter_config=adapter_config,
+                train_options_extra=train_extra,
                 steps=args.steps,
                 learning_rate=args.learning_rate,
                 snr_gamma=args.snr_gamma,
