@@ -106,7 +106,17 @@ HRA without its orthogonality regulariser (`--adapter-option ortho_lambda=0`) on
 at λ = 1e-4; λ = 1e-3 77% (88/68/75)/+6.0 (seeds 0-2). Without it, beside it on seeds 0-2: prior-loss weight
 1.5 93% (92/92/92)/+6.9, 600 steps 85%/+10.6; an EMA of the adapter weights (`--ema-decay 0.99`, λ = 1e-4) 89%
 (92/85/90)/+5.6. HRA's drift misses are green objects on the black background that the adapter dims until
-the pixel checks read another shape or none (seed 0, λ = 0: three of 72, all green on black).
+the pixel checks read another shape or none (seed 0, λ = 0: three of 72, all green on black). Later, on seeds
+0-2 at HRA's default otherwise (`--adapter-option`, `--train-option`): r=4 68% (70/62/70)/+6.0, r=6 87%
+(95/88/78)/+6.9; self-attention frozen (`lr_multipliers={"attn1": 0}`, only cross-attention `vo` trains) 42%
+(42/57/25)/+6.9, self-attention at a quarter of the rate 71% (85/52/75)/+7.4, cross-attention at half 83%
+(95/75/80)/+6.9; no weight decay 86% (95/70/92)/+7.4; with one-off scripts that swapped the regularisation set,
+base-model samples of the same 64 captions (DreamBooth's own prior) 84% (90/80/82)/+9.7 and 64 single-object
+renders spread evenly over colour x shape x background 72% (55/82/78)/+8.3; prior-loss weight 2.0 82%
+(88/75/82)/+4.6, 128 regularisation renders 66% (72/48/78)/+4.6. Switching the layers of a trained
+adapter off one group at a time (seed 0) shows purple in 95% with all, 100% with the cross-attention layers
+alone and 5% with the self-attention ones alone, but seed 1 gives 82%, 70% and 35%, and training without the
+self-attention layers (above) loses the concept: both groups carry it, and the drift is not confined to one.
 BOFT's default on seeds 6/7/8: 86% (85/85/88)/+3.2; over nine seeds 91% with +4.2 points. LoRA 92%
 (88/88/100)/+1.9 (nine seeds: 94%, +2.0); KronA 97% (98/98/95)/+4.6 (nine seeds: 94%, +4.0)."""
 
