@@ -152,6 +152,25 @@ def test_cli_passes_family_hyperparameters_and_pair_renders_into_the_protocol(
     assert quality.prior_options(tmp_path, dataclasses.replace(settings, prior=False)) == {}
 
 
+def test_train_option_reaches_the_protocol_and_unknown_keys_are_refused(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    """`--train-option` values (JSON) override the protocol's TrainConfig options; a key TrainConfig does not
+    have is refused with exit 2 before anything trains."""
+    import training.quality as quality
+
+    seen = _record_settings(monkeypatch)
+    options = ["--train-option", "adam_weight_decay=0", "--train-option", "random_flip=true"]
+    assert quality.main(["--families", "hra", *options, "--out", str(tmp_path)]) == 0
+    options = seen[-1].train_options()
+    assert options["adam_weight_decay"] == 0 and options["random_flip"] is True
+    assert options["train_batch_size"] == quality.QualitySettings.batch_size  # the protocol's own stay
+    with pytest.raises(SystemExit) as error:
+        quality.main(["--families", "hra", "--train-option", "warmup=100"])
+    assert error.value.code == 2 and len(seen) == 1
+    assert quality.unknown_options({"warmup": 1, "seed": 2, "a": 3}) == ["a", "warmup"]
+
+
 def test_trigger_option_reaches_captions_prompts_and_training(
     monkeypatch: pytest.MonkeyPatch, tmp_path: Path
 ) -> None:

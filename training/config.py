@@ -16,6 +16,7 @@ import dataclasses
 import json
 import math
 import re
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -368,8 +369,7 @@ class TrainConfig:
     @classmethod
     def from_dict(cls, values: dict[str, Any]) -> TrainConfig:
         """Build from a plain dict (a JSON/YAML file); unknown keys are an error, not silently ignored."""
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(values) - known)
+        unknown = unknown_options(values)
         if unknown:
             raise ConfigError(f"unknown training option(s): {', '.join(unknown)}; see --help for the list")
         return cls(**values)
@@ -378,6 +378,11 @@ class TrainConfig:
     def from_file(cls, path: str | Path) -> TrainConfig:
         """Read a ``.json`` or ``.yaml``/``.yml`` file of options."""
         return cls.from_dict(read_config_file(path))
+
+
+def unknown_options(values: Mapping[str, Any]) -> list[str]:
+    """The keys of ``values`` that are not `TrainConfig` fields, sorted."""
+    return sorted(set(values) - {f.name for f in dataclasses.fields(TrainConfig)})
 
 
 def read_config_file(path: str | Path) -> dict[str, Any]:

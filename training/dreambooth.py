@@ -34,7 +34,6 @@ from diffusers.optimization import get_scheduler
 from diffusers.training_utils import cast_training_params
 
 from models.adapters import attach
-from models.adapters.family import adapter_tensors
 from models.adapters.handle import AdapterHandle
 from models.adapters.lean_lora import lean_lora_forward
 from training.checkpoints import capture_rng, restore_rng, save_checkpoint
@@ -130,9 +129,8 @@ def _param_groups(handle: AdapterHandle, cfg: TrainConfig) -> list[dict[str, Any
     """The adapter's parameters grouped by learning-rate factor (`TrainConfig.lr_multipliers`), the
     full-rate group first; each group's ``lr`` is the peak rate times its factor."""
     by_factor: dict[float, list[torch.nn.Parameter]] = {}
-    for name, layer in handle.layers.items():
-        factor = lr_factor(name, cfg.lr_multipliers)
-        by_factor.setdefault(factor, []).extend(adapter_tensors(layer).values())
+    for name, params in handle.parameters_by_layer().items():
+        by_factor.setdefault(lr_factor(name, cfg.lr_multipliers), []).extend(params)
     order = sorted(by_factor, key=lambda factor: (factor != 1.0, -factor))
     return [{"params": by_factor[f], "lr": cfg.learning_rate * f, "lr_factor": f} for f in order]
 

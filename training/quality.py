@@ -57,7 +57,7 @@ from models.toyworld.world import (
     render_scene,
     sample_batch,
 )
-from training.config import TrainConfig
+from training.config import TrainConfig, unknown_options
 from training.dreambooth import train
 
 TRIGGER = "sks"
@@ -480,7 +480,7 @@ def main(argv: list[str] | None = None) -> int:
         train_extra = parse_key_values(args.train_option, "--train-option", "adam_weight_decay=0")
     except ValueError as error:
         parser.error(str(error))
-    unknown = sorted(set(train_extra) - {field.name for field in dataclasses.fields(TrainConfig)})
+    unknown = unknown_options(train_extra)
     if unknown:
         parser.error(
             f"--train-option {', '.join(unknown)}: not a TrainConfig option (see training/config.py)"

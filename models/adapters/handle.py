@@ -66,10 +66,14 @@ class AdapterHandle:
         if not self._attached:
             raise AdapterError("this adapter was detached; attach it again to use it.")
 
+    def parameters_by_layer(self) -> dict[str, list[nn.Parameter]]:
+        """The adapter's parameters of each adapted layer, keyed by the layer's module name."""
+        self._check_attached()
+        return {name: list(adapter_tensors(layer).values()) for name, layer in self.layers.items()}
+
     def trainable_parameters(self) -> list[nn.Parameter]:
         """The adapter's parameters (the only ones in the UNet that require grad after `attach`)."""
-        self._check_attached()
-        return [p for layer in self.layers.values() for p in adapter_tensors(layer).values()]
+        return [p for params in self.parameters_by_layer().values() for p in params]
 
     def num_parameters(self) -> int:
         """Number of adapter parameters."""
