@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from pathlib import Path
 
@@ -36,6 +37,8 @@ def test_validate_lists_every_problem() -> None:
         snr_gamma=-1.0,
         adam_beta1=1.5,
         checkpoints_total_limit=0,
+        lr_warmup_steps=50,
+        max_train_steps=40,
     )
     with pytest.raises(ConfigError) as info:
         config.validate()
@@ -52,10 +55,16 @@ def test_validate_lists_every_problem() -> None:
         "--snr_gamma must be >= 0",
         "--adam_beta1 must be in [0, 1)",
         "--checkpoints_total_limit must be >= 1",
+        "--lr_warmup_steps 50 must be below --max_train_steps 40",
     ]:
         assert expected in message, expected
     good = TrainConfig(instance_data_dir="x", instance_prompt="a sks dog")
     assert good.validate() is good
+    silent = TrainConfig(instance_data_dir="x", instance_prompt="a sks dog", lr_warmup_steps=100)
+    with pytest.raises(ConfigError, match="--lr_warmup_steps 100 has no effect with --lr_scheduler constant"):
+        silent.validate()
+    warm = dataclasses.replace(silent, lr_scheduler="constant_with_warmup")
+    assert warm.validate() is warm
 
 
 def test_from_dict_refuses_unknown_keys() -> None:

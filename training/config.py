@@ -199,7 +199,7 @@ class TrainConfig:
     max_train_steps: int | None = _opt("Optimiser steps. Default: per family (see --help).", default=None)
     learning_rate: float | None = _opt("Peak learning rate. Default: per family (see --help).", default=None)
     lr_scheduler: str = _opt(f"Learning-rate schedule: {', '.join(LR_SCHEDULERS)}.", default="constant")
-    lr_warmup_steps: int = _opt("Linear warm-up steps.", default=0)
+    lr_warmup_steps: int = _opt("Linear warm-up steps (every schedule but constant).", default=0)
     lr_multipliers: dict[str, float] = field(
         default_factory=dict,
         metadata={
@@ -351,6 +351,16 @@ class TrainConfig:
         if self.mixed_precision not in MIXED_PRECISION:
             out.append(
                 f"--mixed_precision {self.mixed_precision!r} is unknown; choose one of {', '.join(MIXED_PRECISION)}"
+            )
+        if self.lr_warmup_steps and self.lr_scheduler == "constant":
+            out.append(
+                f"--lr_warmup_steps {self.lr_warmup_steps} has no effect with --lr_scheduler constant (it never warms "
+                "up); use --lr_scheduler constant_with_warmup, or --lr_warmup_steps 0"
+            )
+        if self.max_train_steps is not None and self.lr_warmup_steps >= self.max_train_steps > 0:
+            out.append(
+                f"--lr_warmup_steps {self.lr_warmup_steps} must be below --max_train_steps {self.max_train_steps}: "
+                "the run would end before reaching the full learning rate"
             )
         if self.report_to not in REPORT_TO:
             out.append(f"--report_to {self.report_to!r} is unknown; choose one of {', '.join(REPORT_TO)}")
