@@ -63,7 +63,10 @@ def _family_epilog() -> str:
         train = FAMILY_TRAINING_DEFAULTS[name]
         hyper = ", ".join(f"{k}={v}" for k, v in family.default_config().to_dict().items())
         snr = f", min-SNR {train.snr_gamma:g}" if train.snr_gamma else ""
-        lines.append(f"  {name:<6} lr {train.learning_rate:g}, {train.max_train_steps} steps{snr}; {hyper}")
+        offset = f", offset noise {train.noise_offset:g}" if train.noise_offset else ""
+        lines.append(
+            f"  {name:<6} lr {train.learning_rate:g}, {train.max_train_steps} steps{snr}{offset}; {hyper}"
+        )
         lines.append(textwrap.indent(f"({train.source})", " " * 9))
     return "\n".join(lines)
 

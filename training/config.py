@@ -48,6 +48,8 @@ class FamilyTrainingDefaults:
     source: str
     snr_gamma: float | None = None
     """Min-SNR loss weighting γ (Hang et al. 2023) unless the run sets its own; None = off."""
+    noise_offset: float = 0.0
+    """Offset-noise std unless the run sets its own; 0 = plain Gaussian noise."""
 
 
 FAMILY_TRAINING_DEFAULTS: dict[str, FamilyTrainingDefaults] = {
@@ -222,7 +224,11 @@ class TrainConfig:
         "(listed under the per-family defaults).",
         default=None,
     )
-    noise_offset: float = _opt("Noise offset (0 disables).", default=0.0)
+    noise_offset: float | None = _opt(
+        "Std of a per-image, per-channel constant added to the training noise ('offset noise'); 0 disables. "
+        "Default: the family's (listed under the per-family defaults).",
+        default=None,
+    )
     use_ema: bool = _opt(
         "Keep an exponential moving average of the adapter weights; validation grids and the saved adapter "
         "use it.",
@@ -282,6 +288,11 @@ class TrainConfig:
         return gamma or None
 
     @property
+    def offset(self) -> float:
+        """Offset-noise std in effect: the given value or the family default (0 = off)."""
+        return self.noise_offset if self.noise_offset is not None else self.family_defaults.noise_offset
+
+    @property
     def trigger(self) -> str:
         return self.trigger_phrase or self.instance_prompt
 
@@ -322,7 +333,6 @@ class TrainConfig:
             "lr_warmup_steps",
             "validation_steps",
             "prior_loss_weight",
-            "noise_offset",
             "max_grad_norm",
             "adam_weight_decay",
         ):
@@ -338,6 +348,8 @@ class TrainConfig:
             out.append(f"--checkpoints_total_limit must be >= 1 (got {self.checkpoints_total_limit})")
         if not 0 < self.ema_decay < 1:
             out.append(f"--ema_decay must be in (0, 1) (got {self.ema_decay}); 0.99 averages about 100 steps")
+        if self.noise_offset is not None and self.noise_offset < 0:
+            out.append(f"--noise_offset must be >= 0 (got {self.noise_offset}); 0 turns offset noise off")
         if self.snr_gamma is not None and self.snr_gamma < 0:
             out.append(f"--snr_gamma must be >= 0 (got {self.snr_gamma}); 0 turns SNR weighting off")
         out.extend(_lr_multiplier_problems(self.lr_multipliers))

@@ -335,7 +335,7 @@ def train(
                     noise_scheduler,
                     batch,
                     gen,
-                    noise_offset=cfg.noise_offset,
+                    noise_offset=cfg.offset,
                     snr_gamma=cfg.snr,
                     prior_loss_weight=cfg.prior_loss_weight,
                 )

@@ -72,6 +72,7 @@ def render_model_card(
         f"| Steps | {steps} (batch {config.train_batch_size} × accumulation {config.gradient_accumulation_steps}) |",
         f"| Learning rate | {config.lr:g} ({config.lr_scheduler}, warm-up {config.lr_warmup_steps}) |",
         f"| Min-SNR weighting | {'off' if config.snr is None else f'γ = {config.snr:g}'} |",
+        f"| Offset noise | {f'std {config.offset:g}' if config.offset else 'off'} |",
         f"| Weights saved | {f'moving average, decay {config.ema_decay:g}' if config.use_ema else 'last step'} |",
         f"| Resolution | {config.resolution} px |",
         f"| Mixed precision | {config.mixed_precision} |",
