@@ -21,6 +21,9 @@ def test_defaults_resolve_per_family() -> None:
     assert TrainConfig(adapter="boft").snr == 5.0 and TrainConfig(adapter="lora").snr is None
     assert TrainConfig(adapter="boft", snr_gamma=0.0).snr is None  # 0 turns the family default off
     assert TrainConfig(adapter="lora", snr_gamma=3.0).snr == 3.0
+    assert TrainConfig(adapter="hra").offset == 0.05 and TrainConfig(adapter="lora").offset == 0.0
+    assert TrainConfig(adapter="hra", noise_offset=0.0).offset == 0.0  # 0 turns the family default off
+    assert TrainConfig(adapter="lora", noise_offset=0.1).offset == 0.1
     assert TrainConfig(instance_prompt="a sks dog").trigger == "a sks dog"
     assert TrainConfig(instance_prompt="a sks dog", trigger_phrase="sks dog").trigger == "sks dog"
     assert TrainConfig(output_dir="o").class_dir == Path("o/class_images")
@@ -35,6 +38,7 @@ def test_validate_lists_every_problem() -> None:
         mixed_precision="fp8",
         with_prior_preservation=True,
         snr_gamma=-1.0,
+        noise_offset=-0.1,
         adam_beta1=1.5,
         checkpoints_total_limit=0,
         lr_warmup_steps=50,
@@ -53,6 +57,7 @@ def test_validate_lists_every_problem() -> None:
         "--mixed_precision 'fp8' is unknown",
         "--with_prior_preservation needs --class_prompt",
         "--snr_gamma must be >= 0",
+        "--noise_offset must be >= 0",
         "--adam_beta1 must be in [0, 1)",
         "--checkpoints_total_limit must be >= 1",
         "--lr_warmup_steps 50 must be below --max_train_steps 40",

@@ -17,7 +17,7 @@ from safetensors.torch import load_file
 from models.adapters.files import load_adapter_file
 from models.toyworld.world import Scene, SceneObject, render_scene
 from training.checkpoints import CheckpointError, list_checkpoints, load_checkpoint
-from training.config import TrainConfig
+from training.config import FAMILY_TRAINING_DEFAULTS, TrainConfig
 from training.dreambooth import TrainingDivergedError, train
 from training.train_log import read_train_log
 
@@ -365,3 +365,20 @@ def test_lr_multipliers_are_validated() -> None:
         TrainConfig(instance_data_dir="x", instance_prompt="p", lr_multipliers={"attn1[": 0.5}).validate()
     with pytest.raises(ValueError, match="factor must be a number >= 0"):
         TrainConfig(instance_data_dir="x", instance_prompt="p", lr_multipliers={"attn1": -1}).validate()
+
+
+def test_family_noise_offset_reaches_the_loss(tiny_sd_path: Path, subject_dir: Path, tmp_path: Path) -> None:
+    """A family whose default uses offset noise trains exactly as with that offset given, and differently
+    from plain noise (``--noise_offset 0``); the model card names the offset in effect."""
+    family, default = next((f, d.noise_offset) for f, d in FAMILY_TRAINING_DEFAULTS.items() if d.noise_offset)
+    runs = {}
+    for name, offset in (("default", None), ("explicit", default), ("plain", 0.0)):
+        out = tmp_path / name
+        train(tiny_config(tiny_sd_path, subject_dir, out, adapter=family, max_train_steps=2, noise_offset=offset))
+        runs[name] = (adapter_tensors(out), read_train_log(out / "train_log.jsonl")[-1]["loss"])
+    (default_tensors, default_loss), (explicit_tensors, explicit_loss) = runs["default"], runs["explicit"]
+    assert default_loss == explicit_loss
+    assert all(torch.equal(default_tensors[k], explicit_tensors[k]) for k in default_tensors)
+    assert runs["plain"][1] != default_loss
+    assert f"| Offset noise | std {default:g} |" in (tmp_path / "default" / "README.md").read_text()
+    assert "| Offset noise | off |" in (tmp_path / "plain" / "README.md").read_text()
