@@ -374,7 +374,11 @@ def test_family_noise_offset_reaches_the_loss(tiny_sd_path: Path, subject_dir: P
     runs = {}
     for name, offset in (("default", None), ("explicit", default), ("plain", 0.0)):
         out = tmp_path / name
-        train(tiny_config(tiny_sd_path, subject_dir, out, adapter=family, max_train_steps=2, noise_offset=offset))
+        train(
+            tiny_config(
+                tiny_sd_path, subject_dir, out, adapter=family, max_train_steps=2, noise_offset=offset
+            )
+        )
         runs[name] = (adapter_tensors(out), read_train_log(out / "train_log.jsonl")[-1]["loss"])
     (default_tensors, default_loss), (explicit_tensors, explicit_loss) = runs["default"], runs["explicit"]
     assert default_loss == explicit_loss
