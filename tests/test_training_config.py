@@ -21,7 +21,9 @@ def test_defaults_resolve_per_family() -> None:
     assert TrainConfig(adapter="boft").snr == 5.0 and TrainConfig(adapter="lora").snr is None
     assert TrainConfig(adapter="boft", snr_gamma=0.0).snr is None  # 0 turns the family default off
     assert TrainConfig(adapter="lora", snr_gamma=3.0).snr == 3.0
-    assert TrainConfig(adapter="hra").offset == 0.05 and TrainConfig(adapter="lora").offset == 0.0
+    assert TrainConfig(adapter="hra").offset == 0.075 and TrainConfig(adapter="lora").offset == 0.0
+    assert TrainConfig(adapter="hra").prior_weight == 1.5 and TrainConfig(adapter="lora").prior_weight == 1.0
+    assert TrainConfig(adapter="hra", prior_loss_weight=1.0).prior_weight == 1.0
     assert TrainConfig(adapter="hra", noise_offset=0.0).offset == 0.0  # 0 turns the family default off
     assert TrainConfig(adapter="lora", noise_offset=0.1).offset == 0.1
     assert TrainConfig(instance_prompt="a sks dog").trigger == "a sks dog"
@@ -39,6 +41,7 @@ def test_validate_lists_every_problem() -> None:
         with_prior_preservation=True,
         snr_gamma=-1.0,
         noise_offset=-0.1,
+        prior_loss_weight=-1.0,
         adam_beta1=1.5,
         checkpoints_total_limit=0,
         lr_warmup_steps=50,
@@ -58,6 +61,7 @@ def test_validate_lists_every_problem() -> None:
         "--with_prior_preservation needs --class_prompt",
         "--snr_gamma must be >= 0",
         "--noise_offset must be >= 0",
+        "--prior_loss_weight must be >= 0 (got -1.0)",
         "--adam_beta1 must be in [0, 1)",
         "--checkpoints_total_limit must be >= 1",
         "--lr_warmup_steps 50 must be below --max_train_steps 40",
@@ -146,6 +150,7 @@ def test_help_documents_family_defaults(capsys: pytest.CaptureFixture[str]) -> N
     text = build_parser().format_help()
     for family, defaults in FAMILY_TRAINING_DEFAULTS.items():
         assert f"{family:<6} lr {defaults.learning_rate:g}, {defaults.max_train_steps} steps" in text
+    assert "offset noise 0.075, prior-loss weight 1.5;" in text  # HRA's loss options
     for flag in [
         "--pretrained_model_name_or_path",
         "--enable_xformers_memory_efficient_attention",

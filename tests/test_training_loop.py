@@ -165,6 +165,32 @@ def test_prior_preservation_generates_and_caches_class_images(
     assert (fresh / "class-00003.png").read_bytes() == (class_dir / "class-00003.png").read_bytes()
 
 
+def test_family_prior_loss_weight_reaches_the_loss(
+    tiny_sd_path: Path, subject_dir: Path, tmp_path: Path
+) -> None:
+    """A family whose default weighs the prior loss other than 1 trains exactly as with that weight given, and
+    differently from ``--prior_loss_weight 1``; the model card names the weight in effect."""
+    family, weight = next(
+        (f, d.prior_loss_weight) for f, d in FAMILY_TRAINING_DEFAULTS.items() if d.prior_loss_weight != 1
+    )
+    options = dict(
+        adapter=family, with_prior_preservation=True, class_prompt="a star", num_class_images=2,
+        class_data_dir=str(tmp_path / "class"), max_train_steps=2,
+    )  # fmt: skip
+    runs = {}
+    for name, given in (("default", None), ("explicit", weight), ("one", 1.0)):
+        out = tmp_path / name
+        train(tiny_config(tiny_sd_path, subject_dir, out, prior_loss_weight=given, **options))
+        runs[name] = (adapter_tensors(out), read_train_log(out / "train_log.jsonl")[-1])
+    (default_tensors, default_row), (explicit_tensors, explicit_row) = runs["default"], runs["explicit"]
+    assert default_row["loss"] == explicit_row["loss"]
+    assert all(torch.equal(default_tensors[k], explicit_tensors[k]) for k in default_tensors)
+    one_row = runs["one"][1]
+    assert one_row["loss"] != default_row["loss"]
+    assert f"2 images, weight {weight:g} |" in (tmp_path / "default" / "README.md").read_text()
+    assert "2 images, weight 1 |" in (tmp_path / "one" / "README.md").read_text()
+
+
 def test_cached_and_uncached_latents_train_alike(
     tiny_sd_path: Path, subject_dir: Path, tmp_path: Path
 ) -> None:

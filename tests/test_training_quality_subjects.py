@@ -143,7 +143,7 @@ def test_cli_passes_family_hyperparameters_and_pair_renders_into_the_protocol(
     assert len(seen) == 1
     argv = ["--families", "hra", "--prior-loss-weight", "1.5", "--class-images", "3", "--out", str(tmp_path)]
     assert quality.main(argv) == 0
-    assert seen[-1].prior_loss_weight == 1.5 and settings.prior_loss_weight == 1.0
+    assert seen[-1].prior_loss_weight == 1.5 and settings.prior_loss_weight is None
     assert seen[-1].regularisation_images == 3 and settings.regularisation_images == 64
     settings = seen[-1]
     options = quality.prior_options(tmp_path, settings)

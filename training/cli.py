@@ -64,8 +64,9 @@ def _family_epilog() -> str:
         hyper = ", ".join(f"{k}={v}" for k, v in family.default_config().to_dict().items())
         snr = f", min-SNR {train.snr_gamma:g}" if train.snr_gamma else ""
         offset = f", offset noise {train.noise_offset:g}" if train.noise_offset else ""
+        prior = f", prior-loss weight {train.prior_loss_weight:g}" if train.prior_loss_weight != 1 else ""
         lines.append(
-            f"  {name:<6} lr {train.learning_rate:g}, {train.max_train_steps} steps{snr}{offset}; {hyper}"
+            f"  {name:<6} lr {train.learning_rate:g}, {train.max_train_steps} steps{snr}{offset}{prior}; {hyper}"
         )
         lines.append(textwrap.indent(f"({train.source})", " " * 9))
     return "\n".join(lines)

@@ -50,6 +50,8 @@ class FamilyTrainingDefaults:
     """Min-SNR loss weighting γ (Hang et al. 2023) unless the run sets its own; None = off."""
     noise_offset: float = 0.0
     """Offset-noise std unless the run sets its own; 0 = plain Gaussian noise."""
+    prior_loss_weight: float = 1.0
+    """Weight of the prior-preservation loss unless the run sets its own (DreamBooth's λ)."""
 
 
 FAMILY_TRAINING_DEFAULTS: dict[str, FamilyTrainingDefaults] = {
@@ -68,8 +70,9 @@ FAMILY_TRAINING_DEFAULTS: dict[str, FamilyTrainingDefaults] = {
     "hra": FamilyTrainingDefaults(
         1e-2,
         800,
-        "HRA DreamBooth: lr ~5e-3 range on SD; toy world: 1e-2, 800, offset noise 0.05",
-        noise_offset=0.05,
+        "HRA DreamBooth: lr ~5e-3 range on SD; toy world: 1e-2, 800, offset noise 0.075, prior-loss weight 1.5",
+        noise_offset=0.075,
+        prior_loss_weight=1.5,
     ),
 }
 """Learning rate, steps and loss options per family. The SD settings the papers use are quoted; the values
@@ -129,7 +132,11 @@ class TrainConfig:
     )
     class_prompt: str | None = _opt("Prompt for the class, e.g. 'a photo of a dog'.", default=None)
     with_prior_preservation: bool = _opt("Add the prior-preservation loss on class images.", default=False)
-    prior_loss_weight: float = _opt("Weight of the prior-preservation loss.", default=1.0)
+    prior_loss_weight: float | None = _opt(
+        "Weight of the prior-preservation loss. Default: the family's (1.0 unless listed under the per-family "
+        "defaults).",
+        default=None,
+    )
     num_class_images: int = _opt("Number of class images (generated when the folder has fewer).", default=100)
     resolution: int | None = _opt(
         "Training resolution in pixels (multiple of 8). Default: the base model's native size.", default=None
@@ -247,6 +254,12 @@ class TrainConfig:
         return self.noise_offset if self.noise_offset is not None else self.family_defaults.noise_offset
 
     @property
+    def prior_weight(self) -> float:
+        """Prior-preservation loss weight in effect: the given value or the family default."""
+        given = self.prior_loss_weight
+        return given if given is not None else self.family_defaults.prior_loss_weight
+
+    @property
     def trigger(self) -> str:
         return self.trigger_phrase or self.instance_prompt
 
@@ -286,7 +299,6 @@ class TrainConfig:
         for name in (
             "lr_warmup_steps",
             "validation_steps",
-            "prior_loss_weight",
             "max_grad_norm",
             "adam_weight_decay",
         ):
@@ -302,6 +314,8 @@ class TrainConfig:
             out.append(f"--checkpoints_total_limit must be >= 1 (got {self.checkpoints_total_limit})")
         if not 0 < self.ema_decay < 1:
             out.append(f"--ema_decay must be in (0, 1) (got {self.ema_decay}); 0.99 averages about 100 steps")
+        if self.prior_loss_weight is not None and self.prior_loss_weight < 0:
+            out.append(f"--prior_loss_weight must be >= 0 (got {self.prior_loss_weight})")
         if self.noise_offset is not None and self.noise_offset < 0:
             out.append(f"--noise_offset must be >= 0 (got {self.noise_offset}); 0 turns offset noise off")
         if self.snr_gamma is not None and self.snr_gamma < 0:

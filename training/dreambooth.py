@@ -337,7 +337,7 @@ def train(
                     gen,
                     noise_offset=cfg.offset,
                     snr_gamma=cfg.snr,
-                    prior_loss_weight=cfg.prior_loss_weight,
+                    prior_loss_weight=cfg.prior_weight,
                 )
                 loss = parts.total
                 regularizer = handle.regularization_loss()

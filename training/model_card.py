@@ -94,7 +94,7 @@ def render_model_card(
 def _prior_text(config: TrainConfig) -> str:
     if not config.with_prior_preservation:
         return "off"
-    return f"“{config.class_prompt}”, {config.num_class_images} images, weight {config.prior_loss_weight:g}"
+    return f"“{config.class_prompt}”, {config.num_class_images} images, weight {config.prior_weight:g}"
 
 
 def write_model_card(path: Path, text: str) -> Path:

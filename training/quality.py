@@ -150,8 +150,9 @@ class QualitySettings:
     """Two-object subject renders beside the single-object ones (`write_subject_images`' ``pairs``): what an
     adapter composed into a two-object prompt needs to have seen (`composition.quality`)."""
     prior: bool = True
-    prior_loss_weight: float = 1.0
-    """Weight of the prior-preservation loss (DreamBooth's λ; `TrainConfig.prior_loss_weight`)."""
+    prior_loss_weight: float | None = None
+    """Weight of the prior-preservation loss (DreamBooth's λ; `TrainConfig.prior_loss_weight`); None keeps the
+    family's (`FAMILY_TRAINING_DEFAULTS`)."""
     regularisation_images: int = 64
     subject: str = DEFAULT_SUBJECT
     trigger: str | None = None
@@ -449,7 +450,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--no-prior", action="store_true", help="train without prior preservation")
     parser.add_argument(
         "--prior-loss-weight", type=float, default=QualitySettings.prior_loss_weight,
-        help="weight of the prior-preservation loss",
+        help="weight of the prior-preservation loss (default: the family's)",
     )  # fmt: skip
     parser.add_argument(
         "--class-images", type=int, default=QualitySettings.regularisation_images,
