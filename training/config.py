@@ -230,34 +230,35 @@ class TrainConfig:
     def family_defaults(self) -> FamilyTrainingDefaults:
         return FAMILY_TRAINING_DEFAULTS[self.adapter]
 
+    def _in_effect(self, name: str) -> Any:
+        """Option ``name`` as given, or the family's default of the same name when it is None."""
+        given = getattr(self, name)
+        return given if given is not None else getattr(self.family_defaults, name)
+
     @property
     def steps(self) -> int:
         """Optimiser steps, the family default when not given."""
-        return (
-            self.max_train_steps if self.max_train_steps is not None else self.family_defaults.max_train_steps
-        )
+        return self._in_effect("max_train_steps")
 
     @property
     def lr(self) -> float:
         """Peak learning rate, the family default when not given."""
-        return self.learning_rate if self.learning_rate is not None else self.family_defaults.learning_rate
+        return self._in_effect("learning_rate")
 
     @property
     def snr(self) -> float | None:
         """Min-SNR γ in effect: the given value (0 = off) or the family default."""
-        gamma = self.snr_gamma if self.snr_gamma is not None else self.family_defaults.snr_gamma
-        return gamma or None
+        return self._in_effect("snr_gamma") or None
 
     @property
     def offset(self) -> float:
         """Offset-noise std in effect: the given value or the family default (0 = off)."""
-        return self.noise_offset if self.noise_offset is not None else self.family_defaults.noise_offset
+        return self._in_effect("noise_offset")
 
     @property
     def prior_weight(self) -> float:
         """Prior-preservation loss weight in effect: the given value or the family default."""
-        given = self.prior_loss_weight
-        return given if given is not None else self.family_defaults.prior_loss_weight
+        return self._in_effect("prior_loss_weight")
 
     @property
     def trigger(self) -> str:
@@ -299,11 +300,13 @@ class TrainConfig:
         for name in (
             "lr_warmup_steps",
             "validation_steps",
+            "prior_loss_weight",
             "max_grad_norm",
             "adam_weight_decay",
         ):
-            if getattr(self, name) < 0:
-                out.append(f"--{name} must be >= 0 (got {getattr(self, name)})")
+            value = getattr(self, name)
+            if value is not None and value < 0:  # None: the family's default
+                out.append(f"--{name} must be >= 0 (got {value})")
         if self.max_train_steps is not None and self.max_train_steps < 1:
             out.append(f"--max_train_steps must be >= 1 (got {self.max_train_steps})")
         if self.learning_rate is not None and not (
@@ -314,8 +317,6 @@ class TrainConfig:
             out.append(f"--checkpoints_total_limit must be >= 1 (got {self.checkpoints_total_limit})")
         if not 0 < self.ema_decay < 1:
             out.append(f"--ema_decay must be in (0, 1) (got {self.ema_decay}); 0.99 averages about 100 steps")
-        if self.prior_loss_weight is not None and self.prior_loss_weight < 0:
-            out.append(f"--prior_loss_weight must be >= 0 (got {self.prior_loss_weight})")
         if self.noise_offset is not None and self.noise_offset < 0:
             out.append(f"--noise_offset must be >= 0 (got {self.noise_offset}); 0 turns offset noise off")
         if self.snr_gamma is not None and self.snr_gamma < 0:
