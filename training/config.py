@@ -63,8 +63,8 @@ FAMILY_TRAINING_DEFAULTS: dict[str, FamilyTrainingDefaults] = {
     ),
     "boft": FamilyTrainingDefaults(
         5e-3,
-        1200,
-        "BOFT/OFT DreamBooth: lr 3e-5..6e-5 on SD; toy world: 5e-3, 1200, min-SNR 5",
+        1400,
+        "BOFT/OFT DreamBooth: lr 3e-5..6e-5 on SD; toy world: 5e-3, 1400, min-SNR 5",
         snr_gamma=5.0,
     ),
     "hra": FamilyTrainingDefaults(
