@@ -69,7 +69,8 @@ class TrainRequest:
     family: str = "lora"
     hyperparameters: dict[str, Any] = field(default_factory=dict)
     targets: str = "vo"
-    steps: int = 400
+    steps: int | None = None
+    """Optimiser steps; None or 0: the family's default (`training.config.FAMILY_TRAINING_DEFAULTS`)."""
     prior_preservation: bool = False
     num_class_images: int = 20
     base_model: str | None = None
@@ -81,12 +82,15 @@ class TrainRequest:
     name: str = ""
 
     def to_config(self, default_base_model: str | None) -> Any:
-        from training.config import TrainConfig
+        from training.config import FAMILY_TRAINING_DEFAULTS, TrainConfig
 
         trigger, class_word = self.trigger.strip(), self.class_word.strip()
         if not trigger:
             raise RequestError("the trigger phrase is empty; type a rare word such as 'sks'")
         phrase = f"{trigger} {class_word}".strip()
+        steps = int(self.steps or 0)
+        if not steps and self.family in FAMILY_TRAINING_DEFAULTS:
+            steps = FAMILY_TRAINING_DEFAULTS[self.family].max_train_steps
         return TrainConfig(
             pretrained_model_name_or_path=(self.base_model or "").strip() or default_base_model,
             instance_data_dir="uploaded images",
@@ -98,13 +102,13 @@ class TrainRequest:
             adapter=self.family,
             targets=self.targets,
             adapter_config=dict(self.hyperparameters),
-            max_train_steps=int(self.steps),
+            max_train_steps=steps or None,
             learning_rate=self.learning_rate,
             seed=int(self.seed),
             validation_steps=int(self.validation_steps),
             num_validation_images=int(self.num_validation_images),
             num_inference_steps=int(self.validation_inference_steps),
-            checkpointing_steps=max(1, min(500, int(self.steps) // 4)),
+            checkpointing_steps=max(1, min(500, steps // 4)),
         )
 
 

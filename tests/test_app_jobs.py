@@ -221,3 +221,31 @@ def test_bad_uploads_are_named_and_change_nothing(studio: Studio, tmp_path: Path
         studio.start_training(images, quick_request(2, trigger=" "))
     assert studio.store.list_jobs() == jobs_before
     assert sorted(studio.runner.jobs_dir.iterdir()) == dirs_before
+
+
+@pytest.mark.parametrize("family", ["lora", "krona", "boft", "hra"])
+def test_a_request_without_steps_trains_the_familys_default_steps(family: str) -> None:
+    from training.config import FAMILY_TRAINING_DEFAULTS
+
+    default = FAMILY_TRAINING_DEFAULTS[family].max_train_steps
+    for steps in (None, 0):
+        config = TrainRequest(trigger="sks", family=family, steps=steps).to_config("base")
+        assert config.max_train_steps == default
+        assert config.checkpointing_steps == max(1, min(500, default // 4))
+    assert TrainRequest(trigger="sks", family=family, steps=7).to_config("base").max_train_steps == 7
+
+
+def test_picking_a_family_in_the_train_tab_sets_its_default_steps(tmp_path: Path) -> None:
+    from app.ui import build_app
+    from training.config import FAMILY_TRAINING_DEFAULTS
+
+    studio = Studio(Settings(data_dir=tmp_path, base_model=None, device="cpu"))
+    try:
+        demo = build_app(studio)
+        (pick,) = [f.fn for f in demo.fns.values() if getattr(f.fn, "__name__", "") == "pick_family"]
+        for family, defaults in FAMILY_TRAINING_DEFAULTS.items():
+            *groups, steps = pick(family)
+            assert [g["visible"] for g in groups].count(True) == 1
+            assert steps["value"] == defaults.max_train_steps
+    finally:
+        studio.close()

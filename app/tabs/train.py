@@ -80,9 +80,11 @@ def render(view: JobView) -> tuple[str, str, pd.DataFrame, list[str], str]:
 def build(studio: Studio) -> gr.Dropdown:
     """Lay out the Train tab inside the current Blocks; returns the job selector (refreshed on tab select)."""
     from models.adapters import FAMILIES, PRESETS
+    from training.config import FAMILY_TRAINING_DEFAULTS
 
     fields = family_fields()
     defaults = {name: family.default_config() for name, family in FAMILIES.items()}
+    default_steps = {name: FAMILY_TRAINING_DEFAULTS[name].max_train_steps for name in FAMILIES}
     hyper_inputs: list[tuple[str, str, gr.components.Component]] = []
     groups: dict[str, gr.Group] = {}
     watching: dict[str, str] = {}
@@ -122,7 +124,12 @@ def build(studio: Studio) -> gr.Dropdown:
             with gr.Row():
                 targets = gr.Dropdown(list(PRESETS), value="vo", label="Targets", allow_custom_value=True)
                 steps = gr.Number(
-                    400, label="Steps", elem_id="train-steps", precision=0, minimum=1, maximum=100000
+                    default_steps["lora"],
+                    label="Steps (set to the family's default when you pick a family)",
+                    elem_id="train-steps",
+                    precision=0,
+                    minimum=1,
+                    maximum=100000,
                 )
             prior = gr.Checkbox(False, label="Prior preservation (needs a class word)")
             base_model = gr.Textbox(
@@ -177,7 +184,8 @@ def build(studio: Studio) -> gr.Dropdown:
         return "\n".join(f"- {m}" for m in result.messages), [str(p) for p in result.accepted]
 
     def pick_family(choice: str) -> list[Any]:
-        return [gr.update(visible=n == choice) for n in groups]
+        shown = [gr.update(visible=n == choice) for n in groups]
+        return [*shown, gr.update(value=default_steps.get(choice, default_steps["lora"]))]
 
     def start_job(
         paths: list[str] | None,
@@ -261,7 +269,7 @@ def build(studio: Studio) -> gr.Dropdown:
 
     view_outputs = [progress_line, status, loss_plot, validation, log]
     files.change(check, files, [upload_report, thumbs], api_name="check_uploads")
-    family.change(pick_family, family, list(groups.values()), api_visibility="private")
+    family.change(pick_family, family, [*groups.values(), steps], api_visibility="private")
     start.click(
         start_job,
         [
