@@ -38,6 +38,7 @@ from app.events import (
     tail,
 )
 from app.store import JobRecord, Store, StoreError, new_id
+from models.atomic_write import atomic_write_text
 
 logger = logging.getLogger(__name__)
 
@@ -391,7 +392,4 @@ def _step_key(path: Path) -> int:
 
 
 def _write_json(path: Path, values: dict[str, Any]) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    partial = path.with_name(f".{path.name}.tmp")
-    partial.write_text(json.dumps(values, indent=2), encoding="utf-8")
-    os.replace(partial, path)
+    atomic_write_text(path, json.dumps(values, indent=2))

@@ -10,12 +10,12 @@ weights inside that pipeline.
 from __future__ import annotations
 
 import dataclasses
-import os
 import threading
 import time
 import uuid
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -24,6 +24,7 @@ from PIL import Image
 from app.jobs import JobRunner
 from app.library import Library
 from app.store import JobRecord, Store
+from models.atomic_write import atomic_write
 
 MAX_UPLOAD_MB = 20
 MAX_IMAGES = 64
@@ -307,11 +308,7 @@ class Studio:
         folder.mkdir(parents=True, exist_ok=True)
         paths = []
         for index, image in enumerate(images):
-            path = folder / f"{index:02d}.png"
-            partial = folder / f".{index:02d}.png.tmp"
-            image.save(partial, format="PNG")
-            os.replace(partial, path)
-            paths.append(path)
+            paths.append(atomic_write(folder / f"{index:02d}.png", partial(image.save, format="PNG")))
         return paths
 
     # --- evaluation ---------------------------------------------------------------------------------

@@ -7,8 +7,6 @@ interrupted run never leaves a half-written PNG or report behind.
 from __future__ import annotations
 
 import json
-import os
-import tempfile
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -16,32 +14,21 @@ from typing import Any
 import torch
 from PIL import Image, ImageDraw
 
+from models.atomic_write import atomic_write, atomic_write_text
+
 LABEL_HEIGHT = 14
 """Pixels of the caption strip above each grid column and left of each row."""
 
 
-def _atomic(path: Path, write: Any) -> Path:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-    return path
-
-
 def save_image(image: Image.Image, path: Path) -> Path:
     """Write a PNG atomically."""
-    return _atomic(path, lambda tmp: image.save(tmp, format="PNG"))
+    return atomic_write(path, lambda tmp: image.save(tmp, format="PNG"))
 
 
 def save_json(data: Mapping[str, Any], path: Path) -> Path:
     """Write JSON (indented, UTF-8) atomically."""
     text = json.dumps(data, indent=2, default=_plain, ensure_ascii=False)
-    return _atomic(path, lambda tmp: Path(tmp).write_text(text + "\n", encoding="utf-8"))
+    return atomic_write_text(path, text + "\n")
 
 
 def mask_images(masks: torch.Tensor, scale: int) -> list[Image.Image]:

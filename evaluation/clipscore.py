@@ -29,9 +29,10 @@ from tqdm import tqdm
 from evaluation.clip_backends import load_clip
 from evaluation.errors import EvaluationError
 from evaluation.inputs import collect_images, read_prompts_file, sidecar_prompts
-from evaluation.results import ConceptScores, Scores, atomic_write_text
+from evaluation.results import ConceptScores, Scores
 from evaluation.scores import METRIC_DESCRIPTIONS
 from evaluation.scoring import concept_scores, score
+from models.atomic_write import atomic_write_text
 
 EXIT_BAD_INPUT = 2
 

@@ -7,29 +7,12 @@ The formulas live in `evaluation.scores`; this module only shapes them for repor
 
 from __future__ import annotations
 
-import os
-import tempfile
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import torch
 
 from evaluation.scores import METRIC_DESCRIPTIONS, clipscore_100, clipscore_hessel, concept_minimum
-
-
-def atomic_write_text(path: Path, text: str) -> Path:
-    """Write `text` to `path` through a temporary file in the same folder and `os.replace` (never half-written)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8", newline="") as fh:
-            fh.write(text)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return path
 
 
 def summarize(values: torch.Tensor) -> dict[str, float]:

@@ -24,9 +24,9 @@ import torch
 
 from evaluation.clip_backends import load_clip
 from evaluation.errors import EvaluationError
-from evaluation.results import atomic_write_text
 from evaluation.scores import clipscore_hessel, paired_cosine
 from evaluation.scoring import embed_images, embed_texts
+from models.atomic_write import atomic_write_text
 from models.toyworld.world import (
     BASE_COLOURS,
     BASE_SHAPES,

@@ -10,11 +10,10 @@ from __future__ import annotations
 
 import gzip
 import json
-import os
-import tempfile
 from functools import lru_cache
 from pathlib import Path
 
+from models.atomic_write import atomic_write_text
 from models.clip_compat import clip
 
 START_TOKEN = "<|startoftext|>"
@@ -79,16 +78,5 @@ def write_clip_tokenizer_files(folder: str | Path, model_max_length: int = 77) -
         ),
     }
     for name, text in files.items():
-        _atomic_write_text(folder / name, text)
+        atomic_write_text(folder / name, text)
     return folder
-
-
-def _atomic_write_text(path: Path, text: str) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as fh:
-            fh.write(text)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise

@@ -43,14 +43,13 @@ from __future__ import annotations
 
 import os
 import re
-import tempfile
 from collections.abc import Mapping
 from pathlib import Path
 
 import torch
 from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
-from safetensors.torch import save_file
 
+from models.atomic_write import write_safetensors
 from models.pipelines import architecture
 
 MODELSPEC_ARCHITECTURES: dict[str, str] = {
@@ -382,12 +381,5 @@ def save_single_file(
         "atelier.layout": "ldm",
         "atelier.architecture": arch,
     }
-    fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    try:
-        save_file(tensors, tmp_name, metadata=metadata)
-        os.replace(tmp_name, path)
-    except BaseException:
-        Path(tmp_name).unlink(missing_ok=True)
-        raise
+    write_safetensors(path, tensors, metadata)
     return path

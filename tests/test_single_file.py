@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import shutil
 from pathlib import Path
 
@@ -25,7 +26,7 @@ from peft import LoraConfig
 from safetensors import safe_open
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
 
-from models import single_file
+from models import atomic_write
 from models.pipelines import load_pipeline
 from models.single_file import (
     SD1_CLIP_PREFIX,
@@ -361,10 +362,11 @@ def test_failed_write_keeps_the_old_file(
 
     def disk_full(tensors: dict, filename: str, metadata: dict) -> None:
         Path(filename).write_bytes(b"partial")
-        raise OSError("No space left on device")
+        raise OSError(errno.ENOSPC, "No space left on device")
 
-    monkeypatch.setattr(single_file, "save_file", disk_full)
-    with pytest.raises(OSError, match="No space left"):
+    monkeypatch.setattr(atomic_write, "save_file", disk_full)
+    with pytest.raises(OSError, match="No space left") as caught:
         save_single_file(pipe, target)
+    assert caught.value.filename == str(target)
     assert target.read_bytes() == before
     assert [p.name for p in tmp_path.iterdir()] == ["model.safetensors"]

@@ -14,9 +14,11 @@ from typing import Any
 import pytest
 import torch
 from PIL import Image
+from safetensors import SafetensorError
 
 from models.adapters.files import load_adapter_file
 from models.toyworld.world import Scene, SceneObject, render_scene
+from training.checkpoints import list_checkpoints
 from training.config import FAMILY_TRAINING_DEFAULTS
 from training.dreambooth import main
 from training.train_log import read_train_log
@@ -173,6 +175,56 @@ def test_bad_images_and_folders_exit_2(
     config.write_text(json.dumps({"learning_rat": 1}))
     assert main(["--config", str(config)]) == 2
     assert "unknown training option(s): learning_rat" in capsys.readouterr().err
+
+
+def test_a_full_disk_stops_with_a_message_and_keeps_the_last_checkpoint(
+    tiny_sd_path: Path,
+    subject_dir: Path,
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The disk fills while checkpoint 4 is written (safetensors' own I/O error): exit 1 with a message naming
+    the problem, the intact checkpoint and how to continue; nothing half-written is left behind; resuming
+    from that checkpoint then ends exactly where the uninterrupted run does."""
+    import models.atomic_write
+
+    def args(out: Path) -> list[str]:
+        return [
+            *base_args(tiny_sd_path, subject_dir, out),
+            "--max_train_steps",
+            "4",
+            "--checkpointing_steps",
+            "2",
+        ]
+
+    assert main(args(tmp_path / "uninterrupted")) == 0
+    save_file = models.atomic_write.save_file
+
+    def disk_fills_at_step_4(tensors: dict, filename: str, metadata: dict | None = None) -> None:
+        if ".checkpoint-4-" in str(filename):
+            raise SafetensorError("Error while serializing: I/O error: No space left on device (os error 28)")
+        save_file(tensors, filename, metadata=metadata)
+
+    monkeypatch.setattr(models.atomic_write, "save_file", disk_fills_at_step_4)
+    out = tmp_path / "out"
+    capsys.readouterr()
+    assert main(args(out)) == 1
+    err = capsys.readouterr().err
+    assert f"the disk is full: {out / 'checkpoint-4'} could not be written" in err
+    assert f"The newest checkpoint, {out / 'checkpoint-2'} (step 2), is complete" in err
+    assert "--resume_from_checkpoint latest" in err
+    assert list_checkpoints(out) == [(2, out / "checkpoint-2")]
+    assert not [p for p in out.rglob("*") if p.name.startswith(".")]  # no staging folder or temporary file
+    assert not (out / "adapter.safetensors").exists()
+    assert [r["step"] for r in read_train_log(out / "train_log.jsonl")] == [1, 2, 3]
+
+    monkeypatch.undo()
+    assert main([*args(out), "--resume_from_checkpoint", "latest"]) == 0
+    resumed = load_adapter_file(out / "adapter.safetensors").tensors
+    expected = load_adapter_file(tmp_path / "uninterrupted" / "adapter.safetensors").tensors
+    assert resumed.keys() == expected.keys()
+    assert all(torch.equal(resumed[k], expected[k]) for k in expected)
 
 
 def _free_port() -> int:

@@ -28,7 +28,9 @@ from typing import Any
 import numpy as np
 import torch
 from safetensors import SafetensorError, safe_open
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
+
+from models.atomic_write import atomic_write_text, write_safetensors
 
 CHECKPOINT_PATTERN = re.compile(r"^checkpoint-(\d+)$")
 FORMAT = "atelier.train-checkpoint/1"
@@ -160,15 +162,13 @@ def save_checkpoint(
     final = output_dir / f"checkpoint-{step}"
     staging = Path(tempfile.mkdtemp(prefix=f".checkpoint-{step}-", dir=output_dir))
     try:
-        save_file(
-            {k: v.detach().cpu().contiguous() for k, v in adapter.items()}, staging / "adapter.safetensors"
-        )
+        write_safetensors(staging / "adapter.safetensors", adapter)
         opt_tensors, opt_header = _flatten_optimizer(optimizer)
-        save_file(opt_tensors, staging / "optimizer.safetensors", metadata={"header": json.dumps(opt_header)})
+        write_safetensors(staging / "optimizer.safetensors", opt_tensors, {"header": json.dumps(opt_header)})
         rng = {f"{rank}.{k}": v for rank, states in enumerate(rng_tensors) for k, v in states.items()}
-        save_file(rng, staging / "rng.safetensors")
+        write_safetensors(staging / "rng.safetensors", rng)
         if ema is not None:
-            save_file(ema, staging / "ema.safetensors")
+            write_safetensors(staging / "ema.safetensors", ema)
         state = {
             "format": FORMAT,
             "step": step,
@@ -176,14 +176,16 @@ def save_checkpoint(
             "rng": rng_values,
             "run": run,
         }
-        (staging / "state.json").write_text(json.dumps(state, indent=1), encoding="utf-8")
+        atomic_write_text(staging / "state.json", json.dumps(state, indent=1))
         if final.exists():
             stale = output_dir / f".stale-{final.name}-{os.getpid()}"
             os.replace(final, stale)
             shutil.rmtree(stale)
         os.replace(staging, final)
-    except BaseException:
+    except BaseException as exc:
         shutil.rmtree(staging, ignore_errors=True)
+        if isinstance(exc, OSError) and exc.errno is not None:  # name the checkpoint, not its staging file
+            raise OSError(exc.errno, exc.strerror, str(final)) from exc
         raise
     if total_limit is not None:
         prune_checkpoints(output_dir, total_limit)

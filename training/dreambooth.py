@@ -42,7 +42,7 @@ from training.config import TrainConfig, lr_factor
 from training.data import load_training_images
 from training.ema import AdapterEMA
 from training.objective import denoising_loss
-from training.outputs import write_final_outputs
+from training.outputs import OutputWriteError, write_final_outputs
 from training.preflight import RunPlan, preflight, report_target
 from training.prior import ensure_class_images, existing_class_images
 from training.sampling import CLASS_STREAM, INSTANCE_STREAM, micro_batch_generator, sample_indices
@@ -233,11 +233,22 @@ def train(
     """Train one DreamBooth adapter as ``config`` says; see the module docstring for the stages.
 
     Bad input raises an error from ``training.preflight.INPUT_ERRORS`` before anything is written;
-    a diverging loss raises ``TrainingDivergedError``; ``cancel.is_set()`` stops at the next step
+    a diverging loss raises ``TrainingDivergedError``; a file that cannot be written (a full disk) raises
+    ``OutputWriteError``, naming the newest intact checkpoint; ``cancel.is_set()`` stops at the next step
     boundary and writes a resumable checkpoint (the result has ``cancelled=True``).
     """
     accelerator = make_accelerator(config)
     plan = preflight(config, accelerator.device, rank=accelerator.process_index)
+    try:
+        return _run(plan, accelerator, progress, cancel)
+    except OSError as exc:
+        raise OutputWriteError.from_os_error(exc, plan.config.output_dir) from exc
+
+
+def _run(
+    plan: RunPlan, accelerator: Accelerator, progress: ProgressFn | None, cancel: CancelFlag | None
+) -> TrainResult:
+    """The stages after preflight, top to bottom (see the module docstring)."""
     cfg, pipe = plan.config, plan.pipe
     out = Path(cfg.output_dir)
     if accelerator.is_main_process:

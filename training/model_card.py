@@ -8,10 +8,10 @@ settings, the final loss and the last validation grid. Written atomically.
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 from typing import Any
 
+from models.atomic_write import atomic_write_text
 from training.config import TrainConfig
 
 
@@ -99,7 +99,4 @@ def _prior_text(config: TrainConfig) -> str:
 
 def write_model_card(path: Path, text: str) -> Path:
     """Write the card atomically."""
-    partial = path.with_name(f".{path.name}.tmp")
-    partial.write_text(text, encoding="utf-8")
-    os.replace(partial, path)
-    return path
+    return atomic_write_text(path, text)

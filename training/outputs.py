@@ -1,19 +1,24 @@
-"""The final products of a DreamBooth run: the adapter file, its exports and the model card.
+"""The final products of a DreamBooth run (the adapter file, its exports and the model card), and the error
+a run raises when it cannot write its outputs.
 
 ``adapter.safetensors`` is Atelier's adapter file (``models.adapters.files``: safetensors with the
 family, config, targets, base-model fingerprint and trigger phrase in the header). Next to it go the
 formats other tools read: diffusers/kohya LoRA for LoRA, LyCORIS LoKr for DiffuseKronA, and the PEFT
-layout for LoRA, BOFT and HRA; then ``README.md``. Every file is written atomically by its writer.
+layout for LoRA, BOFT and HRA; then ``README.md``. Every file is written atomically by its writer
+(``models.atomic_write``), so a full disk mid-run leaves every earlier file and checkpoint whole, and
+``OutputWriteError`` tells the user which file failed, what is intact and how to continue.
 """
 
 from __future__ import annotations
 
+import errno
 import logging
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from models.adapters import FAMILIES
 from models.adapters.files import load_adapter_file, save_adapter_file
+from training.checkpoints import list_checkpoints
 from training.model_card import render_model_card, write_model_card
 
 if TYPE_CHECKING:
@@ -23,6 +28,39 @@ if TYPE_CHECKING:
 logger = logging.getLogger(__name__)
 
 ADAPTER_FILE = "adapter.safetensors"
+
+_DISK_FULL = {errno.ENOSPC, errno.EDQUOT, errno.EFBIG}
+_NOT_ALLOWED = {errno.EACCES, errno.EPERM, errno.EROFS}
+
+
+class OutputWriteError(RuntimeError):
+    """A file of the run could not be written (full disk, no permission, ...); what was saved before is intact."""
+
+    @classmethod
+    def from_os_error(cls, exc: OSError, output_dir: str | Path) -> OutputWriteError:
+        """The message for ``exc``: which file failed and why, the newest intact checkpoint, what to do."""
+        target = exc.filename or output_dir
+        if exc.errno in _DISK_FULL:
+            problem, remedy = f"the disk is full: {target} could not be written", "free space on that disk"
+        elif exc.errno in _NOT_ALLOWED:
+            problem = f"{target} could not be written: no permission ({exc.strerror})"
+            remedy = "make the output folder writable"
+        else:
+            problem, remedy = f"{target} could not be written ({exc.strerror or exc})", "fix the cause"
+        found = list_checkpoints(output_dir)
+        if found:
+            step, path = found[-1]
+            where = (
+                f"The newest checkpoint, {path} (step {step}), is complete: {remedy}, then run the same command "
+                "with --resume_from_checkpoint latest (in the app: Resume), or continue in another --output_dir "
+                f"with --resume_from_checkpoint {path}."
+            )
+        else:
+            where = f"No checkpoint was saved yet: {remedy} or choose another --output_dir, then start again."
+        return cls(
+            f"{problem}. Training stopped; files saved before are intact (each is written under a temporary "
+            f"name and renamed when complete). {where}"
+        )
 
 
 def _exporters(family: str) -> dict[str, tuple[Any, str]]:

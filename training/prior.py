@@ -10,13 +10,14 @@ and adding more only generates the missing ones. Each file is written atomically
 
 from __future__ import annotations
 
-import os
 from collections.abc import Callable, Sequence
+from functools import partial
 from pathlib import Path
 
 import torch
 from diffusers import DiffusionPipeline
 
+from models.atomic_write import atomic_write, atomic_write_text
 from training.data import IMAGE_SUFFIXES
 
 CLASS_BATCH = 4
@@ -68,14 +69,9 @@ def ensure_class_images(
             output_type="pil",
         ).images
         for k, image in zip(chunk, images, strict=True):
-            final = folder / f"class-{k:05d}.png"
-            partial = folder / f".class-{k:05d}.png.tmp"
-            if len(prompts) > 1:
-                caption = folder / f".class-{k:05d}.txt.tmp"
-                caption.write_text(prompts[k % len(prompts)] + "\n", encoding="utf-8")
-                os.replace(caption, folder / f"class-{k:05d}.txt")
-            image.save(partial, format="PNG")
-            os.replace(partial, final)
+            if len(prompts) > 1:  # the caption first: an image on disk always has its caption
+                atomic_write_text(folder / f"class-{k:05d}.txt", prompts[k % len(prompts)] + "\n")
+            atomic_write(folder / f"class-{k:05d}.png", partial(image.save, format="PNG"))
         if progress is not None:
             progress(min(start + CLASS_BATCH, len(numbers)), len(numbers))
     return existing_class_images(folder)[:count]

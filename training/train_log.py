@@ -8,9 +8,10 @@ the same step twice).
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 from typing import Any
+
+from models.atomic_write import atomic_write_text
 
 
 class TrainLog:
@@ -22,9 +23,7 @@ class TrainLog:
         kept = (
             [row for row in read_train_log(path) if row.get("step", 0) <= resume_step] if resume_step else []
         )
-        partial = path.with_name(f".{path.name}.tmp")
-        partial.write_text("".join(json.dumps(row) + "\n" for row in kept), encoding="utf-8")
-        os.replace(partial, path)
+        atomic_write_text(path, "".join(json.dumps(row) + "\n" for row in kept))
 
     def write(self, **row: Any) -> None:
         with self.path.open("a", encoding="utf-8") as handle:

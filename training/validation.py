@@ -8,13 +8,14 @@ trained, so the adapter is active; the UNet is switched to eval mode for samplin
 from __future__ import annotations
 
 import math
-import os
 from pathlib import Path
 
 import torch
 from diffusers import DiffusionPipeline
 from diffusers.utils import make_image_grid
 from PIL import Image
+
+from models.atomic_write import atomic_write
 
 
 @torch.no_grad()
@@ -51,8 +52,4 @@ def save_grid(images: list[Image.Image], path: Path) -> Path:
     rows = math.ceil(len(images) / cols)
     blank = Image.new("RGB", images[0].size, (0, 0, 0))
     grid = make_image_grid(images + [blank] * (rows * cols - len(images)), rows=rows, cols=cols)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    partial = path.with_name(f".{path.name}.tmp")
-    grid.save(partial, format="PNG")
-    os.replace(partial, path)
-    return path
+    return atomic_write(path, lambda tmp: grid.save(tmp, format="PNG"))

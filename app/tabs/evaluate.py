@@ -14,6 +14,7 @@ import gradio as gr
 import pandas as pd
 
 from app.studio import RequestError, Studio
+from models.atomic_write import atomic_write_text
 
 
 def write_csv(rows: list[dict[str, Any]], folder: Path) -> Path:
@@ -24,10 +25,7 @@ def write_csv(rows: list[dict[str, Any]], folder: Path) -> Path:
     writer.writeheader()
     writer.writerows(rows)
     path = folder / f"scores-{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}.csv"
-    partial = path.with_name(f".{path.name}.tmp")
-    partial.write_text(buffer.getvalue(), encoding="utf-8")
-    os.replace(partial, path)
-    return path
+    return atomic_write_text(path, buffer.getvalue())
 
 
 def build(studio: Studio, last_images: gr.State) -> None:

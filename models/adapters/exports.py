@@ -28,12 +28,13 @@ from diffusers.utils import convert_state_dict_to_kohya, convert_unet_state_dict
 from torch import nn
 
 from models.adapters.family import AdapterError, AdapterFileError
-from models.adapters.files import AdapterFile, check_tensors, read_safetensors, write_safetensors
+from models.adapters.files import AdapterFile, check_tensors, read_safetensors
 from models.adapters.handle import AdapterHandle
 from models.adapters.krona import KronaConfig
 from models.adapters.lora import LoraAdapterConfig
 from models.adapters.registry import FAMILIES
 from models.adapters.targets import layer_shapes
+from models.atomic_write import write_safetensors
 
 Adapter = AdapterFile | AdapterHandle
 

@@ -11,8 +11,6 @@ from __future__ import annotations
 
 import copy
 import json
-import os
-import tempfile
 import warnings
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -22,35 +20,16 @@ from typing import Any
 
 import torch
 from safetensors import safe_open
-from safetensors.torch import save_file
 from torch import nn
 
 from models.adapters.family import AdapterConfig, AdapterConfigError, AdapterFileError
 from models.adapters.handle import AdapterHandle, attach
 from models.adapters.registry import FAMILIES, get_family
 from models.adapters.targets import layer_shapes
+from models.atomic_write import write_safetensors
 from models.pipelines import unet_fingerprint
 
 FORMAT = "atelier-adapter/1"
-
-
-def write_safetensors(
-    path: str | Path, tensors: Mapping[str, torch.Tensor], metadata: Mapping[str, str]
-) -> Path:
-    """Write `tensors` + string `metadata` to `path` atomically (temp file in the same folder, then rename)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    try:
-        save_file(
-            {k: v.detach().to("cpu").contiguous() for k, v in tensors.items()}, tmp, metadata=dict(metadata)
-        )
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-    return path
 
 
 def read_safetensors(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:

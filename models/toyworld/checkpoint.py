@@ -7,13 +7,12 @@ safetensors header as JSON, so nothing is ever unpickled when a run resumes.
 from __future__ import annotations
 
 import json
-import os
-import tempfile
 from pathlib import Path
 
 import torch
 from safetensors import safe_open
-from safetensors.torch import save_file
+
+from models.atomic_write import write_safetensors
 
 
 def save_state(
@@ -36,15 +35,7 @@ def save_state(
         for index, value in enumerate(values):
             tensors[f"extra.{name}.{index}"] = value.detach().contiguous()
     metadata = {"step": str(step), "param_groups": json.dumps(optim_state["param_groups"])}
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
-        save_file(tensors, tmp, metadata=metadata)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    write_safetensors(path, tensors, metadata)
 
 
 def load_state(

@@ -10,14 +10,12 @@ It keeps CLIP's full 49,408-token BPE vocabulary and 77-token context, so `clip.
 
 from __future__ import annotations
 
-import os
-import tempfile
 from pathlib import Path
 
 import torch
-from safetensors.torch import save_file
 from transformers import CLIPTextConfig, CLIPTextModel
 
+from models.atomic_write import atomic_write, write_safetensors
 from models.clip_compat import clip
 from models.toyworld.world import IMAGE_SIZE
 
@@ -67,29 +65,13 @@ def contrastive_loss(model: clip.model.CLIP, images: torch.Tensor, tokens: torch
     return (loss_images + loss_texts) / 2
 
 
-def _atomic(path: Path, write: callable) -> None:  # type: ignore[valid-type]
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
-        write(tmp)
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
 def save_tiny_clip(model: clip.model.CLIP, pt_path: str | Path) -> tuple[Path, Path]:
     """Write the fp16 state dict as `<name>.pt` (for `clip.load`) and `<name>.safetensors`; returns both."""
     pt_path = Path(pt_path)
     state = {key: value.detach().to(torch.float16).contiguous() for key, value in model.state_dict().items()}
     st_path = pt_path.with_suffix(".safetensors")
-    _atomic(pt_path, lambda tmp: torch.save(state, tmp))
-    _atomic(
-        st_path,
-        lambda tmp: save_file(state, tmp, metadata={"format": "pt", "model": "atelier-toyworld-clip"}),
-    )
+    atomic_write(pt_path, lambda tmp: torch.save(state, tmp))
+    write_safetensors(st_path, state, {"format": "pt", "model": "atelier-toyworld-clip"})
     return pt_path, st_path
 
 

@@ -23,6 +23,7 @@ import numpy as np
 import torch
 from PIL import Image, ImageDraw
 
+from models.atomic_write import atomic_write
 from models.clip_compat import clip
 from models.pipelines import load_pipeline
 from models.toyworld.checks import check_scene
@@ -200,11 +201,7 @@ def contact_sheet(pipe, path: Path, seeds: int = 4) -> Path:  # type: ignore[no-
             sheet.paste(
                 image.resize((tile, tile), Image.Resampling.NEAREST), (label_width + col * (tile + 4), top)
             )
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".tmp.png")
-    sheet.save(tmp)
-    tmp.replace(path)
-    return path
+    return atomic_write(path, lambda tmp: sheet.save(tmp, format="PNG"))
 
 
 def folder_size_mb(folder: Path) -> float:

@@ -39,10 +39,11 @@ from diffusers import (
     UNet2DConditionModel,
 )
 from diffusers.training_utils import EMAModel
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 from tqdm.auto import tqdm
 from transformers import CLIPTextModel, CLIPTokenizer
 
+from models.atomic_write import write_safetensors
 from models.clip_compat import clip
 from models.clip_tokenizer import write_clip_tokenizer_files
 from models.noise import training_noise
@@ -229,7 +230,7 @@ def train_clip(config: ToyWorldTrainConfig) -> clip.model.CLIP:
             config.clip_steps,
             loss_fn,
         )
-        save_file(model.state_dict(), str(final))
+        write_safetensors(final, model.state_dict())
     model.load_state_dict(load_file(str(final)))
     return model.eval()
 
@@ -251,7 +252,7 @@ def train_scorer(config: ToyWorldTrainConfig, base: clip.model.CLIP) -> clip.mod
         _run_stage(
             "scorer", config, {"clip": model}, params, config.clip_lr / 2, config.scorer_steps, loss_fn
         )
-        save_file(model.state_dict(), str(final))
+        write_safetensors(final, model.state_dict())
     model.load_state_dict(load_file(str(final)))
     return model.eval()
 
@@ -300,7 +301,7 @@ def train_vae(config: ToyWorldTrainConfig) -> AutoencoderKL:
             images, _ = scene_tensors(config.seed + 7, 256, held_out=True)
             std = vae.encode(images).latent_dist.mean.std().item()
         vae.register_to_config(scaling_factor=1.0 / std)
-        save_file(vae.state_dict(), str(final), metadata={"scaling_factor": str(1.0 / std)})
+        write_safetensors(final, vae.state_dict(), {"scaling_factor": str(1.0 / std)})
     from safetensors import safe_open
 
     with safe_open(str(final), framework="pt") as handle:
@@ -370,7 +371,7 @@ def train_unet(
         params = list(unet.parameters())
         _run_stage("unet", config, {"unet": unet}, params, config.unet_lr, config.unet_steps, loss_fn, ema)
         ema.copy_to(params)
-        save_file(unet.state_dict(), str(final))
+        write_safetensors(final, unet.state_dict())
     unet.load_state_dict(load_file(str(final)))
     return unet.eval()
 
