@@ -30,7 +30,7 @@ FILE_MODE = 0o644
 _OS_ERROR_TEXT = re.compile(r"\(os error (\d+)\)")
 
 
-def _as_os_error(exc: BaseException, path: Path) -> OSError | None:
+def as_os_error(exc: BaseException, path: str | Path) -> OSError | None:
     """``exc`` as an ``OSError`` about ``path`` (``None`` when it is no I/O failure). ``OSError(errno, ...)``
     builds the matching subclass (``PermissionError``, ...)."""
     if isinstance(exc, OSError):
@@ -61,7 +61,7 @@ def atomic_write(path: str | Path, write: Callable[[Path], Any]) -> Path:
         os.replace(tmp, path)
     except BaseException as exc:
         tmp.unlink(missing_ok=True)
-        error = _as_os_error(exc, path)
+        error = as_os_error(exc, path)
         if error is None:
             raise
         raise error from exc

@@ -187,7 +187,7 @@ def test_a_full_disk_stops_with_a_message_and_keeps_the_last_checkpoint(
     """The disk fills while checkpoint 4 is written (safetensors' own I/O error): exit 1 with a message naming
     the problem, the intact checkpoint and how to continue; nothing half-written is left behind; resuming
     from that checkpoint then ends exactly where the uninterrupted run does."""
-    import models.atomic_write
+    import training.checkpoints
 
     def args(out: Path) -> list[str]:
         return [
@@ -199,14 +199,14 @@ def test_a_full_disk_stops_with_a_message_and_keeps_the_last_checkpoint(
         ]
 
     assert main(args(tmp_path / "uninterrupted")) == 0
-    save_file = models.atomic_write.save_file
+    save_file = training.checkpoints.save_file
 
     def disk_fills_at_step_4(tensors: dict, filename: str, metadata: dict | None = None) -> None:
         if ".checkpoint-4-" in str(filename):
             raise SafetensorError("Error while serializing: I/O error: No space left on device (os error 28)")
         save_file(tensors, filename, metadata=metadata)
 
-    monkeypatch.setattr(models.atomic_write, "save_file", disk_fills_at_step_4)
+    monkeypatch.setattr(training.checkpoints, "save_file", disk_fills_at_step_4)
     out = tmp_path / "out"
     capsys.readouterr()
     assert main(args(out)) == 1

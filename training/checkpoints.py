@@ -28,9 +28,9 @@ from typing import Any
 import numpy as np
 import torch
 from safetensors import SafetensorError, safe_open
-from safetensors.torch import load_file
+from safetensors.torch import load_file, save_file
 
-from models.atomic_write import atomic_write_text, write_safetensors
+from models.atomic_write import as_os_error
 
 CHECKPOINT_PATTERN = re.compile(r"^checkpoint-(\d+)$")
 FORMAT = "atelier.train-checkpoint/1"
@@ -162,13 +162,15 @@ def save_checkpoint(
     final = output_dir / f"checkpoint-{step}"
     staging = Path(tempfile.mkdtemp(prefix=f".checkpoint-{step}-", dir=output_dir))
     try:
-        write_safetensors(staging / "adapter.safetensors", adapter)
+        save_file(
+            {k: v.detach().cpu().contiguous() for k, v in adapter.items()}, staging / "adapter.safetensors"
+        )
         opt_tensors, opt_header = _flatten_optimizer(optimizer)
-        write_safetensors(staging / "optimizer.safetensors", opt_tensors, {"header": json.dumps(opt_header)})
+        save_file(opt_tensors, staging / "optimizer.safetensors", metadata={"header": json.dumps(opt_header)})
         rng = {f"{rank}.{k}": v for rank, states in enumerate(rng_tensors) for k, v in states.items()}
-        write_safetensors(staging / "rng.safetensors", rng)
+        save_file(rng, staging / "rng.safetensors")
         if ema is not None:
-            write_safetensors(staging / "ema.safetensors", ema)
+            save_file(ema, staging / "ema.safetensors")
         state = {
             "format": FORMAT,
             "step": step,
@@ -176,7 +178,7 @@ def save_checkpoint(
             "rng": rng_values,
             "run": run,
         }
-        atomic_write_text(staging / "state.json", json.dumps(state, indent=1))
+        (staging / "state.json").write_text(json.dumps(state, indent=1), encoding="utf-8")
         if final.exists():
             stale = output_dir / f".stale-{final.name}-{os.getpid()}"
             os.replace(final, stale)
@@ -184,9 +186,10 @@ def save_checkpoint(
         os.replace(staging, final)
     except BaseException as exc:
         shutil.rmtree(staging, ignore_errors=True)
-        if isinstance(exc, OSError) and exc.errno is not None:  # name the checkpoint, not its staging file
-            raise OSError(exc.errno, exc.strerror, str(final)) from exc
-        raise
+        error = as_os_error(exc, final)  # the checkpoint's name, not its staging file's
+        if error is None:
+            raise
+        raise error from exc
     if total_limit is not None:
         prune_checkpoints(output_dir, total_limit)
     return final
