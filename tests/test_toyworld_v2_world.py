@@ -8,8 +8,10 @@ from collections import Counter
 
 import numpy as np
 import pytest
+from PIL import Image
 
 from models.toyworld.v2.checks import check_scene, read_background, read_objects, shows
+from models.toyworld.v2.subjects import PHOTO_SIZE, draw_subject
 from models.toyworld.v2.world import (
     BACKGROUNDS,
     COLOURS,
@@ -156,3 +158,18 @@ def test_shows_finds_objects_anywhere_and_refuses_blank_images() -> None:
     assert not shows(image, "orange", "frame") and not shows(image, "red")
     blank = np.full((IMAGE_SIZE, IMAGE_SIZE, 3), 245, dtype=np.uint8)
     assert read_objects(blank) == [] and not shows(blank, shape="circle")
+
+
+@pytest.mark.parametrize(("shape", "colour"), [("heart", "orange"), ("frame", "teal")])
+def test_a_users_own_subject_pictures_differ_from_the_world_yet_read_as_the_subject(
+    shape: str, colour: str
+) -> None:
+    hits = 0
+    for seed in range(12):
+        photo = draw_subject(shape, colour, seed, list(BACKGROUNDS)[seed % 3])
+        assert photo.size == (PHOTO_SIZE, PHOTO_SIZE) != (IMAGE_SIZE, IMAGE_SIZE)
+        readings = read_objects(photo.resize((IMAGE_SIZE, IMAGE_SIZE), Image.Resampling.BICUBIC))
+        hits += len(readings) == 1 and readings[0].shape == shape and readings[0].colour == colour
+        world = render_scene(concept_scene(shape, colour, seed=seed)).resize((PHOTO_SIZE, PHOTO_SIZE))
+        assert np.abs(np.asarray(photo, dtype=float) - np.asarray(world, dtype=float)).mean() > 5
+    assert hits >= 11
