@@ -1,4 +1,4 @@
-"""Train toy world v2 end to end: tiny CLIP, the CLIP scorer, the VAE, then the UNet; save a diffusers folder.
+"""Train toy world v2 end to end: tiny CLIP, VAE, UNet, then the CLIP scorer; save a diffusers folder.
 
 Latent diffusion as in Rombach et al. 2022 ("High-Resolution Image Synthesis with Latent Diffusion Models"):
 an `AutoencoderKL` compresses 64 px scenes 4x to 16x16x4 latents, a `UNet2DConditionModel` learns to denoise
@@ -84,7 +84,9 @@ class ToyWorldV2TrainConfig:
     checkpoint_every: int = 100
     threads: int = 1
     stage: str = "all"
-    """`clip`, `scorer`, `vae` or `unet` trains (or resumes) only up to that stage; `all` also saves."""
+    """`clip`, `vae`, `scorer` (clip, then scorer) or `unet` (clip, vae, then unet) trains or resumes only
+    that far; `all` (clip, vae, unet, scorer) also saves the pipeline. The scorer comes last: the UNet needs
+    only the CLIP's text tower and the VAE."""
 
     def __post_init__(self) -> None:
         for name in (
@@ -281,8 +283,8 @@ def train(config: ToyWorldV2TrainConfig) -> Path | None:
     clip_net = train_clip(config)
     if config.stage == "clip":
         return None
-    scorer = train_clip(config, "scorer", clip_net)
     if config.stage == "scorer":
+        train_clip(config, "scorer", clip_net)
         return None
     text_encoder = clip_model.to_transformers_text_model(clip_net).requires_grad_(False)
     vae = train_vae(config)
@@ -290,6 +292,7 @@ def train(config: ToyWorldV2TrainConfig) -> Path | None:
     unet = train_unet(config, vae, text_encoder, tokenizer)
     if config.stage == "unet":
         return None
+    scorer = train_clip(config, "scorer", clip_net)
     save_assets(Path(config.out), scorer, vae, text_encoder, unet)
     return Path(config.out) / "pipeline"
 
