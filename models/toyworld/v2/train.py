@@ -114,11 +114,17 @@ def scene_tensors(
     return images, ["" if drop.random() < dropout else scene.caption() for scene in scenes]
 
 
-def twin_tensors(seed: int, count: int, twins: int) -> tuple[torch.Tensor, list[str]]:
-    """`count - twins` random scenes (all concepts), then one-change twins of the first `twins` of them."""
+def twin_tensors(
+    seed: int, count: int, twins: int, shape_rate: float = 0.0
+) -> tuple[torch.Tensor, list[str]]:
+    """`count - twins` random scenes (all concepts), then one-change twins of the first `twins` of them; a
+    `shape_rate` share of the twins changes a shape (on top of `twin_scene`'s own mix)."""
     rng = random.Random(seed)
     scenes = sample_batch(seed, count - twins, held_out=True)
-    scenes += [twin_scene(scene, rng) for scene in scenes[:twins]]
+    scenes += [
+        twin_scene(scene, rng, "shape" if shape_rate and rng.random() < shape_rate else None)
+        for scene in scenes[:twins]
+    ]
     images = torch.from_numpy(images_to_array([render_scene(scene) for scene in scenes]))
     return images, [scene.caption() for scene in scenes]
 
@@ -145,7 +151,8 @@ def train_clip(
 ) -> clip.model.CLIP:
     """Contrastive CLIP. Stage `clip` (the UNet's text tower): batches of random scenes, a quarter of them
     paired with one-change twins (hard negatives that teach binding and positions). Stage `scorer` (the shipped
-    CLIPScore model): continues `base` on batches that are half twins, at half the learning rate."""
+    CLIPScore model): continues `base` on batches that are half twins, half of those changing a shape (the
+    attribute the first stage leaves at chance), at half the learning rate."""
     final = config.work_dir / f"{stage}_final.safetensors"
     model = build_tiny_clip(config.seed)
     if base is not None:
@@ -153,9 +160,10 @@ def train_clip(
     if not final.exists():
         twins = config.clip_batch // 4 if stage == "clip" else config.clip_batch // 2
         offset = 1_000_003 if stage == "clip" else 4_000_003
+        shape_rate = 0.0 if stage == "clip" else 0.5
 
         def loss_fn(step: int) -> torch.Tensor:
-            images, captions = twin_tensors(config.seed * offset + step, config.clip_batch, twins)
+            images, captions = twin_tensors(config.seed * offset + step, config.clip_batch, twins, shape_rate)
             return clip_batch_loss(model, images, captions)
 
         model.train()

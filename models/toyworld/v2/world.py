@@ -338,15 +338,15 @@ def images_to_array(images: list[Image.Image]) -> np.ndarray:
     return stacked.transpose(0, 3, 1, 2) / 127.5 - 1.0
 
 
-def twin_scene(scene: Scene, rng: random.Random) -> Scene:
+def twin_scene(scene: Scene, rng: random.Random, kind: str | None = None) -> Scene:
     """The same scene with one thing changed — an object's shape, colour or texture, the background, or (with
     several objects) two objects' attributes swapped between their places: a hard negative for contrastive
     training that forces the text tower to bind attributes to objects and positions. Any concept, held-out
-    ones included, may be drawn."""
+    ones included, may be drawn. `kind` forces what changes (`shape`, `colour`, `texture`, `background`)."""
     kinds = ["shape", "shape", "colour", "texture", "background"]
     if len(scene.objects) > 1:
         kinds += ["swap", "swap"]
-    kind = rng.choice(kinds)
+    kind = kind or rng.choice(kinds)
     if kind == "background":
         other = rng.choice([name for name in BACKGROUNDS if name != scene.background])
         return Scene(scene.objects, other, True, scene.order, scene.mention_positions)
