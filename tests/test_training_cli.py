@@ -66,9 +66,17 @@ FAMILY_FLAGS = {
 
 EXPORTS = {
     "lora": {"exports/peft", "exports/pytorch_lora_weights.safetensors", "exports/kohya_lora.safetensors"},
-    "krona": {"exports/lycoris_lokr.safetensors"},
-    "boft": {"exports/peft"},
-    "hra": {"exports/peft"},
+    "krona": {
+        "exports/kohya_lokr.safetensors",
+        "exports/lycoris.safetensors",
+        "exports/pytorch_lora_weights_rank32.safetensors",
+    },
+    "boft": {
+        "exports/peft",
+        "exports/kohya_full.safetensors",
+        "exports/pytorch_lora_weights_rank32.safetensors",
+    },
+    "hra": {"exports/peft", "exports/pytorch_lora_weights.safetensors", "exports/kohya_lora.safetensors"},
 }
 
 

@@ -26,6 +26,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+from diffusers.utils.logging import disable_progress_bar
 from torch import nn
 
 from models.adapters import exports
@@ -37,6 +38,38 @@ from models.adapters.registry import FAMILIES
 
 FORMATS = ("kohya", "diffusers", "lycoris", "peft")
 Adapter = AdapterFile | AdapterHandle
+EXTRACT_RANK = 32
+"""Rank of the LoRA extracted for diffusers from families that have no exact LoRA form (trainer, Library)."""
+
+
+@dataclass(frozen=True)
+class StandardExport:
+    """One export written after training: format, rank (None = exact) and file or folder name."""
+
+    to: str
+    rank: int | None
+    name: str
+
+
+def standard_exports(family: str) -> dict[str, StandardExport]:
+    """The exports the trainer writes next to an adapter of `family` (what the Library offers to download):
+    every reader gets the exact file where one exists, and diffusers a LoRA extracted at `EXTRACT_RANK` where
+    the family has no exact LoRA form."""
+    table: dict[str, StandardExport] = {}
+    if FAMILIES[family].peft_config is not None:
+        table["peft"] = StandardExport("peft", None, "peft")
+    if family in EXACT_LOW_RANK:
+        table["diffusers"] = StandardExport("diffusers", None, "pytorch_lora_weights.safetensors")
+        table["kohya"] = StandardExport("kohya", None, "kohya_lora.safetensors")
+        return table
+    kohya_form = "lokr" if family == "krona" else "full"
+    table["kohya"] = StandardExport("kohya", None, f"kohya_{kohya_form}.safetensors")
+    if family == "krona":  # the compact LoKr is not one the LyCORIS library rebuilds (see exports.py)
+        table["lycoris"] = StandardExport("lycoris", None, "lycoris.safetensors")
+    table["diffusers"] = StandardExport(
+        "diffusers", EXTRACT_RANK, f"pytorch_lora_weights_rank{EXTRACT_RANK}.safetensors"
+    )
+    return table
 
 
 @dataclass
@@ -57,23 +90,35 @@ def needs_base_weights(family: str, to: str) -> bool:
     return family in ("hra", "boft") and to != "peft"
 
 
+def check_request(family: str, to: str, rank: int | None) -> None:
+    """Raise `AdapterError` (one line: what is wrong, what to do) unless `family` can be exported this way."""
+    if to not in FORMATS:
+        raise AdapterError(f"unknown export format {to!r}; choose one of {', '.join(FORMATS)}.")
+    if rank is not None and rank < 1:
+        raise AdapterError(f"--rank must be >= 1, got {rank}.")
+    if rank is not None and to == "peft":
+        raise AdapterError("--rank extracts a LoRA; PEFT exports keep the adapter as it is, so drop --rank.")
+    title = FAMILIES[family].title
+    if to == "peft" and FAMILIES[family].peft_config is None:
+        raise AdapterError(
+            f"PEFT has no {title} adapter type (its LoKr keeps the Kronecker factor A square); "
+            "export it to kohya or lycoris instead."
+        )
+    if to == "diffusers" and rank is None and family not in EXACT_LOW_RANK:
+        raise AdapterError(
+            f"diffusers loads LoRAs only, and a {title} adapter is not one: give --rank R to extract a "
+            "LoRA of rank R (the error is reported), or use --to lycoris for an exact file."
+        )
+
+
 def export_adapter(
     adapter: Adapter, to: str, out: str | Path, *, unet: nn.Module | None = None, rank: int | None = None
 ) -> ExportResult:
     """Export `adapter` to format `to` (one of `FORMATS`) at `out`; `unet` = the base UNet (HRA/BOFT)."""
-    if to not in FORMATS:
-        raise AdapterError(f"unknown export format {to!r}; choose one of {', '.join(FORMATS)}.")
-    family = FAMILIES[adapter.family]
-    if rank is not None and to == "peft":
-        raise AdapterError("--rank extracts a LoRA; PEFT exports keep the adapter as it is, so drop --rank.")
+    check_request(adapter.family, to, rank)
     if to == "peft":
         path = exports.export_peft(adapter, out)
         return ExportResult(path, exports.ExportReport(adapter.family, "peft", exact=True))
-    if to == "diffusers" and rank is None and adapter.family not in EXACT_LOW_RANK:
-        raise AdapterError(
-            f"diffusers loads LoRAs only, and a {family.title} adapter is not one: give --rank R to extract a "
-            "LoRA of rank R (the error is reported), or use --to lycoris for an exact file."
-        )
     if to == "diffusers":
         path = exports.export_diffusers_lora(adapter, out, unet=unet, rank=rank)
     elif to == "lycoris":
@@ -120,12 +165,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     from models.pipelines import ModelLoadError
 
     try:
-        if args.rank is not None and args.rank < 1:
-            raise AdapterError(f"--rank must be >= 1, got {args.rank}.")
         adapter = load_adapter_file(args.file)
+        check_request(adapter.family, args.to, args.rank)
         out = args.out or args.file.with_name(default_name(args.file.stem, args.to))
         unet = None
         if needs_base_weights(adapter.family, args.to):
+            disable_progress_bar()
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")
                 unet = _base_unet(adapter, args.base_model)
