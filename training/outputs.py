@@ -85,15 +85,12 @@ def write_final_outputs(
         },
     )
     adapter_file = load_adapter_file(adapter_path)
-    from models.adapters.export import export_adapter, standard_exports  # diffusers' LoRA code: load late
+    from models.adapters.export import write_standard_exports  # diffusers' LoRA code: load it late
 
-    written: dict[str, Path] = {}
-    for name, spec in standard_exports(cfg.adapter).items():
-        exported = export_adapter(
-            adapter_file, spec.to, out / "exports" / spec.name, unet=plan.pipe.unet, rank=spec.rank
-        )
-        written[name] = exported.path
-        logger.info("export %s: %s", name, exported.report.summary())
+    exported = write_standard_exports(adapter_file, out / "exports", unet=plan.pipe.unet)
+    for name, export in exported.items():
+        logger.info("export %s: %s", name, export.report.summary())
+    written = {name: export.path for name, export in exported.items()}
     family = FAMILIES[cfg.adapter]
     card = render_model_card(
         cfg,

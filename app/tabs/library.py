@@ -83,6 +83,11 @@ def build(studio: Studio) -> tuple[gr.Dataframe, gr.Dropdown]:
                 f"- source: {record.source}" + (f" (job `{record.job_id}`)" if record.job_id else ""),
             ]
         )
+        notes = studio.library.export_notes(record)
+        if notes:
+            text += "\n- exports: " + "; ".join(
+                f"`{n}` ({note})" if note else f"`{n}`" for n, note in notes.items()
+            )
         files = [str(studio.library.path(record)), *map(str, studio.library.export_paths(record))]
         return text, str(sample_path) if sample_path and sample_path.is_file() else None, files
 

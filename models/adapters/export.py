@@ -22,7 +22,7 @@ from __future__ import annotations
 import argparse
 import sys
 import warnings
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -132,6 +132,28 @@ def export_adapter(
     report = exports.read_export_report(path)
     assert report is not None  # every writer above stores one
     return ExportResult(path, report)
+
+
+def write_standard_exports(
+    adapter: Adapter,
+    folder: str | Path,
+    *,
+    unet: nn.Module | None = None,
+    on_error: Callable[[str, AdapterError], None] | None = None,
+) -> dict[str, ExportResult]:
+    """Write `standard_exports(adapter.family)` into `folder` (the trainer's `exports/`, the Library's
+    downloads). An export that fails raises, or with `on_error` is reported to it and skipped."""
+    written: dict[str, ExportResult] = {}
+    for name, spec in standard_exports(adapter.family).items():
+        try:
+            written[name] = export_adapter(
+                adapter, spec.to, Path(folder) / spec.name, unet=unet, rank=spec.rank
+            )
+        except AdapterError as error:
+            if on_error is None:
+                raise
+            on_error(name, error)
+    return written
 
 
 def _base_unet(adapter: AdapterFile, spec: str | None) -> nn.Module:
