@@ -196,6 +196,33 @@ class Library:
             notes[path.name] = report.summary() if report else ""
         return notes
 
+    def inspect(
+        self, record: AdapterRecord, pipe: Any, compare: AdapterRecord | None = None, images: int = 2
+    ) -> tuple[list[dict[str, Any]], list[Path]]:
+        """The adapter inspector (`models.adapters.inspect`) on `record` (beside `compare`) with the app's base
+        pipeline: the reports, and `report.json` + plots written to ``adapters/<id>/inspect[-vs-<id2>]/``."""
+        from models.adapters.family import AdapterError
+        from models.adapters.inspect import inspect_adapter, write_outputs
+
+        records = [record] if compare is None else [record, compare]
+        try:
+            adapters = [self._adapter_file(r, pipe.unet) for r in records]
+            reports = [inspect_adapter(a, pipe=pipe, images=images) for a in adapters]
+        except AdapterError as exc:
+            raise LibraryError(str(exc)) from exc
+        for report, r in zip(reports, records, strict=True):
+            report["name"] = r.name
+        folder = self.path(record).parent / ("inspect" if compare is None else f"inspect-vs-{compare.id}")
+        return reports, write_outputs(reports, folder)
+
+    def _adapter_file(self, record: AdapterRecord, unet: Any) -> Any:
+        """The stored file as an `AdapterFile` (an imported kohya LoRA is read for `unet`)."""
+        from models.adapters.exports import import_kohya_lora
+        from models.adapters.files import load_adapter_file
+
+        path = self.path(record)
+        return import_kohya_lora(path, unet) if record.source == "imported-kohya" else load_adapter_file(path)
+
     def rename(self, adapter_id: str, name: str) -> AdapterRecord:
         return self.store.rename_adapter(adapter_id, name)
 

@@ -146,6 +146,25 @@ def inspect_adapter(
     return report
 
 
+def summary(report: dict[str, Any]) -> str:
+    """One line: parameters, ‖ΔW‖, intruder dimensions and high-frequency energy of one adapter's report."""
+    frequency = report["frequency"]
+    hf = (
+        f", high-frequency energy {frequency['adapter_mean']:.3f} (base {frequency['base_mean']:.3f})"
+        if frequency
+        else ""
+    )
+    intruders = (
+        f", {report['intruders']}/{report['intruders_right']} intruder dimensions (left/right)"
+        if report["intruders"] is not None
+        else ""
+    )
+    return (
+        f"{report['name']} ({report['title']}): {report['trainable_parameters']:,} parameters in "
+        f"{len(report['layers'])} layers, ‖ΔW‖ {report['delta_norm']:.4g}{intruders}{hf}"
+    )
+
+
 def _grid(rows: Sequence[Sequence[Image.Image]], scale: int = 4) -> Image.Image:
     """Rows of images (base, then each adapter), enlarged `scale`x without smoothing so small ones stay legible."""
     rows = [
@@ -307,17 +326,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"error: {error}", file=sys.stderr)
         return 2
     for report in reports:
-        frequency = report["frequency"]
-        hf = (
-            f", high-frequency energy {frequency['adapter_mean']:.3f} (base {frequency['base_mean']:.3f})"
-            if frequency
-            else ""
-        )
-        print(
-            f"{report['name']} ({report['title']}): {report['trainable_parameters']:,} parameters in "
-            f"{len(report['layers'])} layers, ‖ΔW‖ {report['delta_norm']:.4g}, "
-            f"{report['intruders']}/{report['intruders_right']} intruder dimensions (left/right){hf}"
-        )
+        print(summary(report))
     print(f"wrote {', '.join(p.name for p in written)} to {Path(out)}")
     return 0
 
