@@ -191,6 +191,11 @@ FAMILY_CONFIGS = {
     "boft": {"block_num": 4},
     "krona": {"a1": 8, "a2": 4, "scale": 0.5},  # A (8, 4): not a layout LyCORIS infers -> .diff there
     "krona-square": {"a1": 4, "a2": 4, "scale": 0.5},  # A (4, 4), B (8+, 8+): LyCORIS rebuilds the LoKr
+    "krona-mixed": {
+        "a1": 8,
+        "a2": 8,
+        "scale": 0.5,
+    },  # LoKr where B is 8x8 or larger, .diff where B is smaller
 }
 EXPORTS = [("kohya", None), ("lycoris", None), ("kohya", 4), ("lycoris", 4)]
 _KEY = re.compile(
@@ -237,7 +242,7 @@ def test_every_family_loads_in_lycoris_and_merges_to_atelier_weights(
     base = {n: unet.get_submodule(n).get_base_layer().weight.detach() for n in handle.targets}
     result = export_adapter(handle, to, tmp_path / "export.safetensors", rank=rank)
     assert read_export_report(result.path) == result.report
-    if key == "krona" and to == "kohya" and rank is None:
+    if key in ("krona", "krona-mixed") and to == "kohya" and rank is None:
         # The compact LoKr is for A1111/ComfyUI; the LyCORIS library re-infers the factor and refuses it
         # (the limitation --to lycoris works around).
         with pytest.raises(RuntimeError, match="size of tensor"):
@@ -252,7 +257,13 @@ def test_every_family_loads_in_lycoris_and_merges_to_atelier_weights(
         assert result.report.exact
         assert error < 2e-6, error
         form = {"lora": "LoConModule", "hra": "LoConModule", "boft": "FullModule", "krona": "FullModule"}
-        assert modules == {"LokrModule" if key == "krona-square" else form[key.split("-")[0]]}
+        form |= {"krona-square": "LokrModule", "krona-mixed": "FullModule LokrModule"}
+        assert sorted(modules) == form[key].split()
+        if to == "lycoris" and key.startswith("krona"):
+            assert (
+                result.report.form
+                == {"krona": "full", "krona-square": "lokr", "krona-mixed": "lokr+full"}[key]
+            )
     else:
         assert not result.report.exact and result.report.rank == rank and modules == {"LoConModule"}
         assert error == pytest.approx(result.report.relative_error, abs=1e-5)

@@ -75,6 +75,10 @@ def test_svd_extraction_error_is_the_frobenius_error_and_falls_with_rank() -> No
     assert errors == sorted(errors, reverse=True) and errors[0] > 0.3 and errors[-1] < 1e-6
     exact_rank_2 = torch.randn(24, 2, generator=g) @ torch.randn(2, 16, generator=g)
     assert svd_lora(exact_rank_2, 2)[2] < 1e-6
+    conv = exact_rank_2.reshape(24, 16, 1, 1)  # a 1x1 convolution's ΔW gets kohya's conv LoRA shapes
+    down, up, error = svd_lora(conv, 2)
+    assert down.shape == (2, 16, 1, 1) and up.shape == (24, 2, 1, 1) and error < 1e-6
+    torch.testing.assert_close((up.flatten(1) @ down.flatten(1)).reshape(conv.shape), conv, atol=1e-5, rtol=0)
 
 
 def test_overall_error_weighs_layers_by_their_norm() -> None:

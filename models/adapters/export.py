@@ -33,7 +33,7 @@ from models.adapters import exports
 from models.adapters.family import AdapterError
 from models.adapters.files import AdapterFile, load_adapter_file
 from models.adapters.handle import AdapterHandle
-from models.adapters.low_rank import EXACT_LOW_RANK
+from models.adapters.low_rank import EXACT_LOW_RANK, WEIGHT_FREE_DELTA
 from models.adapters.registry import FAMILIES
 
 FORMATS = ("kohya", "diffusers", "lycoris", "peft")
@@ -86,8 +86,9 @@ def default_name(stem: str, to: str) -> str:
 
 
 def needs_base_weights(family: str, to: str) -> bool:
-    """Whether exporting `family` this way reads the base UNet (ΔW of HRA/BOFT depends on W)."""
-    return family in ("hra", "boft") and to != "peft"
+    """Whether exporting `family` this way reads the base UNet: ΔW of LoRA and DiffuseKronA is the adapter's
+    own, that of HRA and BOFT (and any family computed from its adapted weights) depends on W."""
+    return family not in WEIGHT_FREE_DELTA and to != "peft"
 
 
 def check_request(family: str, to: str, rank: int | None) -> None:
@@ -130,7 +131,8 @@ def export_adapter(
     else:
         path = exports.export_full_diff(adapter, out, unet=unet)
     report = exports.read_export_report(path)
-    assert report is not None  # every writer above stores one
+    if report is None:
+        raise AdapterError(f"{path} was written without its export report; please report this.")
     return ExportResult(path, report)
 
 

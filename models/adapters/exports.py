@@ -39,6 +39,7 @@ from pathlib import Path
 import torch
 from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
 from diffusers.utils import convert_state_dict_to_kohya, convert_unet_state_dict_to_peft
+from safetensors import safe_open
 from torch import nn
 
 from models.adapters.family import AdapterError, AdapterFileError
@@ -91,8 +92,12 @@ class ExportReport:
 
 
 def read_export_report(path: str | Path) -> ExportReport | None:
-    """The `ExportReport` in an exported file's header (None for files without one)."""
-    _, header = read_safetensors(path)
+    """The `ExportReport` in an exported file's header (None for files without one); reads the header only."""
+    try:
+        with safe_open(str(path), framework="pt", device="cpu") as handle:
+            header = dict(handle.metadata() or {})
+    except Exception as error:
+        raise AdapterFileError(f"{Path(path).name} is not a readable safetensors file: {error}") from None
     if REPORT_KEY not in header:
         return None
     try:

@@ -39,6 +39,8 @@ for a 1×1 convolution keeps its 4-D kohya shapes."""
 
 EXACT_LOW_RANK = ("lora", "hra")
 """Families whose ΔW is exactly a LoRA (whatever the base weights)."""
+WEIGHT_FREE_DELTA = ("lora", "krona")
+"""Families whose ΔW is a function of the adapter alone (the others need the base weights)."""
 
 
 @dataclass
@@ -162,11 +164,12 @@ def _gram_schmidt(u: torch.Tensor) -> torch.Tensor:
 
 
 def svd_lora(delta: torch.Tensor, rank: int) -> tuple[torch.Tensor, torch.Tensor, float]:
-    """The best rank-`rank` LoRA (down, up) of one ΔW (2-D) and its relative Frobenius error.
+    """The best rank-`rank` LoRA (down, up) of one ΔW and its relative Frobenius error. A convolution's ΔW
+    (out, in, kh, kw) gives kohya's conv shapes: down (r, in, kh, kw), up (out, r, 1, 1).
 
     The singular values are split evenly (up = U·√S, down = √S·Vᵀ) so neither factor dwarfs the other in fp16.
     """
-    matrix = delta.double()
+    matrix = delta.flatten(1).double()
     u, s, vh = torch.linalg.svd(matrix, full_matrices=False)
     keep = max(1, min(rank, s.numel()))
     root = s[:keep].sqrt()
@@ -174,6 +177,8 @@ def svd_lora(delta: torch.Tensor, rank: int) -> tuple[torch.Tensor, torch.Tensor
     down = root[:, None] * vh[:keep]
     total = float(s.square().sum())
     lost = float(s[keep:].square().sum())
+    if delta.dim() == 4:
+        down, up = down.reshape(keep, *delta.shape[1:]), up.reshape(*up.shape, 1, 1)
     return down.float(), up.float(), math.sqrt(lost / total) if total > 0 else 0.0
 
 
