@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import tempfile
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -74,9 +75,12 @@ class Library:
         path = Path(path)
         if path.suffix.lower() != ".safetensors" or not path.is_file():
             raise LibraryError(f"{path.name}: only .safetensors adapter files can be imported")
+        exports_dir = Path(tempfile.mkdtemp(prefix=".partial-exports-", dir=self.root))
+        exports: list[Path] = []
         try:
-            load_adapter_file(path)
+            adapter = load_adapter_file(path)
             load, kind = load_adapter_file, "imported"
+            exports = _write_exports(adapter, exports_dir, unet)
         except AdapterFileError as own_error:
             from models.adapters.exports import import_kohya_lora
 
@@ -95,15 +99,18 @@ class Library:
                 info["trigger"] = trigger.strip()
             return info
 
-        return self._install(
-            path,
-            name=name.strip() or path.stem,
-            source_kind=kind,
-            job_id=None,
-            sample=None,
-            exports=[],
-            describe=describe,
-        )
+        try:
+            return self._install(
+                path,
+                name=name.strip() or path.stem,
+                source_kind=kind,
+                job_id=None,
+                sample=None,
+                exports=exports,
+                describe=describe,
+            )
+        finally:
+            shutil.rmtree(exports_dir, ignore_errors=True)
 
     def _install(
         self,
@@ -175,6 +182,47 @@ class Library:
         folder = self.path(record).parent / EXPORTS_DIR
         return sorted(p for p in folder.iterdir() if p.is_file()) if folder.is_dir() else []
 
+    def export_notes(self, record: AdapterRecord) -> dict[str, str]:
+        """Export file name -> how faithful it is ("boft → full, exact", or an extracted LoRA's error)."""
+        from models.adapters.exports import read_export_report
+        from models.adapters.family import AdapterFileError
+
+        notes: dict[str, str] = {}
+        for path in self.export_paths(record):
+            try:
+                report = read_export_report(path)
+            except AdapterFileError:
+                report = None
+            notes[path.name] = report.summary() if report else ""
+        return notes
+
+    def inspect(
+        self, record: AdapterRecord, pipe: Any, compare: AdapterRecord | None = None, images: int = 2
+    ) -> tuple[list[dict[str, Any]], list[Path]]:
+        """The adapter inspector (`models.adapters.inspect`) on `record` (beside `compare`) with the app's base
+        pipeline: the reports, and `report.json` + plots written to ``adapters/<id>/inspect[-vs-<id2>]/``."""
+        from models.adapters.family import AdapterError
+        from models.adapters.inspect import inspect_adapter, write_outputs
+
+        records = [record] if compare is None else [record, compare]
+        try:
+            adapters = [self._adapter_file(r, pipe.unet) for r in records]
+            reports = [inspect_adapter(a, pipe=pipe, images=images) for a in adapters]
+        except AdapterError as exc:
+            raise LibraryError(str(exc)) from exc
+        for report, r in zip(reports, records, strict=True):
+            report["name"] = r.name
+        folder = self.path(record).parent / ("inspect" if compare is None else f"inspect-vs-{compare.id}")
+        return reports, write_outputs(reports, folder)
+
+    def _adapter_file(self, record: AdapterRecord, unet: Any) -> Any:
+        """The stored file as an `AdapterFile` (an imported kohya LoRA is read for `unet`)."""
+        from models.adapters.exports import import_kohya_lora
+        from models.adapters.files import load_adapter_file
+
+        path = self.path(record)
+        return import_kohya_lora(path, unet) if record.source == "imported-kohya" else load_adapter_file(path)
+
     def rename(self, adapter_id: str, name: str) -> AdapterRecord:
         return self.store.rename_adapter(adapter_id, name)
 
@@ -187,6 +235,20 @@ class Library:
             os.replace(folder, trash)
             shutil.rmtree(trash, ignore_errors=True)
         return record
+
+
+def _write_exports(adapter_file: Any, folder: Path, unet: UnetProvider) -> list[Path]:
+    """The trainer's standard exports of an imported Atelier file; an export this base model cannot produce
+    (an HRA/BOFT adapter of another base model) is left out, the import goes on."""
+    from models.adapters.export import needs_base_weights, standard_exports, write_standard_exports
+
+    wanted = any(
+        needs_base_weights(adapter_file.family, s.to) for s in standard_exports(adapter_file.family).values()
+    )
+    written = write_standard_exports(
+        adapter_file, folder, unet=unet() if wanted else None, on_error=lambda name, error: None
+    )
+    return [export.path for export in written.values()]
 
 
 def _read_atelier_file(path: Path) -> Any:

@@ -109,6 +109,7 @@ def test_upload_train_library_compose_and_score_through_the_api(running_app: Run
     details, sample, downloads = client.predict(adapter_id=rows["sks dog"][7], api_name="/adapter_details")
     assert "sks dog" in details and Path(sample).is_file()
     assert {Path(d).name for d in downloads} >= {"adapter.safetensors", "kohya_lora.safetensors"}
+    assert "`kohya_lora.safetensors` (lora → lora, exact)" in details, details
 
     binding = {
         "headers": TABLE_COLUMNS,

@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from diffusers import StableDiffusionPipeline
 from safetensors import safe_open
 
 from models.pipelines import load_pipeline
@@ -46,6 +47,9 @@ def test_a_short_run_writes_a_loadable_pipeline_and_resumes(tmp_path: Path) -> N
     assert pipe.scheduler.config.clip_sample is False
     image = pipe("a red circle", num_inference_steps=2, output_type="pil").images[0]
     assert image.size == (IMAGE_SIZE, IMAGE_SIZE)
+    plain = StableDiffusionPipeline.from_pretrained(pipeline_dir)  # no torch_dtype: fp16 files load as fp32
+    assert {plain.unet.dtype, plain.vae.dtype, plain.text_encoder.dtype} == {torch.float32}
+    assert plain("a red circle", num_inference_steps=2, output_type="np").images.shape[-1] == 3
 
     first_unet = pipe.unet.state_dict()["conv_out.weight"].clone()
     assert _step(config.work_dir / "unet_state.safetensors") == 2

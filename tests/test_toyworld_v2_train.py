@@ -6,6 +6,8 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+import torch
+from diffusers import StableDiffusionPipeline
 from safetensors import safe_open
 
 from models.pipelines import load_pipeline
@@ -49,6 +51,11 @@ def test_a_short_run_writes_a_64px_pipeline_with_attention_at_every_level(tmp_pa
     image = pipe("an orange heart on the left and a blue ring on the right", num_inference_steps=2).images[0]
     assert image.size == (IMAGE_SIZE, IMAGE_SIZE)
     assert (config.out / "clip" / "toyworld_clip.safetensors").is_file()
+    plain = StableDiffusionPipeline.from_pretrained(
+        pipeline_dir
+    )  # no torch_dtype: one dtype, as in diffusers
+    assert {plain.unet.dtype, plain.vae.dtype, plain.text_encoder.dtype} == {torch.float32}
+    assert plain("a blue ring", num_inference_steps=2, output_type="np").images.shape == (1, 64, 64, 3)
 
 
 def test_impossible_settings_are_refused(tmp_path: Path) -> None:

@@ -19,6 +19,7 @@ from safetensors import SafetensorError
 from models.adapters.files import load_adapter_file
 from models.toyworld.world import Scene, SceneObject, render_scene
 from training.checkpoints import list_checkpoints
+from training.cli import build_parser, config_from_args
 from training.config import FAMILY_TRAINING_DEFAULTS
 from training.dreambooth import main
 from training.train_log import read_train_log
@@ -65,9 +66,17 @@ FAMILY_FLAGS = {
 
 EXPORTS = {
     "lora": {"exports/peft", "exports/pytorch_lora_weights.safetensors", "exports/kohya_lora.safetensors"},
-    "krona": {"exports/lycoris_lokr.safetensors"},
-    "boft": {"exports/peft"},
-    "hra": {"exports/peft"},
+    "krona": {
+        "exports/kohya_lokr.safetensors",
+        "exports/lycoris.safetensors",
+        "exports/pytorch_lora_weights_rank32.safetensors",
+    },
+    "boft": {
+        "exports/peft",
+        "exports/kohya_full.safetensors",
+        "exports/pytorch_lora_weights_rank32.safetensors",
+    },
+    "hra": {"exports/peft", "exports/pytorch_lora_weights.safetensors", "exports/kohya_lora.safetensors"},
 }
 
 
@@ -108,6 +117,14 @@ def _snapshot(folder: Path) -> dict[str, tuple[bytes, int]]:
     }
 
 
+def test_rank_is_the_diffusers_name_of_lora_rank(tmp_path: Path) -> None:
+    args = base_args(tmp_path / "model", tmp_path / "images", tmp_path / "out")
+    assert config_from_args([*args, "--rank", "8"]).adapter_config == {"rank": 8}
+    assert config_from_args([*args, "--lora_rank", "8"]) == config_from_args([*args, "--rank", "8"])
+    assert config_from_args(args).adapter_config == {}
+    assert "--lora_rank LORA_RANK, --rank LORA_RANK" in build_parser().format_help()
+
+
 BAD_INPUTS = [
     (["--resolution", "30"], "--resolution 30 must be a positive multiple of 8"),
     (["--lora_rank", "0"], "lora rank must be an integer >= 1"),
@@ -120,6 +137,11 @@ BAD_INPUTS = [
     (["--adapter", "krona", "--krona_a1", "0"], "krona a1 must be an integer >= 1"),
     (["--lora_dropout", "1.5"], "lora dropout must be in [0, 1)"),
     (["--hra_r", "2"], "--hra_r belongs to the hra family, but --adapter is lora"),
+    (
+        ["--adapter", "hra", "--rank", "4"],
+        "--lora_rank (--rank) belongs to the lora family, but --adapter is hra",
+    ),
+    (["--rank", "0"], "lora rank must be an integer >= 1"),
     (["--targets", "no_such_layer"], "pattern 'no_such_layer' selects no nn.Linear layer"),
     (["--instance_prompt", " "], "--instance_prompt is required"),
     (["--with_prior_preservation"], "--with_prior_preservation needs --class_prompt"),

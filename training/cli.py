@@ -3,7 +3,7 @@
 Flag names are diffusers' DreamBooth-LoRA flags (``--instance_data_dir``, ``--max_train_steps``, ...)
 generated from ``TrainConfig``'s fields, so the two never drift apart. Each adapter family's
 hyperparameters become ``--<family>_<field>`` flags (``--lora_rank``, ``--boft_block_size``) generated
-from the family's config dataclass in ``models.adapters``. ``--config file.json|yaml`` supplies
+from the family's config dataclass in ``models.adapters``; ``--rank`` is diffusers' name for ``--lora_rank``. ``--config file.json|yaml`` supplies
 defaults; flags given on the command line win over the file.
 """
 
@@ -26,6 +26,8 @@ from training.config import FAMILY_TRAINING_DEFAULTS, ConfigError, TrainConfig, 
 
 _MULTI_VALUE = {"instance_data_dir", "targets"}
 _NOT_FLAGS = {"adapter_config"}
+_DIFFUSERS_NAMES = {"lora_rank": "--rank"}
+"""Family flags that diffusers' DreamBooth-LoRA script spells differently (its ``--rank`` is the LoRA rank)."""
 
 
 def _json_value(text: str) -> Any:
@@ -103,11 +105,13 @@ def build_parser() -> argparse.ArgumentParser:
         for spec in fields:
             kind = _scalar_type(str(spec.type))
             help_text = spec.metadata.get("help", "")
-            flag = f"--{family}_{spec.name}"
+            flags = [f"--{family}_{spec.name}"]
+            if f"{family}_{spec.name}" in _DIFFUSERS_NAMES:
+                flags.append(_DIFFUSERS_NAMES[f"{family}_{spec.name}"])
             if kind is bool:
-                group.add_argument(flag, action=argparse.BooleanOptionalAction, help=help_text)
+                group.add_argument(*flags, action=argparse.BooleanOptionalAction, help=help_text)
             else:
-                group.add_argument(flag, type=kind, help=help_text)
+                group.add_argument(*flags, type=kind, help=help_text)
     return parser
 
 
@@ -131,7 +135,8 @@ def config_from_args(argv: Sequence[str] | None = None) -> TrainConfig:
     for flag, value in family_flags.items():
         family = next((f for f in fields if flag.startswith(f + "_")), None)
         if family != adapter:
-            raise ConfigError(f"--{flag} belongs to the {family} family, but --adapter is {adapter}")
+            also = f" ({_DIFFUSERS_NAMES[flag]})" if flag in _DIFFUSERS_NAMES else ""
+            raise ConfigError(f"--{flag}{also} belongs to the {family} family, but --adapter is {adapter}")
         adapter_config[flag[len(family) + 1 :]] = value
     values["adapter_config"] = adapter_config
     return TrainConfig.from_dict(values)

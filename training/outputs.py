@@ -3,8 +3,8 @@ a run raises when it cannot write its outputs.
 
 ``adapter.safetensors`` is Atelier's adapter file (``models.adapters.files``: safetensors with the
 family, config, targets, base-model fingerprint and trigger phrase in the header). Next to it go the
-formats other tools read: diffusers/kohya LoRA for LoRA, LyCORIS LoKr for DiffuseKronA, and the PEFT
-layout for LoRA, BOFT and HRA; then ``README.md``. Every file is written atomically by its writer
+formats other tools read (``models.adapters.export.standard_exports``: exact kohya/A1111/ComfyUI files for
+every family, diffusers LoRAs, LyCORIS, PEFT); then ``README.md``. Every file is written atomically by its writer
 (``models.atomic_write``), so a full disk mid-run leaves every earlier file and checkpoint whole, and
 ``OutputWriteError`` tells the user which file failed, what is intact and how to continue.
 """
@@ -63,21 +63,6 @@ class OutputWriteError(RuntimeError):
         )
 
 
-def _exporters(family: str) -> dict[str, tuple[Any, str]]:
-    """Export name → (function, file or folder name) for ``family``."""
-    from models.adapters import exports
-
-    table: dict[str, tuple[Any, str]] = {}
-    if FAMILIES[family].peft_config is not None:  # PEFT has no DiffuseKronA type
-        table["peft"] = (exports.export_peft, "peft")
-    if family == "lora":
-        table["diffusers"] = (exports.export_diffusers_lora, "pytorch_lora_weights.safetensors")
-        table["kohya"] = (exports.export_kohya_lora, "kohya_lora.safetensors")
-    if family == "krona":
-        table["lycoris"] = (exports.export_lycoris_lokr, "lycoris_lokr.safetensors")
-    return table
-
-
 def write_final_outputs(
     plan: RunPlan, handle: Any, result: TrainResult, sample_grid: Path | None
 ) -> tuple[Path, dict[str, Path]]:
@@ -100,9 +85,12 @@ def write_final_outputs(
         },
     )
     adapter_file = load_adapter_file(adapter_path)
-    written: dict[str, Path] = {}
-    for name, (export, target) in _exporters(cfg.adapter).items():
-        written[name] = Path(export(adapter_file, out / "exports" / target))
+    from models.adapters.export import write_standard_exports  # diffusers' LoRA code: load it late
+
+    exported = write_standard_exports(adapter_file, out / "exports", unet=plan.pipe.unet)
+    for name, export in exported.items():
+        logger.info("export %s: %s", name, export.report.summary())
+    written = {name: export.path for name, export in exported.items()}
     family = FAMILIES[cfg.adapter]
     card = render_model_card(
         cfg,

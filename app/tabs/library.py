@@ -1,5 +1,6 @@
 """The Library tab: every trained or imported adapter with its metadata and sample grid; rename, delete
-(with a confirmation step), download the file and its exports, import a ``.safetensors`` LoRA from disk."""
+(with a confirmation step), download the file and its exports (each with its fidelity), inspect what an adapter
+changed (beside another), import a ``.safetensors`` LoRA from disk."""
 
 from __future__ import annotations
 
@@ -57,6 +58,13 @@ def build(studio: Studio) -> tuple[gr.Dataframe, gr.Dropdown]:
             downloads = gr.File(
                 label="Download: adapter file and exports", file_count="multiple", interactive=False
             )
+            with gr.Accordion("Inspect: what the adapter changed, layer by layer", open=False):
+                compare_with = gr.Dropdown(
+                    adapter_choices(studio), label="Compare with (optional)", value=None
+                )
+                inspect_button = gr.Button("Inspect")
+                inspect_summary = gr.Markdown()
+                inspect_plots = gr.Gallery(label="Inspector plots", columns=2, height=520)
         with gr.Column():
             sample = gr.Image(label="Sample grid", interactive=False, height=320)
             with gr.Accordion("Import a .safetensors adapter (Atelier or kohya/A1111 LoRA)", open=False):
@@ -83,6 +91,11 @@ def build(studio: Studio) -> tuple[gr.Dataframe, gr.Dropdown]:
                 f"- source: {record.source}" + (f" (job `{record.job_id}`)" if record.job_id else ""),
             ]
         )
+        notes = studio.library.export_notes(record)
+        if notes:
+            text += "\n- exports: " + "; ".join(
+                f"`{n}` ({note})" if note else f"`{n}`" for n, note in notes.items()
+            )
         files = [str(studio.library.path(record)), *map(str, studio.library.export_paths(record))]
         return text, str(sample_path) if sample_path and sample_path.is_file() else None, files
 
@@ -120,7 +133,27 @@ def build(studio: Studio) -> tuple[gr.Dataframe, gr.Dropdown]:
             record.id
         ), f"Imported **{record.name}** ({record.family}, {record.parameters:,} parameters)."
 
+    def do_inspect(adapter_id: str | None, other_id: str | None) -> tuple[str, list[tuple[str, str]]]:
+        if not adapter_id:
+            raise gr.Error("Pick an adapter first.")
+        from models.adapters.inspect import summary
+
+        try:
+            record = studio.library.get(adapter_id)
+            other = studio.library.get(other_id) if other_id and other_id != adapter_id else None
+            reports, files = studio.library.inspect(record, studio.pipeline(), other)
+        except (StoreError, LibraryError) as exc:
+            raise gr.Error(str(exc)) from None
+        images = [(str(p), p.stem) for p in files if p.suffix == ".png"]
+        return "\n".join(f"- {summary(r)}" for r in reports), images
+
     selected.change(show, selected, [details, sample, downloads], api_name="adapter_details")
+    selected.change(
+        lambda: gr.update(choices=adapter_choices(studio)), None, compare_with, api_visibility="private"
+    )
+    inspect_button.click(
+        do_inspect, [selected, compare_with], [inspect_summary, inspect_plots], api_name="inspect_adapter"
+    )
     rename.click(do_rename, [selected, new_name], [adapters, selected, message], api_name="rename_adapter")
     delete.click(lambda: gr.update(visible=True), None, confirm_row, api_visibility="private")
     keep.click(lambda: gr.update(visible=False), None, confirm_row, api_visibility="private")

@@ -23,6 +23,7 @@ resumed as `--unet-steps 7000` (offset noise from step 4400 on, when the backgro
 from __future__ import annotations
 
 import argparse
+import json
 import math
 import random
 import tempfile
@@ -43,7 +44,7 @@ from safetensors.torch import load_file
 from tqdm.auto import tqdm
 from transformers import CLIPTextModel, CLIPTokenizer
 
-from models.atomic_write import write_safetensors
+from models.atomic_write import atomic_write_text, write_safetensors
 from models.clip_compat import clip
 from models.clip_tokenizer import write_clip_tokenizer_files
 from models.noise import training_noise
@@ -376,6 +377,20 @@ def train_unet(
     return unet.eval()
 
 
+def load_in_float32(pipeline_dir: Path) -> None:
+    """Declare fp32 as the load dtype of the transformers components of a saved pipeline folder.
+
+    diffusers models load in fp32 unless told otherwise, but transformers keeps the dtype its config names
+    (`dtype`, written as the dtype the weights were saved in), which mixes fp16 and fp32 in one pipeline.
+    """
+    for config_path in sorted(pipeline_dir.glob("*/config.json")):
+        config = json.loads(config_path.read_text())
+        keys = [key for key in ("dtype", "torch_dtype") if config.get(key) not in (None, "float32")]
+        if keys:
+            config.update(dict.fromkeys(keys, "float32"))
+            atomic_write_text(config_path, json.dumps(config, indent=2, sort_keys=True) + "\n")
+
+
 def save_assets(
     out: Path,
     clip_net: clip.model.CLIP,
@@ -383,7 +398,12 @@ def save_assets(
     text_encoder: CLIPTextModel,
     unet: UNet2DConditionModel,
 ) -> None:
-    """Write `out/pipeline` (fp16 diffusers folder, swapped in atomically) and `out/clip/toyworld_clip.*`."""
+    """Write `out/pipeline` (fp16 diffusers folder, swapped in atomically) and `out/clip/toyworld_clip.*`.
+
+    The weights are stored in fp16 to keep the assets small, but every component loads in fp32 by default
+    (`StableDiffusionPipeline.from_pretrained(folder)` with no `torch_dtype`, or one component at a time as
+    diffusers' training scripts do), so the folder generates on a CPU like any SD checkpoint.
+    """
     out.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=out) as staging:
         tokenizer_dir = write_clip_tokenizer_files(Path(staging) / "tokenizer_files")
@@ -399,6 +419,7 @@ def save_assets(
         ).to(torch.float16)
         new = Path(staging) / "pipeline"
         pipe.save_pretrained(new, safe_serialization=True)
+        load_in_float32(new)
         target = out / "pipeline"
         old = Path(staging) / "old"
         if target.exists():
