@@ -36,7 +36,8 @@ def test_lean_layers_match_peft_outputs_and_gradients(options: dict) -> None:
     assert all(isinstance(m, lora_layer.Linear) for m in lean.modules() if isinstance(m, LeanLoraLinear))
     inputs = unet_inputs(unet)
     (out, grads), (lean_out, lean_grads) = _forward_backward(unet, inputs), _forward_backward(lean, inputs)
-    assert torch.allclose(out, lean_out, atol=1e-6, rtol=0)
+    # the same sums in another order: fp32 rounding reaches 1.07e-6 on one torch thread (0.92e-6 on two)
+    assert torch.allclose(out, lean_out, atol=1e-5, rtol=0)
     assert len(grads) == len(lean_grads) == 2 * count
     assert all(torch.allclose(g, h, atol=1e-6, rtol=1e-5) for g, h in zip(grads, lean_grads, strict=True))
     assert lean.state_dict().keys() == unet.state_dict().keys()
