@@ -48,10 +48,28 @@ def parse_auth(text: str | None) -> tuple[str, str] | None:
     return user, password
 
 
+def check_models(base_model: str | None, clip_model: str | None) -> None:
+    """Refuse at start a base model or CLIP that could never load safely (headers and keys only; the weights
+    load on first use). Raises ``ValueError`` with one line."""
+    from evaluation import check_clip_spec
+    from models.pipelines import ModelLoadError, check_base_model
+
+    try:
+        check_base_model(base_model)
+    except ModelLoadError as err:
+        raise ValueError(f"--base-model: {err}") from None
+    check_clip_spec(clip_model)
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         auth = parse_auth(args.auth)
+    except ValueError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    try:
+        check_models(args.base_model, args.clip_model)
     except ValueError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2

@@ -224,11 +224,14 @@ class Studio:
 
     # --- generation ---------------------------------------------------------------------------------
     def pipeline(self) -> Any:
-        """The base pipeline for generation, loaded once (``ModelLoadError`` says what is wrong)."""
+        """The base pipeline for generation, loaded once (a ``RequestError`` says what is wrong)."""
         if self._pipe is None:
-            from models.pipelines import load_pipeline
+            from models.pipelines import ModelLoadError, load_pipeline
 
-            self._pipe = load_pipeline(self.settings.base_model, device=self.settings.device)
+            try:
+                self._pipe = load_pipeline(self.settings.base_model, device=self.settings.device)
+            except ModelLoadError as exc:
+                raise RequestError(str(exc)) from None
         return self._pipe
 
     def _bank_for(self, adapter_ids: tuple[str, ...]) -> Any:

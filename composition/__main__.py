@@ -94,13 +94,10 @@ def clip_report(images: list, prompt: ConceptPrompt, clip_model: str | None) -> 
     """CLIPScore against the prompt and per-concept scores, or why they were skipped."""
     if clip_model == "none":
         return {"skipped": "--clip-model none"}
-    from evaluation import ClipLoadError, concept_scores, score
+    from evaluation import concept_scores, score
 
-    try:
-        scores = score(images, prompt.text, model=clip_model)
-        concepts = concept_scores(images, [c.phrase for c in prompt.concepts], model=clip_model)
-    except ClipLoadError as err:
-        return {"skipped": str(err)}
+    scores = score(images, prompt.text, model=clip_model)
+    concepts = concept_scores(images, [c.phrase for c in prompt.concepts], model=clip_model)
     return {
         "prompt": scores.to_dict()["summary"],
         "concepts": concepts.to_dict()["summary"],
@@ -119,6 +116,10 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     options = parse_options(args.option)
     methods = list(COMPARE_ORDER) if args.compare else [args.method]
     check_options(args.method, options)
+    if args.clip_model != "none":
+        from evaluation import load_clip
+
+        load_clip(args.clip_model)  # a bad CLIP fails here, before any image is generated (cached for later)
     pipe = load_pipeline(args.base_model, device=args.device, dtype=args.dtype)
     bank = AdapterBank(pipe, [s[0] for s in specs])
     prompt = build_prompt(args, bank, specs)
@@ -176,11 +177,12 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
+    from evaluation import ClipLoadError
     from models.pipelines import ModelLoadError
 
     try:
         report = run(args)
-    except (CompositionError, ModelLoadError) as err:
+    except (CompositionError, ModelLoadError, ClipLoadError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
     for method, entry in report["methods"].items():

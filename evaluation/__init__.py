@@ -5,7 +5,13 @@ CLIPScore follows Hessel et al. 2021 (and torchmetrics' 0–100 scale), CLIP-I f
 `score` and `concept_scores`; the command line is `python -m evaluation.clipscore`.
 """
 
-from evaluation.clip_backends import ClipBackend, OpenAIClipBackend, TransformersClipBackend, load_clip
+from evaluation.clip_backends import (
+    ClipBackend,
+    OpenAIClipBackend,
+    TransformersClipBackend,
+    check_clip_spec,
+    load_clip,
+)
 from evaluation.errors import ClipLoadError, EvaluationError
 from evaluation.results import ConceptScores, Scores
 from evaluation.scoring import concept_scores, score
@@ -18,6 +24,7 @@ __all__ = [
     "OpenAIClipBackend",
     "Scores",
     "TransformersClipBackend",
+    "check_clip_spec",
     "concept_scores",
     "load_clip",
     "score",

@@ -7,9 +7,12 @@ clip-anytorch's `preprocess` (bicubic resize + centre crop + CLIP normalisation)
 
 `load_clip(spec)` accepts:
 - `None`: the toy world's tiny CLIP (`models.toyworld.paths.TOYWORLD_CLIP`);
-- a clip-anytorch model name (`"ViT-B/32"`), downloaded to / read from `~/.cache/clip` like `clip.load`;
-- a local `.pt` file (OpenAI's released JIT archives or a plain state dict, read by `clip.load` with torch's
-  weights-only loader) or a `.safetensors` state dict (rebuilt with `clip.model.build_model`, no unpickling);
+- a clip-anytorch model name (`"ViT-B/32"`): OpenAI's released file, downloaded to / read from `~/.cache/clip`
+  by `clip.load`, which checks it against the SHA-256 in OpenAI's URL before loading it (these releases are
+  TorchScript archives, so only that verified copy is ever loaded as one);
+- a local clip-anytorch state dict, `.safetensors` or `.pt`/`.pth` read with torch's weights-only loader
+  (`models.weights_files`), rebuilt with `clip.model.build_model`. A local TorchScript archive is refused
+  (loading one can run code); copy OpenAI's release into `~/.cache/clip` and pass its name instead;
 - a transformers CLIP folder (with `config.json`) or a hub id (`"openai/clip-vit-base-patch32"`), taken
   from the local Hugging Face cache first; offline, a missing model gives one line naming the local-path
   alternative.
@@ -18,7 +21,6 @@ Weights run in fp32 on every device so scores do not depend on where they were c
 
 from __future__ import annotations
 
-import pickle
 import re
 import urllib.error
 import warnings
@@ -34,6 +36,7 @@ from PIL import Image
 from evaluation.errors import ClipLoadError
 from models.clip_compat import clip
 from models.device import pick_device
+from models.weights_files import WeightsFileError, first_line, load_tensors
 
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 _CLIP_FILE_SUFFIXES = (".pt", ".pth", ".bin", ".ckpt", ".safetensors")
@@ -130,6 +133,35 @@ def load_clip(
     return _load_cached(text, stamp, str(torch_device))
 
 
+def check_clip_spec(spec: str | Path | None) -> None:
+    """The cheap part of `load_clip`, for start-up checks: a local file must be a state dict readable without
+    running code (read to its structure only, no weights), a folder a transformers CLIP folder with
+    safetensors weights. Names and hub ids pass here and are checked when loaded. Raises `ClipLoadError`."""
+    if spec is None:
+        return
+    text = str(spec)
+    path = Path(text).expanduser()
+    if path.is_file():
+        try:
+            load_tensors(path, map_location="meta")
+        except WeightsFileError as err:
+            raise ClipLoadError(str(err)) from None
+    elif path.is_dir():
+        if not (path / "config.json").is_file():
+            raise ClipLoadError(f"{path} is a folder but not a transformers CLIP model (no config.json)")
+        _refuse_pickled_folder(path)
+    elif text not in clip.available_models() and not _HUB_ID.match(text):
+        raise ClipLoadError(f"CLIP model {text!r} not found; " + _LOCAL_PATH_HINT)
+
+
+def _refuse_pickled_folder(folder: Path) -> None:
+    if not any(folder.glob("*.safetensors")) and any(folder.glob("*.bin")):
+        raise ClipLoadError(
+            f"{folder} holds its weights as a pickled .bin only; Atelier reads transformers weights from "
+            "model.safetensors only: convert the folder with a tool you trust (save_pretrained writes safetensors)"
+        )
+
+
 def _toyworld_clip_path() -> Path:
     try:
         from models.toyworld.paths import TOYWORLD_CLIP
@@ -153,11 +185,9 @@ def _load_cached(text: str, _stamp: int, device: str) -> ClipBackend:
     if path.is_dir():
         return _load_transformers_folder(path, text, torch_device)
     if path.is_file():
-        if path.suffix == ".safetensors":
-            return _load_clip_safetensors(path, text, torch_device)
-        return _load_clip_file(str(path), text, torch_device)
+        return _load_clip_state_dict(path, text, torch_device)
     if text in clip.available_models():
-        return _load_clip_file(text, text, torch_device)
+        return _load_clip_release(text, torch_device)
     if text.startswith((".", "/", "~")) or text.endswith(_CLIP_FILE_SUFFIXES):
         raise ClipLoadError(f"CLIP model file {path} does not exist; check the path (--model)")
     if _HUB_ID.match(text):
@@ -169,42 +199,34 @@ def _load_cached(text: str, _stamp: int, device: str) -> ClipBackend:
     )
 
 
-def _load_clip_file(name_or_path: str, label: str, device: torch.device) -> ClipBackend:
-    """`clip.load` of a model name or a `.pt` file (JIT archive or state dict), kept on CPU until moved."""
+def _load_clip_release(name: str, device: torch.device) -> ClipBackend:
+    """One of OpenAI's released models by name, through `clip.load` (SHA-256-checked download), on CPU."""
     try:
         with warnings.catch_warnings():
-            # clip.load probes for a JIT archive first; torch warns that torch.jit.load is deprecated.
+            # clip.load reads the release with torch.jit.load, which torch marks as deprecated.
             warnings.simplefilter("ignore", FutureWarning)
-            model, preprocess = clip.load(name_or_path, device="cpu", jit=False)
+            model, preprocess = clip.load(name, device="cpu", jit=False)
     except (urllib.error.URLError, OSError) as err:
-        if name_or_path in clip.available_models():
-            raise ClipLoadError(
-                f"CLIP model {name_or_path!r} is not in ~/.cache/clip and could not be downloaded "
-                f"({type(err).__name__}: offline?); " + _LOCAL_PATH_HINT
-            ) from None
-        raise ClipLoadError(f"Could not read the CLIP file {name_or_path}: {err}") from None
-    except (RuntimeError, KeyError, ValueError, AttributeError, pickle.UnpicklingError) as err:
         raise ClipLoadError(
-            f"{name_or_path} is not a CLIP model file clip-anytorch can load "
-            f"({type(err).__name__}: {str(err).splitlines()[0] if str(err) else 'no detail'})"
+            f"CLIP model {name!r} is not in ~/.cache/clip and could not be downloaded "
+            f"({type(err).__name__}: offline?); " + _LOCAL_PATH_HINT
         ) from None
-    return OpenAIClipBackend(model, preprocess, label, device)
+    except RuntimeError as err:
+        raise ClipLoadError(f"CLIP model {name!r} could not be loaded ({first_line(err)})") from None
+    return OpenAIClipBackend(model, preprocess, name, device)
 
 
-def _load_clip_safetensors(path: Path, label: str, device: torch.device) -> ClipBackend:
-    """A clip-anytorch state dict stored as `.safetensors`, rebuilt exactly as `clip.load` would on CPU."""
-    from safetensors import SafetensorError
-    from safetensors.torch import load_file
-
+def _load_clip_state_dict(path: Path, label: str, device: torch.device) -> ClipBackend:
+    """A clip-anytorch state dict (`.safetensors`, or `.pt` read weights-only), rebuilt as `clip.load` would."""
     try:
-        state_dict = load_file(str(path))
-    except (SafetensorError, OSError) as err:
-        raise ClipLoadError(f"{path} is not a readable .safetensors file ({err})") from None
+        state_dict = load_tensors(path)
+    except WeightsFileError as err:
+        raise ClipLoadError(str(err)) from None
     try:
         model = clip.model.build_model(state_dict)
-    except (KeyError, RuntimeError) as err:
+    except (KeyError, RuntimeError, AttributeError, TypeError, ValueError, IndexError) as err:
         raise ClipLoadError(
-            f"{path} does not hold a clip-anytorch CLIP state dict ({type(err).__name__}: {err}); "
+            f"{path} does not hold a clip-anytorch CLIP state dict ({type(err).__name__}: {first_line(err)}); "
             "transformers CLIP models are loaded from their folder instead"
         ) from None
     # clip.load's own transform for this input size (the same object clip.load returns).
@@ -220,13 +242,13 @@ def _load_transformers_folder(folder: Path, label: str, device: torch.device) ->
             f"{folder} is a folder but not a transformers CLIP model (no config.json); "
             "pass the folder holding config.json, or a clip .pt/.safetensors file"
         )
+    _refuse_pickled_folder(folder)
     try:
-        model = CLIPModel.from_pretrained(folder, local_files_only=True)
+        model = CLIPModel.from_pretrained(folder, local_files_only=True, use_safetensors=True)
         processor = CLIPProcessor.from_pretrained(folder, local_files_only=True)
     except (OSError, ValueError, TypeError) as err:
-        first = str(err).splitlines()[0] if str(err) else type(err).__name__
         raise ClipLoadError(
-            f"Could not load a transformers CLIPModel + CLIPProcessor from {folder}: {first}"
+            f"Could not load a transformers CLIPModel + CLIPProcessor from {folder}: {first_line(err)}"
         ) from None
     return TransformersClipBackend(model, processor, label, device)
 

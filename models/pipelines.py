@@ -1,7 +1,7 @@
 """Base-model loading: one function from a model spec to a diffusers Stable Diffusion pipeline.
 
 A spec is a hub id (`stable-diffusion-v1-5/stable-diffusion-v1-5`), a local diffusers folder (one with
-`model_index.json`), or a single-file checkpoint (`.safetensors`, or `.ckpt` read with torch's weights-only
+`model_index.json`), or a single-file checkpoint (`.safetensors`, or `.ckpt` read by `models.weights_files` with torch's weights-only
 loader) in the original LDM layout that A1111/ComfyUI use. SD 1.x, SD 2.x and SDXL are supported; the pipeline
 class comes from the model's own config (`model_index.json`) or, for a single file, from its keys.
 `spec=None` means the embedded default, the project's toy world under `assets/`.
@@ -25,6 +25,7 @@ from diffusers import DiffusionPipeline, StableDiffusionPipeline, StableDiffusio
 
 from models.attention_calls import direct_attention_calls
 from models.device import pick_device, pick_dtype
+from models.weights_files import WeightsFileError, first_line, load_tensors
 
 SUPPORTED_PIPELINES: dict[str, type[DiffusionPipeline]] = {
     "StableDiffusionPipeline": StableDiffusionPipeline,
@@ -33,6 +34,7 @@ SUPPORTED_PIPELINES: dict[str, type[DiffusionPipeline]] = {
 SINGLE_FILE_SUFFIXES = (".safetensors", ".ckpt")
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 _SUPPORTED_TEXT = "Atelier supports Stable Diffusion 1.x, 2.x and SDXL"
+_COMPONENT_LIBRARIES = ("diffusers", "transformers")
 
 
 class ModelLoadError(RuntimeError):
@@ -97,6 +99,29 @@ def load_pipeline(
     return pipe.to(torch_device)
 
 
+def check_base_model(spec: str | Path | None) -> None:
+    """The cheap part of `load_pipeline`, for start-up checks: a local spec must exist and be a loadable kind
+    (a diffusers folder with safetensors weights, or a single-file checkpoint whose keys say SD/SDXL); only
+    headers and keys are read. Hub ids pass here and are checked when loaded. Raises `ModelLoadError`."""
+    if spec is None:
+        return
+    text = str(spec)
+    path = Path(text).expanduser()
+    if path.is_dir():
+        index = path / "model_index.json"
+        if not index.is_file():
+            raise ModelLoadError(f"{path} is not a diffusers model folder (no model_index.json).")
+        try:
+            _check_components(path, json.loads(index.read_text()))
+        except json.JSONDecodeError as err:
+            raise ModelLoadError(f"{index} is not a valid diffusers model_index.json ({err}).") from None
+    elif path.is_file():
+        _single_file_class(path)
+    elif _looks_like_path(text) or not _HUB_ID.match(text):
+        raise ModelLoadError(f"Base model {text!r} does not exist: pass a diffusers folder, a single "
+                             ".safetensors checkpoint, or a hub id.")  # fmt: skip
+
+
 def architecture(pipe: DiffusionPipeline) -> str:
     """`sdxl`, `sd2` or `sd1`, read from the pipeline's components (works for tiny test models too)."""
     if isinstance(pipe, StableDiffusionXLPipeline):
@@ -153,10 +178,33 @@ def _load_folder(folder: Path, dtype: torch.dtype) -> DiffusionPipeline:
     except (json.JSONDecodeError, KeyError) as err:
         raise ModelLoadError(f"{index} is not a valid diffusers model_index.json ({err}).") from None
     cls = _pipeline_class(class_name, str(folder))
+    _check_components(folder, json.loads(index.read_text()))
     try:
-        return cls.from_pretrained(folder, dtype=dtype, local_files_only=True, **_safety_kwargs(cls))
+        return cls.from_pretrained(
+            folder, dtype=dtype, local_files_only=True, use_safetensors=True, **_safety_kwargs(cls)
+        )
     except (OSError, ValueError) as err:
-        raise ModelLoadError(f"Could not load the diffusers folder {folder}: {err}") from err
+        raise ModelLoadError(f"Could not load the diffusers folder {folder}: {first_line(err)}") from None
+
+
+def _check_components(folder: Path, index: dict[str, Any]) -> None:
+    """Refuse, before diffusers runs, components from other libraries (their code would be imported) and
+    components whose weights are pickled `.bin` files only (Atelier reads model weights as safetensors)."""
+    for name, entry in index.items():
+        if name.startswith("_") or not isinstance(entry, list) or len(entry) != 2 or entry[0] is None:
+            continue
+        if entry[0] not in _COMPONENT_LIBRARIES:
+            raise ModelLoadError(
+                f"{folder}: component {name!r} comes from {entry[0]!r}, not from diffusers or transformers; "
+                f"{_SUPPORTED_TEXT} in the standard diffusers layout."
+            )
+        sub = folder / name
+        if sub.is_dir() and not any(sub.glob("*.safetensors")) and any(sub.glob("*.bin")):
+            raise ModelLoadError(
+                f"{folder}: the {name} weights are a pickled .bin file only; Atelier loads model weights from "
+                ".safetensors only. Convert the folder with a tool you trust (save_pretrained writes "
+                "safetensors) or pass a single .safetensors checkpoint."
+            )
 
 
 def _single_file_class(path: Path) -> type[DiffusionPipeline]:
@@ -186,13 +234,11 @@ def _checkpoint_keys(path: Path) -> list[str]:
             raise ModelLoadError(f"{path.name} is not a readable .safetensors file ({err}).") from None
     if path.suffix == ".ckpt":
         try:
-            state = torch.load(path, map_location="meta", weights_only=True)
-        except Exception as err:
-            raise ModelLoadError(
-                f"{path.name} could not be read with torch's weights-only loader ({err}); "
-                "convert it to .safetensors with a trusted tool."
-            ) from None
-        return list(state.get("state_dict", state).keys())
+            state = load_tensors(path, map_location="meta")
+        except WeightsFileError as err:
+            raise ModelLoadError(str(err)) from None
+        inner = state.get("state_dict", state)
+        return list(inner.keys()) if isinstance(inner, dict) else []
     raise ModelLoadError(f"{path.name}: single-file checkpoints must be .safetensors or .ckpt files.")
 
 

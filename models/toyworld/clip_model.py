@@ -2,8 +2,8 @@
 Supervision"): clip-anytorch's own `clip.model.CLIP` at small widths, trained contrastively on world scenes.
 
 It keeps CLIP's full 49,408-token BPE vocabulary and 77-token context, so `clip.tokenize` and SD's
-`CLIPTokenizer` give the same ids as for real CLIP. Saved as a plain fp16 state dict (`.pt`, which
-`clip.load(path)` reads with torch's weights-only loader and whose architecture it infers) and as
+`CLIPTokenizer` give the same ids as for real CLIP. Saved as a plain fp16 state dict (`.pt`, read
+with torch's weights-only loader; `clip.model.build_model` infers the architecture from it) and as
 `.safetensors`. `to_transformers_text_model` converts the text tower to the transformers `CLIPTextModel` that a
 `StableDiffusionPipeline` uses (quick-GELU, causal mask, same hidden states).
 """

@@ -42,6 +42,7 @@ from models.toyworld.world import (
     render_scene,
     sample_batch,
 )
+from models.weights_files import load_tensors
 
 GUIDANCE = 5.0
 STEPS = 25
@@ -151,7 +152,8 @@ def held_out_rates(pipe) -> dict[str, float]:  # type: ignore[no-untyped-def]
 def clip_zero_shot(clip_path: str | Path, count: int = 120) -> dict[str, float]:
     """Zero-shot accuracy of the tiny CLIP on clean scenes (all concepts): for each attribute, pick the caption
     among those differing only in that attribute."""
-    model, preprocess = clip.load(str(clip_path), device="cpu")
+    model = clip.model.build_model(load_tensors(clip_path)).float().eval()
+    preprocess = clip.clip._transform(model.visual.input_resolution)
     scenes = [scene for scene in sample_batch(77, count * 2, held_out=True, two_object_rate=0.0)][:count]
     options = {
         "shape": SHAPES,
