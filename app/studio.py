@@ -21,8 +21,9 @@ from typing import Any
 
 from PIL import Image
 
-from app.jobs import JobRunner
+from app.jobs import JobRunner, JobView
 from app.library import Library
+from app.public import PublicFiles
 from app.store import JobRecord, Store
 from models.atomic_write import atomic_write
 
@@ -159,6 +160,7 @@ class Studio:
     ) -> None:
         self.settings = settings
         self.store = Store(settings.data_dir)
+        self.public = PublicFiles(settings.data_dir)
         self.library = Library(self.store)
         self.runner = JobRunner(
             self.store, self.library.register_trained, worker_command=worker_command, start=start
@@ -221,6 +223,13 @@ class Studio:
             )
         except ConfigError as exc:
             raise RequestError(str(exc)) from exc
+
+    def job_view(self, job_id: str) -> JobView:
+        """What the Train tab shows about a job, its validation images published (``app.public``)."""
+        view = self.runner.view(job_id)
+        return dataclasses.replace(
+            view, validation_images=[self.public.publish(path) for path in view.validation_images]
+        )
 
     # --- generation ---------------------------------------------------------------------------------
     def pipeline(self) -> Any:
@@ -304,9 +313,10 @@ class Studio:
         return outputs
 
     def save_images(self, images: Sequence[Image.Image], tag: str) -> list[Path]:
-        """Write images as PNGs under ``<data-dir>/outputs/<time>-<tag>/`` (each atomically); return the paths."""
+        """Write images as PNGs under ``<data-dir>/public/outputs/<time>-<tag>/`` (each atomically); return the
+        paths."""
         folder = (
-            self.store.data_dir / "outputs" / f"{time.strftime('%Y%m%d-%H%M%S')}-{uuid.uuid4().hex[:4]}-{tag}"
+            self.public.folder("outputs") / f"{time.strftime('%Y%m%d-%H%M%S')}-{uuid.uuid4().hex[:4]}-{tag}"
         )
         folder.mkdir(parents=True, exist_ok=True)
         paths = []

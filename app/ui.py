@@ -2,7 +2,8 @@
 
 Serving rules: bind to the loopback address unless told otherwise, never a public share link unless asked,
 password protection with ``--auth user:pass``, uploads limited in size (and checked by content by the tabs),
-and only the data directory served as files. Gradio's queue gives every event its place in line: the
+and only ``<data-dir>/public/`` served as files (``app.public``: what the page shows, never the database,
+job state, logs or adapter folders). Gradio's queue gives every event its place in line: the
 generation events (Compose, Evaluate) share one concurrency group of size 1, because they run the one base
 pipeline in this process; training jobs queue in the job runner (one worker process at a time) and the Train
 tab shows their place in that queue.
@@ -70,7 +71,7 @@ def serve(
         server_port=port,
         auth=auth,
         share=share,
-        allowed_paths=[str(studio.settings.data_dir)],
+        allowed_paths=[str(studio.public.root)],
         max_file_size=f"{studio.settings.max_upload_mb}mb",
         prevent_thread_lock=not block,
         show_error=True,

@@ -211,14 +211,48 @@ def test_bad_uploads_show_their_message_and_start_nothing(running_app: RunningAp
     assert running_app.studio.store.list_jobs() == jobs_before
 
 
-def test_only_the_data_directory_is_served(running_app: RunningApp, tmp_path: Path) -> None:
-    inside = running_app.studio.settings.data_dir / "served.txt"
-    inside.write_text("inside")
+def test_only_what_the_page_shows_is_served(running_app: RunningApp, tmp_path: Path) -> None:
+    """The database, job state, logs and adapter folders answer no file request; the sample grid, the
+    downloads a person chose and the generated images still load (#35, item 2)."""
+    data_dir = running_app.studio.settings.data_dir
+    library = running_app.studio.library
+    if not library.records():
+        pytest.skip("needs the adapters trained by the flow test")
+
+    def get(path: Path | str) -> httpx.Response:
+        return httpx.get(f"{running_app.url}gradio_api/file={path}", timeout=30)
+
+    record = library.records()[0]
+    private = [
+        data_dir / "atelier.sqlite3",
+        data_dir / "atelier.sqlite3-wal",
+        library.path(record),
+        library.sample_path(record),
+        *data_dir.glob("jobs/*/job.json"),
+        *data_dir.glob("jobs/*/worker.log"),
+        *data_dir.glob("jobs/*/events.jsonl"),
+        *data_dir.glob("jobs/*/output/validation/*.png"),
+    ]
+    assert len(private) >= 10 and all(p.is_file() for p in private if not p.name.endswith("-wal"))
     outside = tmp_path / "secret.txt"
     outside.write_text("outside")
-    assert httpx.get(f"{running_app.url}gradio_api/file={inside}").text == "inside"
-    for path in (outside, Path(__file__).resolve()):
-        assert httpx.get(f"{running_app.url}gradio_api/file={path}").status_code in (403, 404)
+    for path in [*private, outside, Path(__file__).resolve()]:
+        assert get(path).status_code in (403, 404), path
+
+    client = Client(running_app.url, verbose=False)
+    client.predict(api_name="/library")  # the Library tab's refresh: the adapter becomes a choice
+    _, sample, downloads = client.predict(adapter_id=record.id, api_name="/adapter_details")
+    originals = {"adapter.safetensors": library.path(record), "sample.png": library.sample_path(record)}
+    assert {Path(d).name: Path(d).read_bytes() for d in downloads}["adapter.safetensors"] == originals[
+        "adapter.safetensors"
+    ].read_bytes()
+    assert Path(sample).read_bytes() == originals["sample.png"].read_bytes()
+    published = {p.name: p for p in (data_dir / "public" / "shown").rglob("*") if p.is_file()}
+    for name, original in originals.items():
+        response = get(published[name])
+        assert response.status_code == 200 and response.content == original.read_bytes(), name
+    generated = sorted((data_dir / "public" / "outputs").rglob("*.png"))
+    assert generated and get(generated[0]).status_code == 200
 
 
 def test_auth_protects_the_app(tiny_sd_path: Path, tiny_clip: Path, tmp_path: Path) -> None:

@@ -75,7 +75,7 @@ def build(studio: Studio, last_images: gr.State) -> None:
             f"- {name}: mean {s['mean']:.3f} (min {s['min']:.3f}, max {s['max']:.3f})"
             for name, s in scores.summary().items()
         ]
-        path = write_csv(rows, studio.store.data_dir / "evaluations")
+        path = write_csv(rows, studio.public.folder("evaluations"))
         return "\n".join(lines), long, frame, str(path)
 
     run.click(

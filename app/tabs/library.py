@@ -96,8 +96,9 @@ def build(studio: Studio) -> tuple[gr.Dataframe, gr.Dropdown]:
             text += "\n- exports: " + "; ".join(
                 f"`{n}` ({note})" if note else f"`{n}`" for n, note in notes.items()
             )
-        files = [str(studio.library.path(record)), *map(str, studio.library.export_paths(record))]
-        return text, str(sample_path) if sample_path and sample_path.is_file() else None, files
+        files = [studio.library.path(record), *studio.library.export_paths(record)]
+        sample = studio.public.publish(sample_path) if sample_path and sample_path.is_file() else None
+        return text, sample, [studio.public.publish(path) for path in files]
 
     def refreshed(value: str | None = None) -> tuple[pd.DataFrame, Any]:
         return table(studio), gr.update(choices=adapter_choices(studio), value=value)

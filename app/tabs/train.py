@@ -242,7 +242,7 @@ def build(studio: Studio) -> gr.Dropdown:
         watching[session] = job_id
         while watching.get(session) == job_id:
             try:
-                view = studio.runner.view(job_id)
+                view = studio.job_view(job_id)
             except JobError as exc:
                 raise gr.Error(str(exc)) from None
             shown = view.job
