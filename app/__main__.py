@@ -24,6 +24,13 @@ def build_parser() -> argparse.ArgumentParser:
         help="hub id, diffusers folder or single-file checkpoint (default: toy world)",
     )
     parser.add_argument(
+        "--models-dir",
+        type=Path,
+        default=None,
+        help="a folder of base models (diffusers folders, .safetensors/.ckpt files) the Train tab offers by "
+        "name besides --base-model; web users cannot type other paths",
+    )
+    parser.add_argument(
         "--data-dir", type=Path, default=Path("atelier-data"), help="jobs, adapters, outputs, database"
     )
     parser.add_argument("--auth", default=None, help="require a login, given as user:pass")
@@ -70,6 +77,8 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     try:
         check_models(args.base_model, args.clip_model)
+        if args.models_dir is not None and not args.models_dir.is_dir():
+            raise ValueError(f"--models-dir {args.models_dir} is not a folder")
     except ValueError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
@@ -82,6 +91,7 @@ def main(argv: list[str] | None = None) -> int:
         data_dir=args.data_dir.resolve(),
         base_model=args.base_model,
         clip_model=args.clip_model,
+        models_dir=args.models_dir.resolve() if args.models_dir is not None else None,
         device=args.device,
         max_upload_mb=args.max_upload_mb,
     )

@@ -21,6 +21,7 @@ from typing import Any
 
 from PIL import Image
 
+from app.base_models import BaseModelRefused, BaseModels
 from app.jobs import JobRunner, JobView
 from app.library import Library
 from app.public import PublicFiles
@@ -45,6 +46,8 @@ class Settings:
     """Base model spec for generation and the default for training (None: the toy world)."""
     clip_model: str | None = None
     """CLIP for scores (None: the toy world's CLIP)."""
+    models_dir: Path | None = None
+    """A folder whose models (diffusers folders, single files) the Train tab also offers (``app.base_models``)."""
     device: str | None = None
     max_upload_mb: int = MAX_UPLOAD_MB
     max_images: int = MAX_IMAGES
@@ -161,6 +164,7 @@ class Studio:
         self.settings = settings
         self.store = Store(settings.data_dir)
         self.public = PublicFiles(settings.data_dir)
+        self.base_models = BaseModels(settings.base_model, settings.models_dir)
         self.library = Library(self.store)
         self.runner = JobRunner(
             self.store, self.library.register_trained, worker_command=worker_command, start=start
@@ -209,7 +213,8 @@ class Studio:
         return UploadCheck(accepted, messages)
 
     def start_training(self, files: Sequence[str | Path] | None, request: TrainRequest) -> JobRecord:
-        """Queue a training job; every upload must pass ``check_uploads`` (nothing is stored otherwise)."""
+        """Queue a training job; every upload must pass ``check_uploads`` and the base model must be one the server
+        offers (``app.base_models``); nothing is stored otherwise."""
         from training.config import ConfigError
 
         check = self.check_uploads(files)
@@ -217,7 +222,11 @@ class Studio:
             rejected = [m for m in check.messages if not m.startswith("✓")]
             raise RequestError("Nothing was started. " + " ".join(rejected))
         try:
-            config = request.to_config(self.settings.base_model)
+            base_model = self.base_models.resolve(request.base_model)
+        except BaseModelRefused as exc:
+            raise RequestError(f"Nothing was started. {exc}") from None
+        try:
+            config = dataclasses.replace(request, base_model=base_model).to_config(self.settings.base_model)
             return self.runner.submit(
                 config, name=request.name.strip() or config.trigger_phrase, images=check.accepted
             )

@@ -135,7 +135,7 @@ def build(studio: Studio) -> gr.Dropdown:
             base_model = gr.Textbox(
                 "",
                 label="Base model",
-                placeholder=f"default: {studio.settings.base_model or 'the toy world'}; or a local folder / hub id",
+                placeholder=studio.base_models.hint(),
             )
             with gr.Accordion("Advanced training options", open=False):
                 learning_rate = gr.Number(0, label="Learning rate (0: the family's default)", minimum=0)
