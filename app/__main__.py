@@ -1,8 +1,10 @@
 """`python -m app`: start Atelier's web app (what `make app` runs).
 
-    python -m app [--host 127.0.0.1] [--port 7860] [--base-model SPEC] [--data-dir DIR] [--auth user:pass]
+    python -m app [--host 127.0.0.1] [--port 7860] [--base-model SPEC] [--models-dir DIR] [--data-dir DIR]
+                  [--auth-file FILE | --auth user:pass]     (or ATELIER_AUTH=user:pass in the environment)
 
 Binds to the loopback address by default; `--share` (a public Gradio link) is off unless asked for.
+Serves only what the page shows (see docs/security.md).
 """
 
 from __future__ import annotations
@@ -11,7 +13,11 @@ import argparse
 import logging
 import os
 import sys
+from collections.abc import Mapping
 from pathlib import Path
+
+AUTH_ENV = "ATELIER_AUTH"
+"""Environment variable holding the login as user:pass (kept out of `ps`, unlike `--auth`)."""
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -33,7 +39,18 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--data-dir", type=Path, default=Path("atelier-data"), help="jobs, adapters, outputs, database"
     )
-    parser.add_argument("--auth", default=None, help="require a login, given as user:pass")
+    parser.add_argument(
+        "--auth",
+        default=None,
+        help=f"require a login, given as user:pass (visible to other local users in `ps`; prefer --auth-file "
+        f"or the {AUTH_ENV} environment variable, which take the same user:pass)",
+    )
+    parser.add_argument(
+        "--auth-file",
+        type=Path,
+        default=None,
+        help="require a login read from this file's first line, user:pass (keep the file private)",
+    )
     parser.add_argument("--clip-model", default=None, help="CLIP for scores (default: the toy world's CLIP)")
     parser.add_argument(
         "--device", default=None, help="cpu, cuda or mps for generation (default: best available)"
@@ -45,14 +62,34 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def parse_auth(text: str | None) -> tuple[str, str] | None:
-    """`user:pass` → (user, pass); anything else is an error naming the expected form."""
+def parse_auth(text: str | None, source: str = "--auth") -> tuple[str, str] | None:
+    """`user:pass` → (user, pass); anything else is an error naming where it came from, not the secret."""
     if text is None:
         return None
-    user, sep, password = text.partition(":")
+    user, sep, password = text.strip("\r\n").partition(":")
     if not sep or not user or not password:
-        raise ValueError(f"--auth {text!r} must look like user:pass (both parts non-empty)")
+        raise ValueError(f"{source} must hold user:pass (both parts non-empty)")
     return user, password
+
+
+def resolve_auth(
+    auth: str | None, auth_file: Path | None, environ: Mapping[str, str]
+) -> tuple[str, str] | None:
+    """The login from `--auth`, `--auth-file` or `$ATELIER_AUTH` (at most one of them), or None."""
+    given = [name for name, value in (("--auth", auth), ("--auth-file", auth_file)) if value is not None]
+    if environ.get(AUTH_ENV):
+        given.append(AUTH_ENV)
+    if len(given) > 1:
+        raise ValueError(f"give the login one way only, not {' and '.join(given)}")
+    if auth_file is not None:
+        try:
+            lines = auth_file.read_text(encoding="utf-8").splitlines()
+        except (OSError, UnicodeDecodeError) as err:
+            raise ValueError(f"--auth-file {auth_file}: cannot read it ({type(err).__name__})") from None
+        return parse_auth(lines[0] if lines else "", f"--auth-file {auth_file}")
+    if auth is not None:
+        return parse_auth(auth)
+    return parse_auth(environ.get(AUTH_ENV) or None, AUTH_ENV)
 
 
 def check_models(base_model: str | None, clip_model: str | None) -> None:
@@ -71,7 +108,7 @@ def check_models(base_model: str | None, clip_model: str | None) -> None:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
-        auth = parse_auth(args.auth)
+        auth = resolve_auth(args.auth, args.auth_file, os.environ)
     except ValueError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
