@@ -17,7 +17,9 @@ from training.data import (
     image_to_tensor,
     list_image_files,
     load_training_images,
+    open_rgb,
     resize_and_crop,
+    to_rgb,
 )
 
 
@@ -156,3 +158,50 @@ def test_bad_resolution_is_refused(tmp_path: Path) -> None:
     _save(tmp_path / "a.png", Image.new("RGB", (32, 32)))
     with pytest.raises(ImageDataError, match="multiple of 8"):
         load_training_images(tmp_path, 30)
+
+
+def _gradient_16bit_png(path: Path, width: int = 256, height: int = 64) -> Path:
+    """A 16-bit greyscale PNG ramping 0 → 65535 from left to right (Pillow reads it as mode I;16)."""
+    ramp = np.rint(np.linspace(0, 65535, width)).astype(np.uint16)
+    Image.fromarray(np.tile(ramp, (height, 1))).save(path)
+    return path
+
+
+def test_a_16bit_gradient_keeps_its_range(tmp_path: Path) -> None:
+    """#35 item 5: Pillow's convert("RGB") clips 16-bit values to 255 (a white image); they must be scaled."""
+    path = _gradient_16bit_png(tmp_path / "ramp16.png")
+    with Image.open(path) as raw:
+        assert raw.mode.startswith("I;16")
+    square = _gradient_16bit_png(tmp_path / "square16.png", width=64)
+    [example] = load_training_images([square], 64, center_crop=True)
+    pixels = np.asarray(example.image)  # (64, 64, 3), at the training resolution already
+    assert example.image.mode == "RGB" and (pixels[..., 0] == pixels[..., 2]).all()
+    row = pixels[0, :, 0].astype(int)
+    assert (np.diff(row) > 0).all() and row[0] <= 1 and row[-1] >= 254, row
+    with Image.open(path) as raw:
+        full = np.asarray(to_rgb(raw))[0, :, 0].astype(int)
+    expected = np.rint(np.rint(np.linspace(0, 65535, 256)) / 257).astype(int)
+    assert np.abs(full - expected).max() <= 1 and full.min() == 0 and full.max() == 255
+
+
+@pytest.mark.parametrize(
+    ("mode", "values", "top"), [("I", np.linspace(0, 65535, 64), 65535.0), ("F", np.linspace(0, 1, 64), 1.0)]
+)
+def test_32bit_greyscale_is_scaled_too(mode: str, values: np.ndarray, top: float) -> None:
+    image = Image.fromarray(np.tile(values, (4, 1)).astype(np.int32 if mode == "I" else np.float32))
+    assert image.mode == mode
+    row = np.asarray(to_rgb(image))[0, :, 1].astype(int)
+    assert np.abs(row - np.rint(values / top * 255)).max() <= 1
+
+
+def test_the_app_upload_check_reads_16bit_pngs_the_way_training_does(tmp_path: Path) -> None:
+    from app.studio import Settings, Studio
+
+    path = _gradient_16bit_png(tmp_path / "ramp16.png")
+    studio = Studio(Settings(data_dir=tmp_path / "data"), start=False)
+    try:
+        check = studio.check_uploads([path])
+    finally:
+        studio.close()
+    assert check.ok and check.messages == ["✓ ramp16.png: 256x64"]
+    assert np.asarray(open_rgb(path, min_side=1)).mean() == pytest.approx(127.5, abs=1)

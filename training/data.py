@@ -7,7 +7,8 @@ examples before any model is loaded:
 
 * JPEG, PNG and WebP are accepted (by content, not by file name);
 * EXIF orientation is applied, so portrait phone photos are not trained sideways;
-* RGBA/LA/P images are composited on white, greyscale and CMYK are converted to RGB;
+* RGBA/LA/P images are composited on white, greyscale and CMYK are converted to RGB, 16-bit greyscale
+  scaled (not clipped) to 8 bits;
 * images that are too small, decompression bombs or corrupt are rejected, each named in the error;
 * an optional ``<image>.txt`` sidecar gives a per-image caption;
 * the image is resized so its shorter side equals the training resolution (aspect ratio kept) and
@@ -32,6 +33,8 @@ from PIL import Image, ImageOps, UnidentifiedImageError
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp")
 ACCEPTED_FORMATS = {"JPEG", "PNG", "WEBP", "MPO"}  # MPO: multi-picture JPEG written by many cameras
+HIGH_DEPTH_GREY = ("I;16", "I;16L", "I;16B", "I;16N", "I")
+"""Pillow's modes for 16-bit (and 32-bit integer) greyscale pixels, e.g. a 16-bit PNG."""
 MAX_IMAGE_PIXELS = 64_000_000
 """Largest accepted image (width x height). Bigger files are refused as possible decompression bombs."""
 
@@ -123,9 +126,12 @@ def open_rgb(path: Path, *, min_side: int, max_pixels: int = MAX_IMAGE_PIXELS) -
 
 
 def to_rgb(image: Image.Image) -> Image.Image:
-    """Convert any PIL mode to RGB; transparency is composited on a white background."""
+    """Convert any PIL mode to RGB; transparency is composited on a white background, and high-bit-depth
+    greyscale (16-bit PNGs, 32-bit integer or float pixels) is scaled to 8 bits rather than clipped."""
     if image.mode == "RGB":
         return image
+    if image.mode in HIGH_DEPTH_GREY or image.mode == "F":
+        image = _to_8bit_grey(image)
     if image.mode == "P":
         image = image.convert("RGBA")
     if image.mode in ("RGBA", "LA", "PA"):
@@ -133,6 +139,18 @@ def to_rgb(image: Image.Image) -> Image.Image:
         background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
         return Image.alpha_composite(background, rgba).convert("RGB")
     return image.convert("RGB")
+
+
+def _to_8bit_grey(image: Image.Image) -> Image.Image:
+    """16-bit and 32-bit integer greyscale as 0-65535 (what PNG stores), float as 0-1 (or 0-255 when larger
+    values occur), each mapped linearly onto 0-255. Pillow's own ``convert`` clips these to 255 instead."""
+    pixels = np.asarray(image, dtype=np.float64)  # (H, W)
+    if image.mode == "F":
+        top = 1.0 if np.nanmax(pixels, initial=0.0) <= 1.0 else 255.0
+    else:
+        top = 65535.0
+    scaled = np.nan_to_num(pixels / top * 255.0, nan=0.0, posinf=255.0, neginf=0.0)
+    return Image.fromarray(np.clip(np.rint(scaled), 0, 255).astype(np.uint8))  # mode L
 
 
 def resize_and_crop(
