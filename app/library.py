@@ -69,7 +69,7 @@ class Library:
         self, path: str | Path, unet: UnetProvider, name: str = "", trigger: str = ""
     ) -> AdapterRecord:
         """Add a ``.safetensors`` adapter from disk: an Atelier adapter file or a kohya/A1111 LoRA."""
-        from models.adapters.family import AdapterFileError
+        from models.adapters.family import AdapterFileError, DamagedAdapterFile
         from models.adapters.files import load_adapter_file
 
         path = Path(path)
@@ -81,6 +81,9 @@ class Library:
             adapter = load_adapter_file(path)
             load, kind = load_adapter_file, "imported"
             exports = _write_exports(adapter, exports_dir, unet)
+        except DamagedAdapterFile as error:
+            shutil.rmtree(exports_dir, ignore_errors=True)
+            raise LibraryError(str(error)) from None
         except AdapterFileError as own_error:
             from models.adapters.exports import import_kohya_lora
 

@@ -56,7 +56,7 @@ Selection = int | Sequence[float] | None
 
 def load_source(path: str | Path, unet: nn.Module) -> AdapterSource:
     """Read an adapter file: Atelier's own format, else a kohya/A1111 LoRA (imported against `unet`)."""
-    from models.adapters.family import AdapterFileError
+    from models.adapters.family import AdapterFileError, DamagedAdapterFile
     from models.adapters.files import load_adapter_file
 
     path = Path(path)
@@ -64,6 +64,8 @@ def load_source(path: str | Path, unet: nn.Module) -> AdapterSource:
         raise CompositionError(f"adapter file {path} does not exist; check the path.")
     try:
         return load_adapter_file(path)
+    except DamagedAdapterFile as error:
+        raise CompositionError(str(error)) from None
     except AdapterFileError as own_error:
         from models.adapters.exports import import_kohya_lora
 

@@ -39,6 +39,11 @@ class AdapterFileError(AdapterError):
     """An adapter file is foreign, truncated, corrupt or does not match the UNet it is loaded into."""
 
 
+class DamagedAdapterFile(AdapterFileError):
+    """The file's bytes cannot be used whatever its layout (unreadable, or NaN/infinite weights): no other
+    reader (such as the kohya importer) is worth trying."""
+
+
 @dataclass
 class AdapterConfig:
     """Base of the family config dataclasses: JSON round trip and validation hooks."""

@@ -22,7 +22,7 @@ import torch
 from safetensors import safe_open
 from torch import nn
 
-from models.adapters.family import AdapterConfig, AdapterConfigError, AdapterFileError
+from models.adapters.family import AdapterConfig, AdapterConfigError, AdapterFileError, DamagedAdapterFile
 from models.adapters.handle import AdapterHandle, attach
 from models.adapters.registry import FAMILIES, get_family
 from models.adapters.targets import layer_shapes
@@ -33,7 +33,8 @@ FORMAT = "atelier-adapter/1"
 
 
 def read_safetensors(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
-    """Tensors and header metadata of a safetensors file; `AdapterFileError` if it cannot be read."""
+    """Tensors and header metadata of a safetensors file; `AdapterFileError` if it cannot be read or holds
+    NaN/infinite weights."""
     path = Path(path)
     if not path.is_file():
         raise AdapterFileError(f"no adapter file at {path}.")
@@ -42,10 +43,25 @@ def read_safetensors(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[st
             metadata = dict(handle.metadata() or {})
             tensors = {key: handle.get_tensor(key) for key in handle.keys()}  # noqa: SIM118 (not a dict)
     except Exception as error:
-        raise AdapterFileError(
+        raise DamagedAdapterFile(
             f"{path} is not a readable safetensors file (truncated, corrupt or another format): {error}"
         ) from None
+    check_finite(path.name, tensors)
     return tensors, metadata
+
+
+def check_finite(label: str, tensors: Mapping[str, torch.Tensor]) -> None:
+    """Raise `DamagedAdapterFile` naming the first tensor that holds NaN or infinite values (such an adapter
+    turns every image black or into noise)."""
+    for key in sorted(tensors):
+        tensor = tensors[key]
+        if tensor.is_floating_point() or tensor.is_complex():
+            bad = int((~torch.isfinite(tensor)).sum())
+            if bad:
+                raise DamagedAdapterFile(
+                    f"{label}: tensor {key} holds {bad} NaN/infinite value(s) of {tensor.numel()}; the adapter "
+                    "is damaged (did its training diverge?): train it again or use an earlier checkpoint."
+                )
 
 
 @dataclass
