@@ -166,8 +166,10 @@ class ProgressBar:
             self.bar.write(f"validation samples: {path}")
 
     def close(self) -> None:
+        """Finish the bar's line (so a message printed next starts a line of its own); safe to call twice."""
         if self.bar is not None:
             self.bar.close()
+            self.bar = None
 
 
 def run_cli(train: Callable[..., Any], argv: Sequence[str] | None = None) -> int:
@@ -203,9 +205,11 @@ def run_cli(train: Callable[..., Any], argv: Sequence[str] | None = None) -> int
     try:
         result = train(config, progress=progress, cancel=cancel)
     except INPUT_ERRORS as exc:
+        progress.close()
         print(f"error: {exc}", file=sys.stderr)
         return 2
     except RuntimeError as exc:
+        progress.close()
         print(f"training failed: {exc}", file=sys.stderr)
         return 1
     finally:

@@ -56,7 +56,7 @@ from models.adapters.low_rank import (
 )
 from models.adapters.registry import FAMILIES
 from models.adapters.targets import layer_shapes
-from models.atomic_write import write_safetensors
+from models.atomic_write import as_os_error, write_safetensors
 
 Adapter = AdapterFile | AdapterHandle
 REPORT_KEY = "atelier_export"
@@ -147,9 +147,15 @@ def write_diffusers_lora(factors: LowRank, path: str | Path, header: Mapping[str
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=path.parent, prefix=f".{path.name}.") as folder:
-        StableDiffusionPipeline.save_lora_weights(
-            folder, unet_lora_layers=_peft_lora_keys(factors), weight_name=path.name, safe_serialization=True
-        )
+        try:
+            StableDiffusionPipeline.save_lora_weights(
+                folder, unet_lora_layers=_peft_lora_keys(factors), weight_name=path.name, safe_serialization=True
+            )
+        except Exception as error:  # safetensors reports a full disk as SafetensorError: name the real file
+            os_error = as_os_error(error, path)
+            if os_error is None:
+                raise
+            raise os_error from error
         tensors, written = read_safetensors(Path(folder) / path.name)
     return write_safetensors(path, tensors, {**written, **header})
 
