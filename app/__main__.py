@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+import socket
 import sys
 from collections.abc import Mapping
 from pathlib import Path
@@ -105,17 +106,29 @@ def check_models(base_model: str | None, clip_model: str | None) -> None:
     check_clip_spec(clip_model)
 
 
+def check_port(host: str, port: int) -> None:
+    """Refuse a port another program holds, before anything starts (Gradio would raise a traceback later);
+    binds the way Gradio's server does (``SO_REUSEADDR``), so a port in TIME_WAIT is not mistaken for busy."""
+    try:
+        with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET) as probe:
+            probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            probe.bind((host, port))
+    except OSError as err:
+        raise ValueError(_port_message(host, port, err.strerror or str(err))) from None
+
+
+def _port_message(host: str, port: int, why: str) -> str:
+    return f"cannot listen on {host}:{port} ({why}); pass a free --port, or stop the program that holds it"
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         auth = resolve_auth(args.auth, args.auth_file, os.environ)
-    except ValueError as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
-    try:
         check_models(args.base_model, args.clip_model)
         if args.models_dir is not None and not args.models_dir.is_dir():
             raise ValueError(f"--models-dir {args.models_dir} is not a folder")
+        check_port(args.host, args.port)
     except ValueError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
@@ -136,6 +149,11 @@ def main(argv: list[str] | None = None) -> int:
     print(f"Atelier: data in {settings.data_dir}; open http://{args.host}:{args.port}", flush=True)
     try:
         serve(studio, host=args.host, port=args.port, auth=auth, share=args.share)
+    except OSError as err:
+        if "Cannot find empty port" not in str(err):
+            raise
+        print(f"error: {_port_message(args.host, args.port, 'taken while starting')}", file=sys.stderr)
+        return 2
     finally:
         studio.close()
     return 0

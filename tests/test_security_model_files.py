@@ -236,3 +236,16 @@ def test_no_unsafe_loader_in_the_code_base() -> None:
             if why:
                 found.append(f"{relative}:{node.lineno}: {why}")
     assert found == []
+
+
+def test_torch_weights_only_refusal_is_one_plain_line(torch_env: str, tmp_path: Path) -> None:
+    """torch explains a weights-only refusal over a dozen lines with terminal colour codes; users get one."""
+    from models.weights_files import WeightsFileError, load_tensors
+
+    payload, marker = _payload("pickle", tmp_path, ".ckpt")
+    with pytest.raises(WeightsFileError) as caught:
+        load_tensors(payload)
+    message = str(caught.value)
+    assert len(message.splitlines()) == 1 and "\x1b" not in message, message
+    assert message.startswith(f"{payload} holds more than tensors") and "Weights only load failed" in message
+    assert not marker.exists()
