@@ -17,12 +17,14 @@ import sys
 from collections.abc import Mapping
 from pathlib import Path
 
+from models.cli_options import OneLineArgumentParser
+
 AUTH_ENV = "ATELIER_AUTH"
 """Environment variable holding the login as user:pass (kept out of `ps`, unlike `--auth`)."""
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="python -m app", description=__doc__.splitlines()[0])
+    parser = OneLineArgumentParser(prog="python -m app", description=__doc__.splitlines()[0])
     parser.add_argument("--host", default="127.0.0.1", help="address to bind (default: loopback only)")
     parser.add_argument("--port", type=int, default=7860)
     parser.add_argument(

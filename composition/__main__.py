@@ -28,12 +28,13 @@ from composition.errors import CompositionError
 from composition.methods import METHODS, check_options, generate, parse_options
 from composition.prompt import ConceptPrompt
 from composition.report import comparison_grid, jsonable_extras, mask_images, save_image, save_json
+from models.cli_options import OneLineArgumentParser
 
 COMPARE_ORDER = ("merge", "switch", "composite", "cmlora", "clora")
 
 
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(prog="python -m composition", description=__doc__.split("\n\n")[0])
+    parser = OneLineArgumentParser(prog="python -m composition", description=__doc__.split("\n\n")[0])
     parser.add_argument(
         "--base-model", default=None, help="hub id, diffusers folder or single file (default: toy world)"
     )

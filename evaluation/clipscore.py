@@ -33,13 +33,14 @@ from evaluation.results import ConceptScores, Scores
 from evaluation.scores import METRIC_DESCRIPTIONS
 from evaluation.scoring import concept_scores, score
 from models.atomic_write import atomic_write_text
+from models.cli_options import OneLineArgumentParser
 
 EXIT_BAD_INPUT = 2
 
 
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser of `python -m evaluation.clipscore`."""
-    parser = argparse.ArgumentParser(
+    parser = OneLineArgumentParser(
         prog="python -m evaluation.clipscore",
         description="Score generated images with CLIP: CLIPScore (CLIP-T), CLIP-I and per-concept scores.",
     )

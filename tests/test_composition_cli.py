@@ -100,3 +100,14 @@ def test_parse_adapter() -> None:
     assert parse_adapter("a.safetensors:sks dog:0.5:dog") == ("a.safetensors", "sks dog", 0.5, "dog")
     with pytest.raises(ValueError, match="is not a number"):
         parse_adapter("a.safetensors:dog:heavy")
+
+
+def test_a_bad_flag_is_one_line(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """argparse printed its whole usage before the error (#35 item 9)."""
+    with pytest.raises(SystemExit) as caught:
+        main(["--method", "foo", "--prompt", "x", "--out", str(tmp_path)])
+    assert caught.value.code == 2
+    assert capsys.readouterr().err.strip() == (
+        "error: argument --method: invalid choice: 'foo' (choose from 'clora', 'cmlora', 'composite', 'merge', "
+        "'switch') (see python -m composition --help)"
+    )

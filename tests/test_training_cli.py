@@ -298,3 +298,79 @@ def test_progress_bar_counts_steps_and_shows_the_latest_loss(capsys: pytest.Capt
     assert bar.bar.postfix == "loss=0.1000, lr=1.00e-03"
     bar.close()
     assert "10/10" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    ("extra", "line"),
+    [
+        (["--adapter", "foo"], "error: argument --adapter: invalid choice: 'foo' (choose from 'boft', 'hra', "
+         "'krona', 'lora') (see python -m training.dreambooth --help)"),
+        (["--max_train_steps", "many"], "error: argument --max_train_steps: invalid int value: 'many' "
+         "(see python -m training.dreambooth --help)"),
+    ],
+)  # fmt: skip
+def test_a_bad_flag_is_one_line_not_the_usage(
+    extra: list[str], line: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """#35 item 9: argparse printed ~60 lines of usage before the error."""
+    assert main(["--output_dir", str(tmp_path / "out"), *extra]) == 2
+    assert capsys.readouterr().err.strip() == line
+
+
+@pytest.mark.parametrize("shape", ["file", "inside-a-file"])
+def test_a_file_shaped_output_dir_exits_2_before_anything_runs(
+    shape: str,
+    tiny_sd_path: Path,
+    subject_dir: Path,
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """#35 item 9: a file given as --output_dir failed with exit 1 after the base model had loaded."""
+    import training.preflight
+
+    def must_not_load(*args: Any, **kwargs: Any) -> None:
+        raise AssertionError("the base model was loaded before --output_dir was checked")
+
+    monkeypatch.setattr(training.preflight, "load_pipeline", must_not_load)
+    blocker = tmp_path / "results.txt"
+    blocker.write_text("a file, not a folder")
+    out = blocker if shape == "file" else blocker / "run1"
+    assert main(base_args(tiny_sd_path, subject_dir, out)) == 2
+    err = capsys.readouterr().err.strip()
+    where = "is a file" if shape == "file" else f"is inside {blocker}, which is a file"
+    assert err == f"error: --output_dir {out} {where}; pass a folder (it is created if missing)"
+    assert blocker.read_text() == "a file, not a folder"
+
+
+def test_resume_latest_without_a_checkpoint_is_said_and_leftovers_are_removed(
+    tiny_sd_path: Path, subject_dir: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """#35 item 9: `latest` with no checkpoint started over silently, and a kill -9 left staging behind."""
+    import logging
+
+    out = tmp_path / "out"
+    leftovers = [
+        out / ".checkpoint-4-k2j4x9_q",
+        out / ".adapter.safetensors.a1b2c3d4.tmp",
+        out / "exports" / ".kohya_lora.safetensors.zz9yy8xx.tmp",
+        out / "exports" / ".peft.q1w2e3r4",
+    ]
+    for path in leftovers:
+        if path.suffix == ".tmp":
+            path.parent.mkdir(parents=True, exist_ok=True)
+            path.write_bytes(b"half")
+        else:
+            path.mkdir(parents=True)
+            (path / "adapter.safetensors").write_bytes(b"half")
+    kept = [out / "notes.txt", out / ".my-settings", out / "exports" / ".keep"]
+    for path in kept:
+        path.write_text("mine")
+    caplog.set_level(logging.INFO)
+    assert main([*base_args(tiny_sd_path, subject_dir, out), "--resume_from_checkpoint", "latest"]) == 0
+    note = f"--resume_from_checkpoint latest found no checkpoint in {out}: started at step 0"
+    assert note in caplog.text
+    assert f"| Resume | {note} |" in (out / "README.md").read_text()
+    assert not [p for p in leftovers if p.exists()]
+    assert all(p.read_text() == "mine" for p in kept)
+    assert load_adapter_file(out / "adapter.safetensors").train_steps == 2

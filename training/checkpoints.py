@@ -34,6 +34,12 @@ from models.atomic_write import as_os_error
 
 CHECKPOINT_PATTERN = re.compile(r"^checkpoint-(\d+)$")
 FORMAT = "atelier.train-checkpoint/1"
+_LEFTOVERS = (
+    re.compile(r"^\.checkpoint-\d+-[a-z0-9_]{8}$"),  # a checkpoint's staging folder (tempfile.mkdtemp)
+    re.compile(r"^\..+\.[a-z0-9_]{8}\.tmp$"),  # models.atomic_write's temporary file
+    re.compile(r"^\.(peft|[\w.-]+\.safetensors)\.([a-z0-9_]{8}|old)$"),  # an export's staging folder
+)
+"""Names only the project's own staging gives, so a person's files in the output folder are never matched."""
 
 
 class CheckpointError(ValueError):
@@ -65,6 +71,30 @@ def list_checkpoints(output_dir: str | Path) -> list[tuple[int, Path]]:
         if match and child.is_dir() and (child / "state.json").is_file():
             found.append((int(match.group(1)), child))
     return sorted(found)
+
+
+def remove_leftovers(output_dir: str | Path) -> list[Path]:
+    """Delete what a killed run left half-written in ``output_dir``: checkpoint staging folders
+    (``.checkpoint-<step>-*``) and the temporary files and folders of atomic writes (``.<name>.*``, in the
+    folder and in ``exports/``); complete files are never touched. Returns what was removed."""
+    output_dir = Path(output_dir)
+    removed = []
+    for folder in (output_dir, output_dir / "exports"):
+        if not folder.is_dir():
+            continue
+        for entry in folder.iterdir():
+            if not _is_leftover(entry.name):
+                continue
+            if entry.is_dir() and not entry.is_symlink():
+                shutil.rmtree(entry, ignore_errors=True)
+            else:
+                entry.unlink(missing_ok=True)
+            removed.append(entry)
+    return removed
+
+
+def _is_leftover(name: str) -> bool:
+    return any(pattern.match(name) for pattern in _LEFTOVERS)
 
 
 def resolve_resume(resume: str | None, output_dir: str | Path) -> Path | None:

@@ -22,6 +22,7 @@ from typing import Any
 
 from tqdm.auto import tqdm
 
+from models.cli_options import OneLineArgumentParser
 from training.config import FAMILY_TRAINING_DEFAULTS, ConfigError, TrainConfig, read_config_file
 
 _MULTI_VALUE = {"instance_data_dir", "targets"}
@@ -76,7 +77,7 @@ def _family_epilog() -> str:
 
 def build_parser() -> argparse.ArgumentParser:
     """The argparse parser; every default is ``SUPPRESS`` so that explicitly given flags can be told apart."""
-    parser = argparse.ArgumentParser(
+    parser = OneLineArgumentParser(
         prog="python -m training.dreambooth",
         description="Train a DreamBooth adapter (LoRA, DiffuseKronA, BOFT or HRA) on a few subject images.",
         epilog=_family_epilog(),

@@ -36,7 +36,7 @@ from diffusers.training_utils import cast_training_params
 from models.adapters import attach
 from models.adapters.handle import AdapterHandle
 from models.adapters.lean_lora import lean_lora_forward
-from training.checkpoints import capture_rng, restore_rng, save_checkpoint
+from training.checkpoints import capture_rng, remove_leftovers, restore_rng, save_checkpoint
 from training.conditioning import TrainingSet
 from training.config import TrainConfig, lr_factor
 from training.data import load_training_images
@@ -253,6 +253,8 @@ def _run(
     out = Path(cfg.output_dir)
     if accelerator.is_main_process:
         out.mkdir(parents=True, exist_ok=True)
+        for leftover in remove_leftovers(out):
+            logger.info("removed %s, left half-written by an interrupted run", leftover)
     for component in pipe.components.values():
         if isinstance(component, torch.nn.Module):
             component.requires_grad_(False)

@@ -30,8 +30,9 @@ def render_model_card(
     adapter_file: str,
     exports: list[str],
     sample_grid: str | None,
+    resume_note: str | None = None,
 ) -> str:
-    """The model card as Markdown text."""
+    """The model card as Markdown text (``resume_note``: how the run began, when it was asked to resume)."""
     hyper = json.dumps(adapter_config, indent=2, sort_keys=True)
     targets = config.targets if isinstance(config.targets, str) else ", ".join(config.targets)
     lines = [
@@ -79,6 +80,8 @@ def render_model_card(
         f"| Seed | {config.seed} |",
         f"| Final loss | {'n/a' if final_loss is None else f'{final_loss:.4f}'} |",
     ]
+    if resume_note:
+        lines.append(f"| Resume | {resume_note} |")
     if sample_grid:
         lines += [
             "",

@@ -151,6 +151,7 @@ def write_final_outputs(
         adapter_file=ADAPTER_FILE,
         exports=[str(path.relative_to(out)) for path in written.values()],
         sample_grid=str(sample_grid.relative_to(out)) if sample_grid else None,
+        resume_note=plan.resume_note,
     )
     with _completing(adapter_path, f"model card {MODEL_CARD}", None):
         write_model_card(out / MODEL_CARD, card)

@@ -14,6 +14,7 @@ from __future__ import annotations
 import dataclasses
 import importlib.util
 import logging
+import os
 import secrets
 from dataclasses import dataclass
 from pathlib import Path
@@ -52,6 +53,8 @@ class RunPlan:
     use_xformers: bool
     use_8bit_adam: bool
     report_to: str | None
+    resume_note: str | None = None
+    """How the run began, for the log and the model card: resumed from which checkpoint, or why not."""
 
     def run_identity(self) -> dict[str, Any]:
         """What a checkpoint must match to be resumed by this run."""
@@ -138,7 +141,16 @@ def preflight(config: TrainConfig, device: torch.device, *, rank: int = 0) -> Ru
     if config.mixed_precision == "fp16" and device.type == "cpu":
         raise ConfigError("--mixed_precision fp16 needs a GPU; on CPU use --mixed_precision bf16 or no")
     adapter_config = build_adapter_config(config)
+    check_output_dir(config.output_dir)
     resume_from = resolve_resume(config.resume_from_checkpoint, config.output_dir)
+    resume_note = None
+    if resume_from is not None:
+        resume_note = f"resumed from {resume_from}"
+    elif config.resume_from_checkpoint == "latest":
+        resume_note = (
+            f"--resume_from_checkpoint latest found no checkpoint in {config.output_dir}: started at step 0"
+        )
+        logging.getLogger(__name__).warning(resume_note)
     checkpoint = load_checkpoint(resume_from, rank=rank) if resume_from is not None else None
     checkpoint_run = checkpoint.run if checkpoint is not None else None
     spec = _base_model_spec(config)
@@ -186,6 +198,7 @@ def preflight(config: TrainConfig, device: torch.device, *, rank: int = 0) -> Ru
             config.use_8bit_adam, "bitsandbytes", "8-bit Adam", "torch AdamW", device
         ),
         report_to=report_target(config),
+        resume_note=resume_note,
     )
     if checkpoint_run is not None:
         _check_same_run(checkpoint_run, plan.run_identity(), resume_from)
@@ -199,6 +212,21 @@ def preflight(config: TrainConfig, device: torch.device, *, rank: int = 0) -> Ru
         if existing:
             load_training_images(existing, resolution, center_crop=True, seed=seed)
     return plan
+
+
+def check_output_dir(output_dir: str | Path) -> None:
+    """``ConfigError`` unless ``output_dir`` is (or can be created as) a writable folder; writes nothing."""
+    path = Path(output_dir).expanduser()
+    existing = path
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent
+    if not existing.is_dir():
+        where = "is a file" if existing == path else f"is inside {existing}, which is a file"
+        raise ConfigError(f"--output_dir {path} {where}; pass a folder (it is created if missing)")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise ConfigError(
+            f"--output_dir {path}: {existing} is not writable for this user; pass a folder you can write to"
+        )
 
 
 def _check_same_run(saved: dict[str, Any], current: dict[str, Any], path: Path | None) -> None:
