@@ -374,3 +374,30 @@ def test_resume_latest_without_a_checkpoint_is_said_and_leftovers_are_removed(
     assert not [p for p in leftovers if p.exists()]
     assert all(p.read_text() == "mine" for p in kept)
     assert load_adapter_file(out / "adapter.safetensors").train_steps == 2
+
+
+def test_an_unwritable_output_dir_exits_2_before_anything_runs(
+    tiny_sd_path: Path,
+    subject_dir: Path,
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """#35 item 9. The tests run as root, whom permissions do not stop, so the folder's answer to access(2) is
+    what is simulated: read-only for everyone."""
+    import training.preflight
+
+    locked = tmp_path / "locked"
+    locked.mkdir()
+    real_access = os.access
+    monkeypatch.setattr(
+        training.preflight.os,
+        "access",
+        lambda path, mode: False if Path(path) == locked else real_access(path, mode),
+    )
+    out = locked / "run1"
+    assert main(base_args(tiny_sd_path, subject_dir, out)) == 2
+    assert capsys.readouterr().err.strip() == (
+        f"error: --output_dir {out}: {locked} is not writable for this user; pass a folder you can write to"
+    )
+    assert not out.exists()
