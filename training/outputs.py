@@ -127,7 +127,16 @@ def write_final_outputs(
     written: dict[str, Path] = {}
     for name, spec in standard_exports(cfg.adapter).items():
         target = out / "exports" / spec.name
-        redo = ["python", "-m", "models.adapters.export", str(adapter_path), "--to", spec.to, "--out", str(target)]
+        redo = [
+            "python",
+            "-m",
+            "models.adapters.export",
+            str(adapter_path),
+            "--to",
+            spec.to,
+            "--out",
+            str(target),
+        ]
         if spec.rank is not None:
             redo += ["--rank", str(spec.rank)]
         if needs_base_weights(cfg.adapter, spec.to):

@@ -145,7 +145,7 @@ def build(studio: Studio) -> tuple[gr.Dataframe, gr.Dropdown]:
             reports, files = studio.library.inspect(record, studio.pipeline(), other)
         except (StoreError, LibraryError) as exc:
             raise gr.Error(str(exc)) from None
-        images = [(str(p), p.stem) for p in files if p.suffix == ".png"]
+        images = [(studio.public.publish(p), p.stem) for p in files if p.suffix == ".png"]
         return "\n".join(f"- {summary(r)}" for r in reports), images
 
     selected.change(show, selected, [details, sample, downloads], api_name="adapter_details")

@@ -149,7 +149,10 @@ def write_diffusers_lora(factors: LowRank, path: str | Path, header: Mapping[str
     with tempfile.TemporaryDirectory(dir=path.parent, prefix=f".{path.name}.") as folder:
         try:
             StableDiffusionPipeline.save_lora_weights(
-                folder, unet_lora_layers=_peft_lora_keys(factors), weight_name=path.name, safe_serialization=True
+                folder,
+                unet_lora_layers=_peft_lora_keys(factors),
+                weight_name=path.name,
+                safe_serialization=True,
             )
         except Exception as error:  # safetensors reports a full disk as SafetensorError: name the real file
             os_error = as_os_error(error, path)
