@@ -2,12 +2,14 @@
 
 It records what someone needs to use (and reproduce) the adapter: base model and its UNet
 fingerprint, adapter family and paper, targets, hyperparameters, the trigger phrase, training
-settings, the final loss and the last validation grid. Written atomically.
+settings, the base-model profile with every option it resolved (and whether the user gave it), the final
+loss and the last validation grid. Written atomically.
 """
 
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 from typing import Any
 
@@ -30,6 +32,7 @@ def render_model_card(
     adapter_file: str,
     exports: list[str],
     sample_grid: str | None,
+    resolved: dict[str, dict[str, Any]] | None = None,
 ) -> str:
     """The model card as Markdown text."""
     hyper = json.dumps(adapter_config, indent=2, sort_keys=True)
@@ -70,7 +73,7 @@ def render_model_card(
         f"| Instance prompt | “{config.instance_prompt}” |",
         f"| Prior preservation | {_prior_text(config)} |",
         f"| Steps | {steps} (batch {config.train_batch_size} × accumulation {config.gradient_accumulation_steps}) |",
-        f"| Learning rate | {config.lr:g} ({config.lr_scheduler}, warm-up {config.lr_warmup_steps}) |",
+        f"| Learning rate | {config.learning_rate:g} ({config.lr_scheduler}, warm-up {config.lr_warmup_steps}) |",
         f"| Min-SNR weighting | {'off' if config.snr is None else f'γ = {config.snr:g}'} |",
         f"| Offset noise | {f'std {config.offset:g}' if config.offset else 'off'} |",
         f"| Weights saved | {f'moving average, decay {config.ema_decay:g}' if config.use_ema else 'last step'} |",
@@ -79,6 +82,17 @@ def render_model_card(
         f"| Seed | {config.seed} |",
         f"| Final loss | {'n/a' if final_loss is None else f'{final_loss:.4f}'} |",
     ]
+    if resolved:
+        lines += [
+            "",
+            f"## Base-model profile: `{config.profile}`",
+            "",
+            "Options the run did not set came from this profile (`models.profiles`):",
+            "",
+            "| Option | Value | From |",
+            "|---|---|---|",
+            *(f"| `{name}` | `{_cell(row['value'])}` | {row['from']} |" for name, row in resolved.items()),
+        ]
     if sample_grid:
         lines += [
             "",
@@ -91,10 +105,23 @@ def render_model_card(
     return "\n".join(lines) + "\n"
 
 
+def _cell(value: Any) -> str:
+    return json.dumps(value) if isinstance(value, list | bool) or value is None else str(value)
+
+
 def _prior_text(config: TrainConfig) -> str:
     if not config.with_prior_preservation:
         return "off"
-    return f"“{config.class_prompt}”, {config.num_class_images} images, weight {config.prior_weight:g}"
+    return f"“{config.class_prompt}”, {config.num_class_images} images, weight {config.prior_loss_weight:g}"
+
+
+PROFILE_ROW = re.compile(r"^\| `(\w+)` \| `(.*)` \| (.+) \|$")
+
+
+def read_profile_table(text: str) -> dict[str, tuple[str, str]]:
+    """The profile section of a model card read back: option -> (value as written, origin)."""
+    rows = (PROFILE_ROW.match(line) for line in text.splitlines())
+    return {m.group(1): (m.group(2), m.group(3)) for m in rows if m}
 
 
 def write_model_card(path: Path, text: str) -> Path:

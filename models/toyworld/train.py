@@ -47,6 +47,7 @@ from models.atomic_write import write_safetensors
 from models.clip_compat import clip
 from models.clip_tokenizer import write_clip_tokenizer_files
 from models.noise import training_noise
+from models.profiles import write_marker
 from models.toyworld import clip_model
 from models.toyworld.checkpoint import load_state, save_state
 from models.toyworld.paths import TOYWORLD_DIR
@@ -399,6 +400,7 @@ def save_assets(
         ).to(torch.float16)
         new = Path(staging) / "pipeline"
         pipe.save_pretrained(new, safe_serialization=True)
+        write_marker(new, "toyworld")  # its copies keep the toy-world profile (models.profiles)
         target = out / "pipeline"
         old = Path(staging) / "old"
         if target.exists():
