@@ -119,7 +119,10 @@ TOYWORLD = Profile(
         "lora": FamilyDefaults(5e-3, 800, f"{_TOY_SOURCE}: 5e-3 x 800, 93% / +2.3 over seeds 0-2"),
         "krona": FamilyDefaults(5e-3, 1200, f"{_TOY_SOURCE}: 5e-3 x 1200, 98% / +4.6 over seeds 0-2"),
         "boft": FamilyDefaults(
-            5e-3, 1400, f"{_TOY_SOURCE}: 5e-3 x 1400 with min-SNR 5, 91.1% / +4.2 over nine seeds", snr_gamma=5.0
+            5e-3,
+            1400,
+            f"{_TOY_SOURCE}: 5e-3 x 1400 with min-SNR 5, 91.1% / +4.2 over nine seeds",
+            snr_gamma=5.0,
         ),
         "hra": FamilyDefaults(
             1e-2,
@@ -150,8 +153,12 @@ TOYWORLD = Profile(
 )
 
 # --- Stable Diffusion ---------------------------------------------------------------------------------------
-_DIFFUSERS_LORA = "diffusers examples/dreambooth/README.md (train_dreambooth_lora.py): lr 1e-4, 500 steps, batch 1"
-_DIFFUSERS_PRIOR = "diffusers DreamBooth README prior preservation: --prior_loss_weight 1.0, --num_class_images 200"
+_DIFFUSERS_LORA = (
+    "diffusers examples/dreambooth/README.md (train_dreambooth_lora.py): lr 1e-4, 500 steps, batch 1"
+)
+_DIFFUSERS_PRIOR = (
+    "diffusers DreamBooth README prior preservation: --prior_loss_weight 1.0, --num_class_images 200"
+)
 _KRONA_SD = (
     "DiffuseKronA scripts/finetune_sd.sh (SD 2.1-base): lr 1e-3, 500 steps, batch 1 x accumulation 4, q/k/v/out "
     "(the paper quotes 5e-4..1e-3; the script's 1e-3 is taken)"
@@ -166,13 +173,18 @@ _HRA_SD = (
 )
 
 
-def _sd_families(krona_steps: int = 500, lora_accumulation: int = 1, extra: str = "") -> dict[str, FamilyDefaults]:
+def _sd_families(
+    krona_steps: int = 500, lora_accumulation: int = 1, extra: str = ""
+) -> dict[str, FamilyDefaults]:
     """The four families' SD training defaults (one table for SD 1.x and 2.x; SDXL changes steps/accumulation)."""
     return {
         "lora": FamilyDefaults(
             1e-4,
             500,
-            _DIFFUSERS_LORA + extra + "; targets q/k/v/out as diffusers' LoRA target_modules; " + _DIFFUSERS_PRIOR,
+            _DIFFUSERS_LORA
+            + extra
+            + "; targets q/k/v/out as diffusers' LoRA target_modules; "
+            + _DIFFUSERS_PRIOR,
             gradient_accumulation_steps=lora_accumulation,
             targets="qkvo",
             num_class_images=200,
@@ -180,13 +192,18 @@ def _sd_families(krona_steps: int = 500, lora_accumulation: int = 1, extra: str 
         "krona": FamilyDefaults(
             1e-3,
             krona_steps,
-            _KRONA_SD if krona_steps == 500 else _KRONA_SD.replace("finetune_sd.sh (SD 2.1-base)", "finetune_sdxl.sh")
-            .replace("500 steps", f"{krona_steps} steps"),
+            _KRONA_SD
+            if krona_steps == 500
+            else _KRONA_SD.replace("finetune_sd.sh (SD 2.1-base)", "finetune_sdxl.sh").replace(
+                "500 steps", f"{krona_steps} steps"
+            ),
             gradient_accumulation_steps=4,
             targets="qkvo",
             num_class_images=200,
         ),
-        "boft": FamilyDefaults(3e-5, 1010, _BOFT_SD, train_batch_size=4, targets="qkvo", num_class_images=200),
+        "boft": FamilyDefaults(
+            3e-5, 1010, _BOFT_SD, train_batch_size=4, targets="qkvo", num_class_images=200
+        ),
         "hra": FamilyDefaults(5e-3, 1010, _HRA_SD, targets="qkvo", num_class_images=200),
     }
 

@@ -170,9 +170,8 @@ def show_defaults(config: TrainConfig) -> str:
             resolved = dataclasses.replace(resolved, resolution=traits.native_size)
     else:
         resolved, _, spec = load_with_profile(config, device, check=False)
-    return (
-        f"base model: {spec}\nprofile: {resolved.profile}\nadapter: {resolved.adapter}\n"
-        + format_options(resolved_options(config, resolved))
+    return f"base model: {spec}\nprofile: {resolved.profile}\nadapter: {resolved.adapter}\n" + format_options(
+        resolved_options(config, resolved)
     )
 
 

@@ -133,7 +133,9 @@ class TrainConfig:
         "Micro-batches accumulated per optimiser step. Default: the profile's, per family.", default=None
     )
     max_train_steps: int | None = _opt("Optimiser steps. Default: the profile's, per family.", default=None)
-    learning_rate: float | None = _opt("Peak learning rate. Default: the profile's, per family.", default=None)
+    learning_rate: float | None = _opt(
+        "Peak learning rate. Default: the profile's, per family.", default=None
+    )
     lr_scheduler: str = _opt(f"Learning-rate schedule: {', '.join(LR_SCHEDULERS)}.", default="constant")
     lr_warmup_steps: int = _opt("Linear warm-up steps (every schedule but constant).", default=0)
     lr_multipliers: dict[str, float] = field(
@@ -178,7 +180,8 @@ class TrainConfig:
         default=None,
     )
     gradient_checkpointing: bool | None = _opt(
-        "Recompute UNet activations to save memory. Default: the profile's on a GPU, off on a CPU.", default=None
+        "Recompute UNet activations to save memory. Default: the profile's on a GPU, off on a CPU.",
+        default=None,
     )
     enable_xformers_memory_efficient_attention: bool | None = _opt(
         "Use xformers attention (falls back to PyTorch SDPA if missing). Default: the profile's on a GPU.",

@@ -90,4 +90,6 @@ def resolved_options(given: TrainConfig, resolved: TrainConfig) -> dict[str, dic
 def format_options(options: dict[str, dict[str, Any]]) -> str:
     """`resolved_options` as aligned text lines."""
     width = max(len(name) for name in options)
-    return "\n".join(f"{name:<{width}}  {row['value']!s:<12} ({row['from']})" for name, row in options.items())
+    return "\n".join(
+        f"{name:<{width}}  {row['value']!s:<12} ({row['from']})" for name, row in options.items()
+    )

@@ -32,7 +32,14 @@ from training.data import ImageDataError, TrainingImage, load_training_images
 from training.defaults import apply_profile
 from training.prior import existing_class_images
 
-INPUT_ERRORS = (ConfigError, ImageDataError, ModelLoadError, AdapterConfigError, CheckpointError, ProfileError)
+INPUT_ERRORS = (
+    ConfigError,
+    ImageDataError,
+    ModelLoadError,
+    AdapterConfigError,
+    CheckpointError,
+    ProfileError,
+)
 """Errors that mean "the input is wrong" (CLI exit code 2), as opposed to a failure during training."""
 
 _DTYPES = {"no": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
@@ -157,7 +164,11 @@ def load_with_profile(
     if resolved.mixed_precision == "fp16" and not cuda:
         raise ConfigError("--mixed_precision fp16 needs a GPU; on CPU use --mixed_precision bf16 or no")
     weight_dtype = _DTYPES[resolved.mixed_precision]
-    pipe = load_pipeline(spec, device=device, dtype=weight_dtype) if pipe is None else pipe.to(dtype=weight_dtype)
+    pipe = (
+        load_pipeline(spec, device=device, dtype=weight_dtype)
+        if pipe is None
+        else pipe.to(dtype=weight_dtype)
+    )
     return dataclasses.replace(resolved, resolution=_resolution(resolved, pipe)), pipe, spec
 
 
