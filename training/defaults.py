@@ -10,6 +10,7 @@ from, for ``--show-defaults``, the model card and ``train_log.jsonl``.
 from __future__ import annotations
 
 import dataclasses
+import json
 from typing import Any
 
 from models.profiles import Profile
@@ -87,9 +88,15 @@ def resolved_options(given: TrainConfig, resolved: TrainConfig) -> dict[str, dic
     return out
 
 
+def option_text(value: Any) -> str:
+    """How an option's value is written in ``--show-defaults`` and the model card (JSON for lists, booleans
+    and None, plain text otherwise)."""
+    return json.dumps(value) if isinstance(value, list | bool) or value is None else str(value)
+
+
 def format_options(options: dict[str, dict[str, Any]]) -> str:
     """`resolved_options` as aligned text lines."""
     width = max(len(name) for name in options)
     return "\n".join(
-        f"{name:<{width}}  {row['value']!s:<12} ({row['from']})" for name, row in options.items()
+        f"{name:<{width}}  {option_text(row['value']):<12} ({row['from']})" for name, row in options.items()
     )

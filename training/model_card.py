@@ -15,6 +15,7 @@ from typing import Any
 
 from models.atomic_write import atomic_write_text
 from training.config import TrainConfig
+from training.defaults import option_text
 
 
 def render_model_card(
@@ -91,7 +92,7 @@ def render_model_card(
             "",
             "| Option | Value | From |",
             "|---|---|---|",
-            *(f"| `{name}` | `{_cell(row['value'])}` | {row['from']} |" for name, row in resolved.items()),
+            *(f"| `{name}` | `{option_text(row['value'])}` | {row['from']} |" for name, row in resolved.items()),
         ]
     if sample_grid:
         lines += [
@@ -103,10 +104,6 @@ def render_model_card(
             f"![samples]({sample_grid})",
         ]
     return "\n".join(lines) + "\n"
-
-
-def _cell(value: Any) -> str:
-    return json.dumps(value) if isinstance(value, list | bool) or value is None else str(value)
 
 
 def _prior_text(config: TrainConfig) -> str:
