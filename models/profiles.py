@@ -173,39 +173,39 @@ _HRA_SD = (
 )
 
 
-def _sd_families(
-    krona_steps: int = 500, lora_accumulation: int = 1, extra: str = ""
-) -> dict[str, FamilyDefaults]:
-    """The four families' SD training defaults (one table for SD 1.x and 2.x; SDXL changes steps/accumulation)."""
-    return {
-        "lora": FamilyDefaults(
-            1e-4,
-            500,
-            _DIFFUSERS_LORA
-            + extra
-            + "; targets q/k/v/out as diffusers' LoRA target_modules; "
-            + _DIFFUSERS_PRIOR,
-            gradient_accumulation_steps=lora_accumulation,
-            targets="qkvo",
-            num_class_images=200,
-        ),
-        "krona": FamilyDefaults(
-            1e-3,
-            krona_steps,
-            _KRONA_SD
-            if krona_steps == 500
-            else _KRONA_SD.replace("finetune_sd.sh (SD 2.1-base)", "finetune_sdxl.sh").replace(
-                "500 steps", f"{krona_steps} steps"
-            ),
-            gradient_accumulation_steps=4,
-            targets="qkvo",
-            num_class_images=200,
-        ),
-        "boft": FamilyDefaults(
-            3e-5, 1010, _BOFT_SD, train_batch_size=4, targets="qkvo", num_class_images=200
-        ),
-        "hra": FamilyDefaults(5e-3, 1010, _HRA_SD, targets="qkvo", num_class_images=200),
-    }
+_SD_LORA = FamilyDefaults(
+    1e-4,
+    500,
+    f"{_DIFFUSERS_LORA}; targets q/k/v/out as diffusers' LoRA target_modules; {_DIFFUSERS_PRIOR}",
+    targets="qkvo",
+    num_class_images=200,
+)
+SD_FAMILIES: dict[str, FamilyDefaults] = {
+    "lora": _SD_LORA,
+    "krona": FamilyDefaults(
+        1e-3, 500, f"{_KRONA_SD}; {_DIFFUSERS_PRIOR}", gradient_accumulation_steps=4, targets="qkvo",
+        num_class_images=200,
+    ),
+    "boft": FamilyDefaults(3e-5, 1010, _BOFT_SD, train_batch_size=4, targets="qkvo", num_class_images=200),
+    "hra": FamilyDefaults(5e-3, 1010, _HRA_SD, targets="qkvo", num_class_images=200),
+}  # fmt: skip
+"""SD 1.x and 2.x: the same table (the BOFT, HRA and DiffuseKronA scripts ran SD 2.1, diffusers' LoRA SD 1.5)."""
+SDXL_FAMILIES: dict[str, FamilyDefaults] = {
+    **SD_FAMILIES,
+    "lora": dataclasses.replace(
+        _SD_LORA,
+        gradient_accumulation_steps=4,
+        source="diffusers examples/dreambooth/README_sdxl.md (train_dreambooth_lora_sdxl.py): lr 1e-4, 500 steps, "
+        f"batch 1 x accumulation 4, 1024 px; {_DIFFUSERS_PRIOR}",
+    ),
+    "krona": dataclasses.replace(
+        SD_FAMILIES["krona"],
+        max_train_steps=1000,
+        source="DiffuseKronA scripts/finetune_sdxl.sh: lr 1e-3, 1000 steps, batch 1 x accumulation 4, q/k/v/out; "
+        + _DIFFUSERS_PRIOR,
+    ),
+}
+"""SDXL: diffusers' and DiffuseKronA's SDXL scripts; BOFT and HRA publish no SDXL settings (SD 2.1's kept)."""
 
 
 _SD_GPU = GpuDefaults(
@@ -222,12 +222,12 @@ _SD_METHODS: dict[str, dict[str, Any]] = {
     "switch": {"interval": 5},
 }
 _SD_METHOD_SOURCE = (
-    "CLoRA reference code (gemlab-vt/clora, SD 1.5): 50 steps, its own settings (`reference` preset); "
-    "Multi-LoRA Composition (maszhongming/Multi-LoRA-Composition example.py) and CMLoRA (Yqcca/CMLoRA example.py): "
-    "50 steps, cfg 7, switch_step 5; CMLoRA's compose_offline.py caches with intervals [1, 2, 3] (3, the largest, "
-    "taken) and mixes over the whole image (no regions). Guidance 7.5 is diffusers' StableDiffusionPipeline default "
-    "(CLoRA's too; Multi-LoRA's 7 is within it). Validation: 25 steps as diffusers' train_dreambooth_lora.py "
-    "log_validation"
+    "CLoRA reference pipeline (gemlab-vt/clora pipeline_clora.py __call__ defaults: 512 px, 50 steps, guidance 7.5) "
+    "with its own settings (`reference` preset); Multi-LoRA Composition (maszhongming/Multi-LoRA-Composition) and "
+    "CMLoRA (Yqcca/CMLoRA) example.py: 50 steps, cfg 7, switch_step 5; CMLoRA's compose_offline.py caches with "
+    "intervals [1, 2, 3] (3, the largest, taken) and mixes over the whole image (no regions). Where they differ "
+    "(guidance 7.5 vs 7) CLoRA's and diffusers' StableDiffusionPipeline default 7.5 is taken. Validation: 25 steps, "
+    "as diffusers' train_dreambooth_lora.py log_validation"
 )
 _SD_HINTS = AppHints(
     subject_images="3-5 photos of the subject (DreamBooth, Ruiz et al. 2023), varied backgrounds and angles",
@@ -242,7 +242,7 @@ SD1 = Profile(
     name="sd1",
     title="Stable Diffusion 1.x (512 px, epsilon)",
     resolution=None,
-    families=_sd_families(),
+    families=SD_FAMILIES,
     gpu=_SD_GPU,
     generation=GenerationDefaults(25, 7.5, 50, 7.5, _SD_METHODS, _SD_METHOD_SOURCE),
     hints=_SD_HINTS,
@@ -251,7 +251,7 @@ SD2 = Profile(
     name="sd2",
     title="Stable Diffusion 2.x (512 px epsilon, 768 px v-prediction)",
     resolution=None,
-    families=_sd_families(),
+    families=SD_FAMILIES,
     gpu=_SD_GPU,
     generation=GenerationDefaults(25, 7.5, 50, 7.5, _SD_METHODS, _SD_METHOD_SOURCE),
     hints=_SD_HINTS,
@@ -265,11 +265,7 @@ SDXL = Profile(
     name="sdxl",
     title="Stable Diffusion XL (1024 px)",
     resolution=None,
-    families=_sd_families(
-        krona_steps=1000,
-        lora_accumulation=4,
-        extra=" (README_sdxl.md: lr 1e-4, 500 steps, batch 1 x accumulation 4, 1024 px)",
-    ),
+    families=SDXL_FAMILIES,
     gpu=GpuDefaults(
         mixed_precision="bf16",
         gradient_checkpointing=True,
@@ -435,6 +431,10 @@ def describe(profile: Profile) -> str:
 
 __all__ = [
     "PROFILES",
+    "SD1",
+    "SD2",
+    "SDXL",
+    "TOYWORLD",
     "AppHints",
     "FamilyDefaults",
     "GenerationDefaults",
