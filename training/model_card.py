@@ -92,7 +92,10 @@ def render_model_card(
             "",
             "| Option | Value | From |",
             "|---|---|---|",
-            *(f"| `{name}` | `{option_text(row['value'])}` | {row['from']} |" for name, row in resolved.items()),
+            *(
+                f"| `{name}` | `{option_text(row['value'])}` | {row['from']} |"
+                for name, row in resolved.items()
+            ),
         ]
     if sample_grid:
         lines += [

@@ -114,13 +114,16 @@ def _resolution(config: TrainConfig, pipe: DiffusionPipeline) -> int:
     return resolution
 
 
-def _optional_feature(asked: bool, module: str, what: str, fallback: str, device: torch.device) -> bool:
+def _optional_feature(
+    asked: bool, module: str, what: str, fallback: str, device: torch.device, *, by_profile: bool = False
+) -> bool:
+    """Whether to use an optional GPU feature; a missing package is a warning when the user asked for the
+    feature and an info line when only the profile did (it offers the feature where installed)."""
     if not asked:
         return False
     if importlib.util.find_spec(module) is None:
-        logging.getLogger(__name__).warning(
-            "%s asked for, but %s is not installed: using %s.", what, module, fallback
-        )
+        log = logging.getLogger(__name__).info if by_profile else logging.getLogger(__name__).warning
+        log("%s asked for, but %s is not installed: using %s.", what, module, fallback)
         return False
     if device.type != "cuda":
         logging.getLogger(__name__).warning(
@@ -217,9 +220,15 @@ def preflight(config: TrainConfig, device: torch.device, *, rank: int = 0) -> Ru
             "xformers attention",
             "PyTorch SDPA",
             device,
+            by_profile=config.enable_xformers_memory_efficient_attention is None,
         ),
         use_8bit_adam=_optional_feature(
-            resolved.use_8bit_adam, "bitsandbytes", "8-bit Adam", "torch AdamW", device
+            resolved.use_8bit_adam,
+            "bitsandbytes",
+            "8-bit Adam",
+            "torch AdamW",
+            device,
+            by_profile=config.use_8bit_adam is None,
         ),
         report_to=report_target(config),
     )
