@@ -21,7 +21,10 @@ def _toy(**options: object) -> TrainConfig:
 def test_defaults_resolve_per_family() -> None:
     for family, defaults in TOYWORLD.families.items():
         config = _toy(adapter=family)
-        assert (config.max_train_steps, config.learning_rate) == (defaults.max_train_steps, defaults.learning_rate)
+        assert (config.max_train_steps, config.learning_rate) == (
+            defaults.max_train_steps,
+            defaults.learning_rate,
+        )
     explicit = _toy(adapter="hra", max_train_steps=7, learning_rate=2e-4)
     assert (explicit.max_train_steps, explicit.learning_rate) == (7, 2e-4)
     assert _toy(adapter="boft").snr == 5.0 and _toy(adapter="lora").snr is None
