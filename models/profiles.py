@@ -218,14 +218,15 @@ _SD_GPU = GpuDefaults(
 )
 _SD_METHODS: dict[str, dict[str, Any]] = {
     "clora": {"preset": "reference"},
-    "cmlora": {"cache_interval": 3, "regions": False},
+    "cmlora": {"cache_interval": 3, "regions": False, "dominant_yields": False},
     "switch": {"interval": 5},
 }
 _SD_METHOD_SOURCE = (
     "CLoRA reference pipeline (gemlab-vt/clora pipeline_clora.py __call__ defaults: 512 px, 50 steps, guidance 7.5) "
     "with its own settings (`reference` preset); Multi-LoRA Composition (maszhongming/Multi-LoRA-Composition) and "
     "CMLoRA (Yqcca/CMLoRA) example.py: 50 steps, cfg 7, switch_step 5; CMLoRA's compose_offline.py caches with "
-    "intervals [1, 2, 3] (3, the largest, taken) and mixes over the whole image (no regions). Where they differ "
+    "intervals [1, 2, 3] (3, the largest, taken), mixes over the whole image (no regions) and recomputes its "
+    "dominant adapter at every step (Atelier's `dominant_yields`, measured on the toy world, off). Where they differ "
     "(guidance 7.5 vs 7) CLoRA's and diffusers' StableDiffusionPipeline default 7.5 is taken. Validation: 25 steps, "
     "as diffusers' train_dreambooth_lora.py log_validation"
 )
