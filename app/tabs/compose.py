@@ -27,8 +27,8 @@ def default_options(method: str, profile: Any = None) -> str:
 
     options = method_options(method)
     chosen = profile.method_options(method) if profile is not None else {}
-    if method == "clora" and "preset" in chosen:  # the chosen preset's fields, as method_options lists them
-        preset = clora.PRESETS[chosen["preset"]]
+    preset = clora.PRESETS.get(chosen.get("preset")) if method == "clora" else None
+    if preset is not None:  # the chosen preset's fields, as method_options lists the default preset's
         options.update({name: getattr(preset, name) for name in clora.CloraOptions.__dataclass_fields__})
     options.update(chosen)
     return json.dumps(
