@@ -88,7 +88,7 @@ def render_model_card(
             "",
             f"## Base-model profile: `{config.profile}`",
             "",
-            "Options the run did not set came from this profile (`models.profiles`):",
+            "Every option a base-model profile supplies (`models.profiles`), its value in this run and where it came from:",
             "",
             "| Option | Value | From |",
             "|---|---|---|",
