@@ -73,11 +73,12 @@ class TrainRequest:
     class_word: str = ""
     family: str = "lora"
     hyperparameters: dict[str, Any] = field(default_factory=dict)
-    targets: str = "vo"
+    targets: str | None = None
+    """Target preset or patterns; None: the base-model profile's for the family (`models.profiles`)."""
     steps: int | None = None
-    """Optimiser steps; None or 0: the family's default (`training.config.FAMILY_TRAINING_DEFAULTS`)."""
+    """Optimiser steps; None or 0: the base-model profile's for the family."""
     prior_preservation: bool = False
-    num_class_images: int = 20
+    num_class_images: int | None = None
     base_model: str | None = None
     learning_rate: float | None = None
     seed: int = 0
@@ -86,16 +87,17 @@ class TrainRequest:
     validation_inference_steps: int = 25
     name: str = ""
 
-    def to_config(self, default_base_model: str | None) -> Any:
-        from training.config import FAMILY_TRAINING_DEFAULTS, TrainConfig
+    def to_config(self, default_base_model: str | None, profile: Any = None) -> Any:
+        """The request as a `TrainConfig`; what the form leaves unset the run takes from the base model's
+        profile (`profile`, when already known, only sizes the checkpoint interval)."""
+        from training.config import TrainConfig
 
         trigger, class_word = self.trigger.strip(), self.class_word.strip()
         if not trigger:
             raise RequestError("the trigger phrase is empty; type a rare word such as 'sks'")
         phrase = f"{trigger} {class_word}".strip()
         steps = int(self.steps or 0)
-        if not steps and self.family in FAMILY_TRAINING_DEFAULTS:
-            steps = FAMILY_TRAINING_DEFAULTS[self.family].max_train_steps
+        planned = steps or (profile.family(self.family).max_train_steps if profile is not None else 2000)
         return TrainConfig(
             pretrained_model_name_or_path=(self.base_model or "").strip() or default_base_model,
             instance_data_dir="uploaded images",
@@ -108,12 +110,12 @@ class TrainRequest:
             targets=self.targets,
             adapter_config=dict(self.hyperparameters),
             max_train_steps=steps or None,
-            learning_rate=self.learning_rate,
+            learning_rate=self.learning_rate or None,
             seed=int(self.seed),
             validation_steps=int(self.validation_steps),
             num_validation_images=int(self.num_validation_images),
             num_inference_steps=int(self.validation_inference_steps),
-            checkpointing_steps=max(1, min(500, steps // 4)),
+            checkpointing_steps=max(1, min(500, planned // 4)),
         )
 
 
@@ -137,8 +139,10 @@ class ComposeRequest:
     options: dict[str, Any] = field(default_factory=dict)
     negative: str = ""
     seed: int = 0
-    steps: int = 25
-    guidance: float = 7.5
+    steps: int | None = None
+    """Denoising steps; None: the base model's profile's."""
+    guidance: float | None = None
+    """Guidance scale; None: the base model's profile's."""
     num_images: int = 1
 
 
@@ -226,7 +230,9 @@ class Studio:
         except BaseModelRefused as exc:
             raise RequestError(f"Nothing was started. {exc}") from None
         try:
-            config = dataclasses.replace(request, base_model=base_model).to_config(self.settings.base_model)
+            config = dataclasses.replace(request, base_model=base_model).to_config(
+                self.settings.base_model, self.profile(base_model)
+            )
             return self.runner.submit(
                 config, name=request.name.strip() or config.trigger_phrase, images=check.accepted
             )
@@ -239,6 +245,19 @@ class Studio:
         return dataclasses.replace(
             view, validation_images=[self.public.publish(path) for path in view.validation_images]
         )
+
+    # --- base-model profiles ------------------------------------------------------------------------
+    def profile(self, base_model: str | None = None) -> Any:
+        """The profile (`models.profiles`) of `base_model` (default: the app's), or None when only loading
+        that model can tell (a hub id or single file other than the app's own model, which is loaded)."""
+        from models.pipelines import default_base_model
+        from models.profiles import profile_for_pipeline, profile_for_spec
+
+        spec = (base_model or "").strip() or self.settings.base_model
+        found = profile_for_spec(spec if spec else default_base_model())
+        if found is None and spec == self.settings.base_model:
+            found = profile_for_pipeline(self.pipeline())
+        return found
 
     # --- generation ---------------------------------------------------------------------------------
     def pipeline(self) -> Any:
@@ -285,6 +304,9 @@ class Studio:
             negative=request.negative,
         )
         output = ComposeOutput(request.method, [], [], [])
+        profile = self.profile()
+        steps = request.steps or profile.generation.compose_steps
+        guidance = request.guidance if request.guidance is not None else profile.generation.compose_guidance
         with self.device_lock:
             pipe = self.pipeline()
             bank = self._bank_for(tuple(a.adapter_id for a in request.adapters))
@@ -295,8 +317,8 @@ class Studio:
                     pipe,
                     bank,
                     prompt,
-                    request.steps,
-                    request.guidance,
+                    steps,
+                    guidance,
                     seed,
                     **request.options,
                 )
@@ -311,10 +333,13 @@ class Studio:
     def compare(
         self, request: ComposeRequest, methods: Sequence[str], progress: Progress | None = None
     ) -> list[ComposeOutput]:
-        """The same seeds with every method (default options), each image scored by CLIPScore against the prompt."""
+        """The same seeds with every method (the base-model profile's options), each image scored by CLIPScore
+        against the prompt."""
         outputs = []
+        profile = self.profile()
         for index, method in enumerate(methods):
-            output = self.compose(dataclasses.replace(request, method=method, options={}))
+            options = profile.method_options(method)
+            output = self.compose(dataclasses.replace(request, method=method, options=options))
             output.clip_scores = self.clip_scores(output.images, request.prompt)
             outputs.append(output)
             if progress is not None:

@@ -5,6 +5,10 @@
         --prompt "a purple star on the left and a checkered heart on the right" \\
         --method clora --seed 0 --num-images 4 --steps 30 --guidance 7.5 --out out/
 
+Steps, guidance and each method's options default to the base model's profile (`models.profiles`: e.g. CLoRA's
+`partition` preset on the toy world, the paper's settings on Stable Diffusion); `--profile` forces one, and
+`--steps`, `--guidance`, `--option` win over it.
+
 `--adapter FILE[:phrase[:weight[:plain]]]`: the phrase defaults to the adapter's trigger phrase, the weight to
 1, `plain` (CLoRA's trigger-free form, e.g. "star") to unset. `--compare` runs every method on the same seeds
 and writes a labelled grid. Writes the images, the region masks (CLoRA; CMLoRA with regions), and `report.json` (method, options, seeds, UNet
@@ -29,6 +33,7 @@ from composition.methods import METHODS, check_options, generate, parse_options
 from composition.prompt import ConceptPrompt
 from composition.report import comparison_grid, jsonable_extras, mask_images, save_image, save_json
 from models.cli_options import OneLineArgumentParser
+from models.profiles import PROFILES, Profile, profile_for_pipeline
 
 COMPARE_ORDER = ("merge", "switch", "composite", "cmlora", "clora")
 
@@ -52,8 +57,16 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument(
         "--num-images", type=int, default=1, help="images per method, seeds seed, seed+1, ..."
     )
-    parser.add_argument("--steps", type=int, default=30)
-    parser.add_argument("--guidance", type=float, default=7.5)
+    parser.add_argument("--steps", type=int, default=None, help="denoising steps (default: the profile's)")
+    parser.add_argument(
+        "--guidance", type=float, default=None, help="guidance scale (default: the profile's)"
+    )
+    parser.add_argument(
+        "--profile",
+        default=None,
+        choices=list(PROFILES),
+        help="base-model profile (default: picked from the model)",
+    )
     parser.add_argument("--height", type=int, default=None)
     parser.add_argument("--width", type=int, default=None)
     parser.add_argument("--device", default=None)
@@ -106,6 +119,15 @@ def clip_report(images: list, prompt: ConceptPrompt, clip_model: str | None) -> 
     }
 
 
+def _generation_settings(args: argparse.Namespace, profile: Profile) -> tuple[int, float]:
+    """Steps and guidance: the flags when given, else the profile's."""
+    steps = args.steps if args.steps is not None else profile.generation.compose_steps
+    guidance = args.guidance if args.guidance is not None else profile.generation.compose_guidance
+    if steps < 1:
+        raise CompositionError(f"--steps must be >= 1, got {steps}.")
+    return steps, guidance
+
+
 def run(args: argparse.Namespace) -> dict[str, Any]:
     from models.pipelines import load_pipeline
 
@@ -122,6 +144,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
 
         load_clip(args.clip_model)  # a bad CLIP fails here, before any image is generated (cached for later)
     pipe = load_pipeline(args.base_model, device=args.device, dtype=args.dtype)
+    profile = profile_for_pipeline(pipe, args.profile)
+    steps, guidance = _generation_settings(args, profile)
     bank = AdapterBank(pipe, [s[0] for s in specs])
     prompt = build_prompt(args, bank, specs)
     seeds = [args.seed + i for i in range(args.num_images)]
@@ -129,17 +153,19 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         "prompt": prompt.text, "negative": prompt.negative, "base_model": str(args.base_model or "toy world"),
         "adapters": [{"name": e.name, "family": e.family, "phrase": c.phrase, "weight": c.weight}
                      for e, c in zip(bank.entries, prompt.concepts, strict=True)],
-        "steps": args.steps, "guidance": args.guidance, "seeds": seeds, "memory": bank.memory_report(), "methods": {},
+        "profile": profile.name, "steps": steps, "guidance": guidance, "seeds": seeds, "memory": bank.memory_report(),
+        "methods": {},
     }  # fmt: skip
     cells: dict[str, list] = {}
-    with tqdm(total=len(methods) * len(seeds) * args.steps, desc="composition", unit="step") as bar:
+    with tqdm(total=len(methods) * len(seeds) * steps, desc="composition", unit="step") as bar:
         for method in methods:
-            method_options = options if not args.compare or method == args.method else {}
+            given = options if not args.compare or method == args.method else {}
+            method_options = {**profile.method_options(method), **given}
             records, cells[method] = [], []
             for seed in seeds:
                 start = time.perf_counter()
                 result = generate(
-                    method, pipe, bank, prompt, args.steps, args.guidance, seed, height=args.height, width=args.width,
+                    method, pipe, bank, prompt, steps, guidance, seed, height=args.height, width=args.width,
                     progress=lambda *_, **__: bar.update(1), **method_options,
                 )  # fmt: skip
                 wall = time.perf_counter() - start

@@ -74,11 +74,12 @@ from composition.methods import check_options, generate, parse_options
 from composition.prompt import ConceptPrompt
 from composition.report import save_image, save_json
 from evaluation.intervals import wilson_interval
+from models.profiles import TOYWORLD
 
-GUIDANCE = 5.0
+GUIDANCE = TOYWORLD.generation.compose_guidance
 """The toy world's guidance scale (as in `models.toyworld.evaluate`)."""
 METHODS = ("merge", "switch", "composite", "cmlora", "clora")
-DEFAULT_CLORA_PRESET = "partition"
+DEFAULT_CLORA_PRESET = TOYWORLD.method_options("clora")["preset"]
 """The clora preset the report runs unless told otherwise (`composition.methods.clora`: no latent updates,
 masks from unsharpened maps averaged over the steps, cells exclusive between objects)."""
 

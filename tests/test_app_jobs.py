@@ -224,28 +224,40 @@ def test_bad_uploads_are_named_and_change_nothing(studio: Studio, tmp_path: Path
 
 
 @pytest.mark.parametrize("family", ["lora", "krona", "boft", "hra"])
-def test_a_request_without_steps_trains_the_familys_default_steps(family: str) -> None:
-    from training.config import FAMILY_TRAINING_DEFAULTS
+def test_a_request_without_steps_leaves_them_to_the_profile(family: str) -> None:
+    """Unset steps reach the trainer unset (the base model's profile fills them); a known profile sizes the
+    checkpoint interval from its steps."""
+    from models.profiles import SD1, TOYWORLD
 
-    default = FAMILY_TRAINING_DEFAULTS[family].max_train_steps
-    for steps in (None, 0):
-        config = TrainRequest(trigger="sks", family=family, steps=steps).to_config("base")
-        assert config.max_train_steps == default
-        assert config.checkpointing_steps == max(1, min(500, default // 4))
+    for profile in (TOYWORLD, SD1):
+        default = profile.family(family).max_train_steps
+        for steps in (None, 0):
+            config = TrainRequest(trigger="sks", family=family, steps=steps).to_config("base", profile)
+            assert config.max_train_steps is None and config.learning_rate is None
+            assert config.checkpointing_steps == max(1, min(500, default // 4))
     assert TrainRequest(trigger="sks", family=family, steps=7).to_config("base").max_train_steps == 7
 
 
-def test_picking_a_family_in_the_train_tab_sets_its_default_steps(tmp_path: Path) -> None:
+def test_picking_a_family_in_the_train_tab_fills_the_profiles_values(
+    tmp_path: Path, tiny_sd_path: Path
+) -> None:
     from app.ui import build_app
-    from training.config import FAMILY_TRAINING_DEFAULTS
+    from models.profiles import SD1, TOYWORLD
 
     studio = Studio(Settings(data_dir=tmp_path, base_model=None, device="cpu"))
     try:
         demo = build_app(studio)
         (pick,) = [f.fn for f in demo.fns.values() if getattr(f.fn, "__name__", "") == "pick_family"]
-        for family, defaults in FAMILY_TRAINING_DEFAULTS.items():
-            *groups, steps = pick(family)
-            assert [g["visible"] for g in groups].count(True) == 1
-            assert steps["value"] == defaults.max_train_steps
+        for base, profile in (("", TOYWORLD), (str(tiny_sd_path), SD1)):
+            for family, defaults in profile.families.items():
+                *groups, text, steps, lr, targets, n_class = pick(family, base)
+                assert [g["visible"] for g in groups].count(True) == 1
+                assert f"`{profile.name}`" in text
+                assert (steps["value"], lr["value"], targets["value"], n_class["value"]) == (
+                    defaults.max_train_steps,
+                    defaults.learning_rate,
+                    defaults.targets,
+                    defaults.num_class_images,
+                )
     finally:
         studio.close()

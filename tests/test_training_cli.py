@@ -17,10 +17,10 @@ from PIL import Image
 from safetensors import SafetensorError
 
 from models.adapters.files import load_adapter_file
+from models.profiles import SD1
 from models.toyworld.world import Scene, SceneObject, render_scene
 from training.checkpoints import list_checkpoints
 from training.cli import build_parser, config_from_args
-from training.config import FAMILY_TRAINING_DEFAULTS
 from training.dreambooth import main
 from training.train_log import read_train_log
 
@@ -94,7 +94,7 @@ def test_cli_trains_every_family(family: str, tiny_sd_path: Path, subject_dir: P
         assert saved[key] == type(saved[key])(value), key
     rows = read_train_log(out / "train_log.jsonl")
     assert [r["step"] for r in rows] == [1, 2]
-    assert all(r["loss"] > 0 and r["lr"] == FAMILY_TRAINING_DEFAULTS[family].learning_rate for r in rows)
+    assert all(r["loss"] > 0 and r["lr"] == SD1.family(family).learning_rate for r in rows)  # a tiny SD 1.x
     grid = Image.open(out / "validation" / "step-2.png")
     assert grid.size == (2 * 32, 32)  # two 32 px samples side by side
     exported = {p.relative_to(out).as_posix() for p in (out / "exports").iterdir()}

@@ -8,24 +8,33 @@ from pathlib import Path
 
 import pytest
 
+from models.profiles import TOYWORLD
 from training.cli import build_parser, config_from_args
-from training.config import FAMILY_TRAINING_DEFAULTS, ConfigError, TrainConfig, read_config_file
+from training.config import ConfigError, TrainConfig, read_config_file
+from training.defaults import apply_profile
+
+
+def _toy(**options: object) -> TrainConfig:
+    return apply_profile(TrainConfig(**options), TOYWORLD, cuda=False)
 
 
 def test_defaults_resolve_per_family() -> None:
-    for family, defaults in FAMILY_TRAINING_DEFAULTS.items():
-        config = TrainConfig(adapter=family)
-        assert config.steps == defaults.max_train_steps and config.lr == defaults.learning_rate
-    explicit = TrainConfig(adapter="hra", max_train_steps=7, learning_rate=2e-4)
-    assert (explicit.steps, explicit.lr) == (7, 2e-4)
-    assert TrainConfig(adapter="boft").snr == 5.0 and TrainConfig(adapter="lora").snr is None
-    assert TrainConfig(adapter="boft", snr_gamma=0.0).snr is None  # 0 turns the family default off
-    assert TrainConfig(adapter="lora", snr_gamma=3.0).snr == 3.0
-    assert TrainConfig(adapter="hra").offset == 0.075 and TrainConfig(adapter="lora").offset == 0.0
-    assert TrainConfig(adapter="hra").prior_weight == 1.5 and TrainConfig(adapter="lora").prior_weight == 1.0
-    assert TrainConfig(adapter="hra", prior_loss_weight=1.0).prior_weight == 1.0
-    assert TrainConfig(adapter="hra", noise_offset=0.0).offset == 0.0  # 0 turns the family default off
-    assert TrainConfig(adapter="lora", noise_offset=0.1).offset == 0.1
+    for family, defaults in TOYWORLD.families.items():
+        config = _toy(adapter=family)
+        assert (config.max_train_steps, config.learning_rate) == (
+            defaults.max_train_steps,
+            defaults.learning_rate,
+        )
+    explicit = _toy(adapter="hra", max_train_steps=7, learning_rate=2e-4)
+    assert (explicit.max_train_steps, explicit.learning_rate) == (7, 2e-4)
+    assert _toy(adapter="boft").snr == 5.0 and _toy(adapter="lora").snr is None
+    assert _toy(adapter="boft", snr_gamma=0.0).snr is None  # 0 turns the family default off
+    assert _toy(adapter="lora", snr_gamma=3.0).snr == 3.0
+    assert _toy(adapter="hra").offset == 0.075 and _toy(adapter="lora").offset == 0.0
+    assert _toy(adapter="hra").prior_loss_weight == 1.5 and _toy(adapter="lora").prior_loss_weight == 1.0
+    assert _toy(adapter="hra", prior_loss_weight=1.0).prior_loss_weight == 1.0
+    assert _toy(adapter="hra", noise_offset=0.0).offset == 0.0  # 0 turns the family default off
+    assert _toy(adapter="lora", noise_offset=0.1).offset == 0.1
     assert TrainConfig(instance_prompt="a sks dog").trigger == "a sks dog"
     assert TrainConfig(instance_prompt="a sks dog", trigger_phrase="sks dog").trigger == "sks dog"
     assert TrainConfig(output_dir="o").class_dir == Path("o/class_images")
@@ -147,10 +156,14 @@ def test_family_flag_for_another_family_is_refused() -> None:
 
 
 def test_help_documents_family_defaults(capsys: pytest.CaptureFixture[str]) -> None:
+    from models.profiles import PROFILES
+
     text = build_parser().format_help()
-    for family, defaults in FAMILY_TRAINING_DEFAULTS.items():
-        assert f"{family:<6} lr {defaults.learning_rate:g}, {defaults.max_train_steps} steps" in text
-    assert "offset noise 0.075, prior-loss weight 1.5;" in text  # HRA's loss options
+    for profile in PROFILES.values():
+        assert f"{profile.name}: {profile.title}" in text
+        for family, defaults in profile.families.items():
+            assert f"{family:<6} lr {defaults.learning_rate:g}, {defaults.max_train_steps} steps" in text
+    assert "offset noise 0.075, prior weight 1.5" in text  # HRA's toy-world loss options
     for flag in [
         "--pretrained_model_name_or_path",
         "--enable_xformers_memory_efficient_attention",

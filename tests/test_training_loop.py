@@ -15,9 +15,10 @@ import torch
 from safetensors.torch import load_file
 
 from models.adapters.files import load_adapter_file
+from models.profiles import TOYWORLD
 from models.toyworld.world import Scene, SceneObject, render_scene
 from training.checkpoints import CheckpointError, list_checkpoints, load_checkpoint
-from training.config import FAMILY_TRAINING_DEFAULTS, TrainConfig
+from training.config import TrainConfig
 from training.dreambooth import TrainingDivergedError, train
 from training.train_log import read_train_log
 
@@ -171,9 +172,10 @@ def test_family_prior_loss_weight_reaches_the_loss(
     """A family whose default weighs the prior loss other than 1 trains exactly as with that weight given, and
     differently from ``--prior_loss_weight 1``; the model card names the weight in effect."""
     family, weight = next(
-        (f, d.prior_loss_weight) for f, d in FAMILY_TRAINING_DEFAULTS.items() if d.prior_loss_weight != 1
+        (f, d.prior_loss_weight) for f, d in TOYWORLD.families.items() if d.prior_loss_weight != 1
     )
     options = dict(
+        profile="toyworld",
         adapter=family, with_prior_preservation=True, class_prompt="a star", num_class_images=2,
         class_data_dir=str(tmp_path / "class"), max_train_steps=2,
     )  # fmt: skip
@@ -396,13 +398,19 @@ def test_lr_multipliers_are_validated() -> None:
 def test_family_noise_offset_reaches_the_loss(tiny_sd_path: Path, subject_dir: Path, tmp_path: Path) -> None:
     """A family whose default uses offset noise trains exactly as with that offset given, and differently
     from plain noise (``--noise_offset 0``); the model card names the offset in effect."""
-    family, default = next((f, d.noise_offset) for f, d in FAMILY_TRAINING_DEFAULTS.items() if d.noise_offset)
+    family, default = next((f, d.noise_offset) for f, d in TOYWORLD.families.items() if d.noise_offset)
     runs = {}
     for name, offset in (("default", None), ("explicit", default), ("plain", 0.0)):
         out = tmp_path / name
         train(
             tiny_config(
-                tiny_sd_path, subject_dir, out, adapter=family, max_train_steps=2, noise_offset=offset
+                tiny_sd_path,
+                subject_dir,
+                out,
+                profile="toyworld",
+                adapter=family,
+                max_train_steps=2,
+                noise_offset=offset,
             )
         )
         runs[name] = (adapter_tensors(out), read_train_log(out / "train_log.jsonl")[-1]["loss"])

@@ -4,7 +4,9 @@ Flag names are diffusers' DreamBooth-LoRA flags (``--instance_data_dir``, ``--ma
 generated from ``TrainConfig``'s fields, so the two never drift apart. Each adapter family's
 hyperparameters become ``--<family>_<field>`` flags (``--lora_rank``, ``--boft_block_size``) generated
 from the family's config dataclass in ``models.adapters``; ``--rank`` is diffusers' name for ``--lora_rank``. ``--config file.json|yaml`` supplies
-defaults; flags given on the command line win over the file.
+defaults; flags given on the command line win over the file; options left unset come from the base model's
+profile (``models.profiles``, listed in ``--help``; ``--profile`` forces one). ``--show-defaults`` prints
+the resolved options and where each came from, without training.
 """
 
 from __future__ import annotations
@@ -23,7 +25,7 @@ from typing import Any
 from tqdm.auto import tqdm
 
 from models.cli_options import OneLineArgumentParser
-from training.config import FAMILY_TRAINING_DEFAULTS, ConfigError, TrainConfig, read_config_file
+from training.config import ConfigError, TrainConfig, read_config_file
 
 _MULTI_VALUE = {"instance_data_dir", "targets"}
 _NOT_FLAGS = {"adapter_config"}
@@ -58,20 +60,19 @@ def family_fields() -> dict[str, list[dataclasses.Field]]:
     return {name: list(dataclasses.fields(family.config_cls)) for name, family in FAMILIES.items()}
 
 
-def _family_epilog() -> str:
+def _epilog() -> str:
     from models.adapters import FAMILIES
+    from models.profiles import PROFILES, describe
 
-    lines = ["Per-family defaults (learning rate, steps, hyperparameters):"]
+    lines = [
+        "Base-model profiles (options left unset come from the model's profile, picked automatically;",
+        "--profile forces one; --show-defaults prints what a run would use):",
+    ]
+    lines += [textwrap.indent(describe(profile), "  ") for profile in PROFILES.values()]
+    lines += ["", "Adapter family hyperparameter defaults:"]
     for name, family in FAMILIES.items():
-        train = FAMILY_TRAINING_DEFAULTS[name]
         hyper = ", ".join(f"{k}={v}" for k, v in family.default_config().to_dict().items())
-        snr = f", min-SNR {train.snr_gamma:g}" if train.snr_gamma else ""
-        offset = f", offset noise {train.noise_offset:g}" if train.noise_offset else ""
-        prior = f", prior-loss weight {train.prior_loss_weight:g}" if train.prior_loss_weight != 1 else ""
-        lines.append(
-            f"  {name:<6} lr {train.learning_rate:g}, {train.max_train_steps} steps{snr}{offset}{prior}; {hyper}"
-        )
-        lines.append(textwrap.indent(f"({train.source})", " " * 9))
+        lines.append(f"  {name:<6} {hyper}")
     return "\n".join(lines)
 
 
@@ -80,11 +81,19 @@ def build_parser() -> argparse.ArgumentParser:
     parser = OneLineArgumentParser(
         prog="python -m training.dreambooth",
         description="Train a DreamBooth adapter (LoRA, DiffuseKronA, BOFT or HRA) on a few subject images.",
-        epilog=_family_epilog(),
+        epilog=_epilog(),
         formatter_class=argparse.RawDescriptionHelpFormatter,
         argument_default=argparse.SUPPRESS,
     )
+    from models.adapters import FAMILIES
+    from models.profiles import PROFILES
+
     parser.add_argument("--config", help="JSON or YAML file of options; command-line flags override it.")
+    parser.add_argument(
+        "--show-defaults",
+        action="store_true",
+        help="Print every option the base model's profile resolves (and where each came from), then exit.",
+    )
     defaults = TrainConfig()
     for spec in dataclasses.fields(TrainConfig):
         if spec.name in _NOT_FLAGS:
@@ -98,7 +107,9 @@ def build_parser() -> argparse.ArgumentParser:
         elif spec.name in _MULTI_VALUE:
             parser.add_argument(flag, nargs="+", help=help_text)
         elif spec.name == "adapter":
-            parser.add_argument(flag, choices=sorted(FAMILY_TRAINING_DEFAULTS), help=help_text)
+            parser.add_argument(flag, choices=sorted(FAMILIES), help=help_text)
+        elif spec.name == "profile":
+            parser.add_argument(flag, choices=list(PROFILES), help=help_text)
         else:
             parser.add_argument(flag, type=kind, help=help_text)
     for family, fields in family_fields().items():
@@ -122,6 +133,7 @@ def config_from_args(argv: Sequence[str] | None = None) -> TrainConfig:
     Precedence: ``TrainConfig`` defaults < ``--config`` file < flags given on the command line.
     """
     given = vars(build_parser().parse_args(argv))
+    given.pop("show_defaults", None)
     values: dict[str, Any] = read_config_file(given.pop("config")) if "config" in given else {}
     adapter_config = dict(values.pop("adapter_config", None) or {})
     for name in _MULTI_VALUE:
@@ -141,6 +153,32 @@ def config_from_args(argv: Sequence[str] | None = None) -> TrainConfig:
         adapter_config[flag[len(family) + 1 :]] = value
     values["adapter_config"] = adapter_config
     return TrainConfig.from_dict(values)
+
+
+def show_defaults(config: TrainConfig) -> str:
+    """What ``--show-defaults`` prints: the profile and every option it resolves for this base model, on
+    the device a run would use. Reads a diffusers folder's config files only; a hub id or single file is
+    loaded to tell its kind. Nothing is trained or written."""
+    from accelerate.state import PartialState
+    from accelerate.utils import parse_flag_from_env
+
+    from models.profiles import profile_for_spec, traits_of_folder
+    from training.defaults import apply_profile, format_options, resolved_options
+    from training.preflight import base_model_spec, load_with_profile
+
+    device = PartialState(cpu=parse_flag_from_env("ACCELERATE_USE_CPU")).device
+    spec = base_model_spec(config)
+    profile = profile_for_spec(spec, config.profile)
+    traits = traits_of_folder(spec)
+    if profile is not None and (traits is not None or profile.resolution or config.resolution):
+        resolved = apply_profile(config, profile, cuda=device.type == "cuda")
+        if resolved.resolution is None:
+            resolved = dataclasses.replace(resolved, resolution=traits.native_size)
+    else:
+        resolved, _, spec = load_with_profile(config, device, check=False)
+    return f"base model: {spec}\nprofile: {resolved.profile}\nadapter: {resolved.adapter}\n" + format_options(
+        resolved_options(config, resolved)
+    )
 
 
 class ProgressBar:
@@ -184,6 +222,9 @@ def run_cli(train: Callable[..., Any], argv: Sequence[str] | None = None) -> int
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     try:
         config = config_from_args(argv)
+        if "--show-defaults" in (sys.argv[1:] if argv is None else argv):
+            print(show_defaults(config))
+            return 0
     except SystemExit as exc:
         return int(exc.code or 0)
     except INPUT_ERRORS as exc:

@@ -39,48 +39,6 @@ class ConfigError(ValueError):
     """A training option is missing, out of range or contradicts another one."""
 
 
-@dataclass(frozen=True)
-class FamilyTrainingDefaults:
-    """Per-family optimiser defaults (the papers' SD ratios, scaled to the toy world's step counts)."""
-
-    learning_rate: float
-    max_train_steps: int
-    source: str
-    snr_gamma: float | None = None
-    """Min-SNR loss weighting γ (Hang et al. 2023) unless the run sets its own; None = off."""
-    noise_offset: float = 0.0
-    """Offset-noise std unless the run sets its own; 0 = plain Gaussian noise."""
-    prior_loss_weight: float = 1.0
-    """Weight of the prior-preservation loss unless the run sets its own (DreamBooth's λ)."""
-
-
-FAMILY_TRAINING_DEFAULTS: dict[str, FamilyTrainingDefaults] = {
-    "lora": FamilyTrainingDefaults(
-        5e-3, 800, "LoRA-DreamBooth: lr 1e-4, 500 steps on SD; toy world: 5e-3, 800"
-    ),
-    "krona": FamilyTrainingDefaults(
-        5e-3, 1200, "DiffuseKronA: lr 5e-4..1e-3, 500 steps on SDXL; toy world: 5e-3, 1200"
-    ),
-    "boft": FamilyTrainingDefaults(
-        5e-3,
-        1400,
-        "BOFT/OFT DreamBooth: lr 3e-5..6e-5 on SD; toy world: 5e-3, 1400, min-SNR 5",
-        snr_gamma=5.0,
-    ),
-    "hra": FamilyTrainingDefaults(
-        1e-2,
-        800,
-        "HRA DreamBooth: lr ~5e-3 range on SD; toy world: 1e-2, 800, offset noise 0.075, prior-loss weight 1.5",
-        noise_offset=0.075,
-        prior_loss_weight=1.5,
-    ),
-}
-"""Learning rate, steps and loss options per family. The SD settings the papers use are quoted; the values
-are the toy-world tuning (32 px, batch 8, prior preservation, the held-out colour purple, measured by
-``python -m training.quality`` over several training seeds), where the tiny UNet needs a much larger step
-size than SD. Every setting tried and what it measured is in ``docs/training_quality.md``."""
-
-
 def _lr_multiplier_problems(multipliers: Any) -> list[str]:
     if not isinstance(multipliers, dict):
         return [f'--lr_multipliers must be a JSON object such as {{"attn1": 0.25}} (got {multipliers!r})']
@@ -133,21 +91,32 @@ class TrainConfig:
     class_prompt: str | None = _opt("Prompt for the class, e.g. 'a photo of a dog'.", default=None)
     with_prior_preservation: bool = _opt("Add the prior-preservation loss on class images.", default=False)
     prior_loss_weight: float | None = _opt(
-        "Weight of the prior-preservation loss. Default: the family's (1.0 unless listed under the per-family "
-        "defaults).",
+        "Weight of the prior-preservation loss. Default: the profile's, per family.", default=None
+    )
+    num_class_images: int | None = _opt(
+        "Number of class images (generated when the folder has fewer). Default: the profile's, per family.",
         default=None,
     )
-    num_class_images: int = _opt("Number of class images (generated when the folder has fewer).", default=100)
     resolution: int | None = _opt(
-        "Training resolution in pixels (multiple of 8). Default: the base model's native size.", default=None
+        "Training resolution in pixels (multiple of 8). Default: the profile's (SD 1.x 512, SDXL 1024), else the "
+        "base model's native size.",
+        default=None,
     )
     center_crop: bool = _opt("Centre crop after resizing (default: seeded random crop).", default=False)
     random_flip: bool = _opt("Randomly flip images horizontally.", default=False)
     # --- adapter ---------------------------------------------------------------------------------------
+    profile: str | None = _opt(
+        "Base-model profile whose defaults fill every option left unset: toyworld, sd1, sd2 or sdxl "
+        "(models.profiles). Default: picked from the base model.",
+        default=None,
+    )
     adapter: str = _opt("Adapter family: lora, krona, boft or hra.", default="lora")
-    targets: str | list[str] = field(
-        default="vo",
-        metadata={"help": "Target preset (vo, qkvo, cross-vo, all-linear) or module-name patterns."},
+    targets: str | list[str] | None = field(
+        default=None,
+        metadata={
+            "help": "Target preset (vo, qkvo, cross-vo, all-linear) or module-name patterns. Default: the "
+            "profile's, per family."
+        },
     )
     adapter_config: dict[str, Any] = field(
         default_factory=dict,
@@ -157,10 +126,16 @@ class TrainConfig:
     output_dir: str = _opt(
         "Where the adapter, checkpoints, samples and logs go.", default="outputs/dreambooth"
     )
-    train_batch_size: int = _opt("Instance images per step and process.", default=1)
-    gradient_accumulation_steps: int = _opt("Micro-batches accumulated per optimiser step.", default=1)
-    max_train_steps: int | None = _opt("Optimiser steps. Default: per family (see --help).", default=None)
-    learning_rate: float | None = _opt("Peak learning rate. Default: per family (see --help).", default=None)
+    train_batch_size: int | None = _opt(
+        "Instance images per step and process. Default: the profile's, per family.", default=None
+    )
+    gradient_accumulation_steps: int | None = _opt(
+        "Micro-batches accumulated per optimiser step. Default: the profile's, per family.", default=None
+    )
+    max_train_steps: int | None = _opt("Optimiser steps. Default: the profile's, per family.", default=None)
+    learning_rate: float | None = _opt(
+        "Peak learning rate. Default: the profile's, per family.", default=None
+    )
     lr_scheduler: str = _opt(f"Learning-rate schedule: {', '.join(LR_SCHEDULERS)}.", default="constant")
     lr_warmup_steps: int = _opt("Linear warm-up steps (every schedule but constant).", default=0)
     lr_multipliers: dict[str, float] = field(
@@ -177,32 +152,40 @@ class TrainConfig:
     adam_weight_decay: float = _opt("AdamW weight decay.", default=1e-2)
     adam_epsilon: float = _opt("AdamW epsilon.", default=1e-8)
     max_grad_norm: float = _opt("Gradient clipping norm (0 disables).", default=1.0)
-    use_8bit_adam: bool = _opt(
-        "bitsandbytes 8-bit AdamW (falls back to torch AdamW if missing).", default=False
+    use_8bit_adam: bool | None = _opt(
+        "bitsandbytes 8-bit AdamW on a GPU (falls back to torch AdamW if missing). Default: the profile's.",
+        default=None,
     )
     snr_gamma: float | None = _opt(
-        "Min-SNR loss weighting gamma (5.0 is the paper's value); 0 turns it off. Default: the family's "
-        "(listed under the per-family defaults).",
+        "Min-SNR loss weighting gamma (5.0 is the paper's value); 0 turns it off. Default: the profile's, per "
+        "family.",
         default=None,
     )
     noise_offset: float | None = _opt(
         "Std of a per-image, per-channel constant added to the training noise ('offset noise'); 0 disables. "
-        "Default: the family's (listed under the per-family defaults).",
+        "Default: the profile's, per family.",
         default=None,
     )
-    use_ema: bool = _opt(
+    use_ema: bool | None = _opt(
         "Keep an exponential moving average of the adapter weights; validation grids and the saved adapter "
-        "use it.",
-        default=False,
+        "use it. Default: the profile's, per family.",
+        default=None,
     )
     ema_decay: float = _opt(
         "Decay of the moving average (--use_ema), warmed up as in diffusers.", default=0.99
     )
     # --- performance -----------------------------------------------------------------------------------
-    mixed_precision: str = _opt("no, fp16 (GPU) or bf16. Adapter weights stay fp32.", default="no")
-    gradient_checkpointing: bool = _opt("Recompute UNet activations to save memory.", default=False)
-    enable_xformers_memory_efficient_attention: bool = _opt(
-        "Use xformers attention (falls back to PyTorch SDPA if missing).", default=False
+    mixed_precision: str | None = _opt(
+        "no, fp16 (GPU) or bf16. Adapter weights stay fp32. Default: the profile's on a GPU, no on a CPU.",
+        default=None,
+    )
+    gradient_checkpointing: bool | None = _opt(
+        "Recompute UNet activations to save memory. Default: the profile's on a GPU, off on a CPU.",
+        default=None,
+    )
+    enable_xformers_memory_efficient_attention: bool | None = _opt(
+        "Use xformers attention (falls back to PyTorch SDPA if missing). Default: the profile's on a GPU.",
+        default=None,
     )
     cache_latents: bool = _opt("Encode images with the VAE once instead of every step.", default=True)
     # --- checkpoints, validation, logging --------------------------------------------------------------
@@ -216,8 +199,12 @@ class TrainConfig:
     validation_steps: int = _opt(
         "Write validation/step-N.png every N steps (0: only at the end).", default=100
     )
-    num_inference_steps: int = _opt("Denoising steps for validation and class images.", default=25)
-    guidance_scale: float = _opt("Classifier-free guidance for validation and class images.", default=7.5)
+    num_inference_steps: int | None = _opt(
+        "Denoising steps for validation and class images. Default: the profile's.", default=None
+    )
+    guidance_scale: float | None = _opt(
+        "Classifier-free guidance for validation and class images. Default: the profile's.", default=None
+    )
     seed: int | None = _opt(
         "Seed for crops, sampling, noise and validation. Default: drawn and logged.", default=None
     )
@@ -227,38 +214,14 @@ class TrainConfig:
 
     # --------------------------------------------------------------------------------------------------
     @property
-    def family_defaults(self) -> FamilyTrainingDefaults:
-        return FAMILY_TRAINING_DEFAULTS[self.adapter]
-
-    def _in_effect(self, name: str) -> Any:
-        """Option ``name`` as given, or the family's default of the same name when it is None."""
-        given = getattr(self, name)
-        return given if given is not None else getattr(self.family_defaults, name)
-
-    @property
-    def steps(self) -> int:
-        """Optimiser steps, the family default when not given."""
-        return self._in_effect("max_train_steps")
-
-    @property
-    def lr(self) -> float:
-        """Peak learning rate, the family default when not given."""
-        return self._in_effect("learning_rate")
-
-    @property
     def snr(self) -> float | None:
-        """Min-SNR γ in effect: the given value (0 = off) or the family default."""
-        return self._in_effect("snr_gamma") or None
+        """Min-SNR γ in effect after `training.defaults.apply_profile` (0 or unset = off)."""
+        return self.snr_gamma or None
 
     @property
     def offset(self) -> float:
-        """Offset-noise std in effect: the given value or the family default (0 = off)."""
-        return self._in_effect("noise_offset")
-
-    @property
-    def prior_weight(self) -> float:
-        """Prior-preservation loss weight in effect: the given value or the family default."""
-        return self._in_effect("prior_loss_weight")
+        """Offset-noise std in effect after `training.defaults.apply_profile` (0 = off)."""
+        return self.noise_offset or 0.0
 
     @property
     def trigger(self) -> str:
@@ -277,10 +240,13 @@ class TrainConfig:
 
     def _problems(self) -> list[str]:
         out: list[str] = []
-        if self.adapter not in FAMILY_TRAINING_DEFAULTS:
-            out.append(
-                f"--adapter {self.adapter!r} is unknown; choose one of {', '.join(FAMILY_TRAINING_DEFAULTS)}"
-            )
+        from models.adapters import FAMILIES
+        from models.profiles import PROFILES
+
+        if self.adapter not in FAMILIES:
+            out.append(f"--adapter {self.adapter!r} is unknown; choose one of {', '.join(FAMILIES)}")
+        if self.profile is not None and self.profile not in PROFILES:
+            out.append(f"--profile {self.profile!r} is unknown; choose one of {', '.join(PROFILES)}")
         if not self.instance_data_dir:
             out.append("--instance_data_dir is required: a folder (or list) of subject images")
         if not self.instance_prompt.strip():
@@ -295,7 +261,7 @@ class TrainConfig:
             "checkpointing_steps",
             "num_inference_steps",
         ):
-            if getattr(self, name) < 1:
+            if getattr(self, name) is not None and getattr(self, name) < 1:  # None: the profile's
                 out.append(f"--{name} must be >= 1 (got {getattr(self, name)})")
         for name in (
             "lr_warmup_steps",
@@ -305,7 +271,7 @@ class TrainConfig:
             "adam_weight_decay",
         ):
             value = getattr(self, name)
-            if value is not None and value < 0:  # None: the family's default
+            if value is not None and value < 0:  # None: the profile's
                 out.append(f"--{name} must be >= 0 (got {value})")
         if self.max_train_steps is not None and self.max_train_steps < 1:
             out.append(f"--max_train_steps must be >= 1 (got {self.max_train_steps})")
@@ -329,7 +295,7 @@ class TrainConfig:
             out.append(
                 f"--lr_scheduler {self.lr_scheduler!r} is unknown; choose one of {', '.join(LR_SCHEDULERS)}"
             )
-        if self.mixed_precision not in MIXED_PRECISION:
+        if self.mixed_precision is not None and self.mixed_precision not in MIXED_PRECISION:
             out.append(
                 f"--mixed_precision {self.mixed_precision!r} is unknown; choose one of {', '.join(MIXED_PRECISION)}"
             )
@@ -349,7 +315,7 @@ class TrainConfig:
             out.append("--with_prior_preservation needs --class_prompt, e.g. 'a photo of a dog'")
         if not self.output_dir:
             out.append("--output_dir is required")
-        if not self.targets:
+        if self.targets is not None and not self.targets:
             out.append("--targets is empty; use a preset (vo, qkvo, cross-vo, all-linear) or module patterns")
         return out
 

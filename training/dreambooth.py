@@ -8,7 +8,8 @@ code runs on a CPU, one GPU, or data-parallel on many:
     accelerate launch --multi_gpu --num_processes 2 -m training.dreambooth --instance_data_dir photos/ ...
     ACCELERATE_USE_CPU=1 accelerate launch --multi_gpu --num_processes 2 -m training.dreambooth ...  # 2 CPU procs, gloo
 
-The loop reads top to bottom: preflight (every check, nothing written) → class images for prior
+The loop reads top to bottom: preflight (every check, the base-model profile's defaults filled in, nothing
+written) → class images for prior
 preservation → attach the adapter → cache text embeddings and latents → optimiser and schedule →
 resume → steps (loss, backward, step, log, validate, checkpoint, cancel) → adapter file, exports and
 model card. Only the main process writes files.
@@ -28,7 +29,7 @@ from typing import Any, Protocol
 import torch
 from accelerate import Accelerator
 from accelerate.state import AcceleratorState, PartialState
-from accelerate.utils import ProjectConfiguration, gather_object, set_seed
+from accelerate.utils import ProjectConfiguration, gather_object, parse_flag_from_env, set_seed
 from diffusers import DDPMScheduler
 from diffusers.optimization import get_scheduler
 from diffusers.training_utils import cast_training_params
@@ -40,6 +41,7 @@ from training.checkpoints import capture_rng, remove_leftovers, restore_rng, sav
 from training.conditioning import TrainingSet
 from training.config import TrainConfig, lr_factor
 from training.data import load_training_images
+from training.defaults import resolved_options
 from training.ema import AdapterEMA
 from training.objective import denoising_loss
 from training.outputs import OutputWriteError, write_final_outputs
@@ -237,8 +239,9 @@ def train(
     ``OutputWriteError``, naming the newest intact checkpoint; ``cancel.is_set()`` stops at the next step
     boundary and writes a resumable checkpoint (the result has ``cancelled=True``).
     """
-    accelerator = make_accelerator(config)
-    plan = preflight(config, accelerator.device, rank=accelerator.process_index)
+    state = PartialState(cpu=parse_flag_from_env("ACCELERATE_USE_CPU"))  # as Accelerator would create it
+    plan = preflight(config, state.device, rank=state.process_index)
+    accelerator = make_accelerator(plan.config)
     try:
         return _run(plan, accelerator, progress, cancel)
     except OSError as exc:
@@ -311,7 +314,12 @@ def _run(
         if ema is not None and plan.checkpoint.ema is not None:
             ema.load_state_tensors(plan.checkpoint.ema)
         logger.info("resumed from %s at step %d", plan.checkpoint.path, start_step)
-    log = TrainLog(out / "train_log.jsonl", resume_step=start_step) if accelerator.is_main_process else None
+    header = {"profile": plan.profile.name, "options": resolved_options(plan.given, cfg)}
+    log = (
+        TrainLog(out / "train_log.jsonl", resume_step=start_step, header=header)
+        if accelerator.is_main_process
+        else None
+    )
     if plan.report_to:
         accelerator.init_trackers(
             "atelier-dreambooth", config={"adapter": cfg.adapter, "lr": cfg.learning_rate}
@@ -350,7 +358,7 @@ def _run(
                     gen,
                     noise_offset=cfg.offset,
                     snr_gamma=cfg.snr,
-                    prior_loss_weight=cfg.prior_weight,
+                    prior_loss_weight=cfg.prior_loss_weight,
                 )
                 loss = parts.total
                 regularizer = handle.regularization_loss()

@@ -2,17 +2,20 @@
 
 It records what someone needs to use (and reproduce) the adapter: base model and its UNet
 fingerprint, adapter family and paper, targets, hyperparameters, the trigger phrase, training
-settings, the final loss and the last validation grid. Written atomically.
+settings, the base-model profile with every option it resolved (and whether the user gave it), the final
+loss and the last validation grid. Written atomically.
 """
 
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 from typing import Any
 
 from models.atomic_write import atomic_write_text
 from training.config import TrainConfig
+from training.defaults import option_text
 
 
 def render_model_card(
@@ -31,6 +34,7 @@ def render_model_card(
     exports: list[str],
     sample_grid: str | None,
     resume_note: str | None = None,
+    resolved: dict[str, dict[str, Any]] | None = None,
 ) -> str:
     """The model card as Markdown text (``resume_note``: how the run began, when it was asked to resume)."""
     hyper = json.dumps(adapter_config, indent=2, sort_keys=True)
@@ -71,7 +75,7 @@ def render_model_card(
         f"| Instance prompt | “{config.instance_prompt}” |",
         f"| Prior preservation | {_prior_text(config)} |",
         f"| Steps | {steps} (batch {config.train_batch_size} × accumulation {config.gradient_accumulation_steps}) |",
-        f"| Learning rate | {config.lr:g} ({config.lr_scheduler}, warm-up {config.lr_warmup_steps}) |",
+        f"| Learning rate | {config.learning_rate:g} ({config.lr_scheduler}, warm-up {config.lr_warmup_steps}) |",
         f"| Min-SNR weighting | {'off' if config.snr is None else f'γ = {config.snr:g}'} |",
         f"| Offset noise | {f'std {config.offset:g}' if config.offset else 'off'} |",
         f"| Weights saved | {f'moving average, decay {config.ema_decay:g}' if config.use_ema else 'last step'} |",
@@ -82,6 +86,20 @@ def render_model_card(
     ]
     if resume_note:
         lines.append(f"| Resume | {resume_note} |")
+    if resolved:
+        lines += [
+            "",
+            f"## Base-model profile: `{config.profile}`",
+            "",
+            "Every option a base-model profile supplies (`models.profiles`), its value in this run and where it came from:",
+            "",
+            "| Option | Value | From |",
+            "|---|---|---|",
+            *(
+                f"| `{name}` | `{option_text(row['value'])}` | {row['from']} |"
+                for name, row in resolved.items()
+            ),
+        ]
     if sample_grid:
         lines += [
             "",
@@ -97,7 +115,16 @@ def render_model_card(
 def _prior_text(config: TrainConfig) -> str:
     if not config.with_prior_preservation:
         return "off"
-    return f"“{config.class_prompt}”, {config.num_class_images} images, weight {config.prior_weight:g}"
+    return f"“{config.class_prompt}”, {config.num_class_images} images, weight {config.prior_loss_weight:g}"
+
+
+PROFILE_ROW = re.compile(r"^\| `(\w+)` \| `(.*)` \| (.+) \|$")
+
+
+def read_profile_table(text: str) -> dict[str, tuple[str, str]]:
+    """The profile section of a model card read back: option -> (value as written, origin)."""
+    rows = (PROFILE_ROW.match(line) for line in text.splitlines())
+    return {m.group(1): (m.group(2), m.group(3)) for m in rows if m}
 
 
 def write_model_card(path: Path, text: str) -> Path:

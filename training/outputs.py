@@ -24,6 +24,7 @@ from typing import TYPE_CHECKING, Any
 from models.adapters import FAMILIES
 from models.adapters.files import load_adapter_file, save_adapter_file
 from training.checkpoints import list_checkpoints
+from training.defaults import resolved_options
 from training.model_card import render_model_card, write_model_card
 
 if TYPE_CHECKING:
@@ -118,6 +119,7 @@ def write_final_outputs(
             "seed": cfg.seed,
             "num_processes": result.num_processes,
             "learning_rate": cfg.learning_rate,
+            "profile": cfg.profile,
         },
     )
     adapter_file = load_adapter_file(adapter_path)
@@ -161,6 +163,7 @@ def write_final_outputs(
         exports=[str(path.relative_to(out)) for path in written.values()],
         sample_grid=str(sample_grid.relative_to(out)) if sample_grid else None,
         resume_note=plan.resume_note,
+        resolved=resolved_options(plan.given, cfg),
     )
     with _completing(adapter_path, f"model card {MODEL_CARD}", None):
         write_model_card(out / MODEL_CARD, card)

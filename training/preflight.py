@@ -3,8 +3,8 @@
 ``preflight`` turns a ``TrainConfig`` into a ``RunPlan``: options validated, the base model loaded,
 the adapter family's hyperparameters checked against the real layer shapes (BOFT blocks dividing the
 width, HRA rank parity, KronA factors, ...), the targets resolved, every subject image opened and
-checked, the resume checkpoint found and matched to this run, and every default (resolution, seed,
-steps, learning rate) filled in. Any problem raises one of the "bad input" errors listed in
+checked, the resume checkpoint found and matched to this run, the base-model profile picked
+(``models.profiles``) and every option left unset filled from it (``training.defaults``), then the seed. Any problem raises one of the "bad input" errors listed in
 ``INPUT_ERRORS`` — the CLI turns those into a message and exit code 2 — and leaves existing outputs
 untouched, because nothing has been written yet.
 """
@@ -26,12 +26,21 @@ from diffusers import DiffusionPipeline
 from models.adapters import FAMILIES, AdapterConfigError, resolve_targets
 from models.adapters.targets import layer_shapes
 from models.pipelines import ModelLoadError, default_base_model, load_pipeline, unet_fingerprint
+from models.profiles import Profile, ProfileError, get_profile, profile_for_pipeline, profile_for_spec
 from training.checkpoints import Checkpoint, CheckpointError, load_checkpoint, resolve_resume
 from training.config import ConfigError, TrainConfig
 from training.data import ImageDataError, TrainingImage, load_training_images
+from training.defaults import apply_profile
 from training.prior import existing_class_images
 
-INPUT_ERRORS = (ConfigError, ImageDataError, ModelLoadError, AdapterConfigError, CheckpointError)
+INPUT_ERRORS = (
+    ConfigError,
+    ImageDataError,
+    ModelLoadError,
+    AdapterConfigError,
+    CheckpointError,
+    ProfileError,
+)
 """Errors that mean "the input is wrong" (CLI exit code 2), as opposed to a failure during training."""
 
 _DTYPES = {"no": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
@@ -42,6 +51,9 @@ class RunPlan:
     """A checked, fully resolved training run (defaults filled in) and the loaded base model."""
 
     config: TrainConfig
+    given: TrainConfig
+    """The options as the user gave them (before the profile filled the rest)."""
+    profile: Profile
     pipe: DiffusionPipeline
     base_model: str
     fingerprint: str
@@ -82,7 +94,7 @@ def build_adapter_config(config: TrainConfig) -> Any:
         raise ConfigError(f"invalid {config.adapter} hyperparameters: {exc}") from exc
 
 
-def _base_model_spec(config: TrainConfig) -> str:
+def base_model_spec(config: TrainConfig) -> str:
     if config.pretrained_model_name_or_path:
         return config.pretrained_model_name_or_path
     default = default_base_model()
@@ -105,13 +117,16 @@ def _resolution(config: TrainConfig, pipe: DiffusionPipeline) -> int:
     return resolution
 
 
-def _optional_feature(asked: bool, module: str, what: str, fallback: str, device: torch.device) -> bool:
+def _optional_feature(
+    asked: bool, module: str, what: str, fallback: str, device: torch.device, *, by_profile: bool = False
+) -> bool:
+    """Whether to use an optional GPU feature; a missing package is a warning when the user asked for the
+    feature and an info line when only the profile did (it offers the feature where installed)."""
     if not asked:
         return False
     if importlib.util.find_spec(module) is None:
-        logging.getLogger(__name__).warning(
-            "%s asked for, but %s is not installed: using %s.", what, module, fallback
-        )
+        log = logging.getLogger(__name__).info if by_profile else logging.getLogger(__name__).warning
+        log("%s asked for, but %s is not installed: using %s.", what, module, fallback)
         return False
     if device.type != "cuda":
         logging.getLogger(__name__).warning(
@@ -135,11 +150,37 @@ def report_target(config: TrainConfig) -> str | None:
     return config.report_to
 
 
+def load_with_profile(
+    config: TrainConfig, device: torch.device, *, check: bool = True
+) -> tuple[TrainConfig, DiffusionPipeline, str]:
+    """Pick the profile, fill ``config``'s unset options from it and load the base model in the resulting
+    precision: (resolved config, pipeline, model spec). A diffusers folder's profile is read from its config
+    files; a hub id or single file is loaded first and then cast. ``check=False`` skips the option checks
+    (``--show-defaults`` needs no subject images)."""
+    spec = base_model_spec(config)
+    cuda = device.type == "cuda"
+    profile = profile_for_spec(spec, config.profile)
+    pipe = None
+    if profile is None:
+        pipe = load_pipeline(spec, device=device, dtype=torch.float32)
+        profile = profile_for_pipeline(pipe)
+    resolved = apply_profile(config, profile, cuda=cuda)
+    if check:
+        resolved.validate()
+    if resolved.mixed_precision == "fp16" and not cuda:
+        raise ConfigError("--mixed_precision fp16 needs a GPU; on CPU use --mixed_precision bf16 or no")
+    weight_dtype = _DTYPES[resolved.mixed_precision]
+    pipe = (
+        load_pipeline(spec, device=device, dtype=weight_dtype)
+        if pipe is None
+        else pipe.to(dtype=weight_dtype)
+    )
+    return dataclasses.replace(resolved, resolution=_resolution(resolved, pipe)), pipe, spec
+
+
 def preflight(config: TrainConfig, device: torch.device, *, rank: int = 0) -> RunPlan:
     """Check ``config`` completely and load the base model; raise an ``INPUT_ERRORS`` error on bad input."""
     config.validate()
-    if config.mixed_precision == "fp16" and device.type == "cpu":
-        raise ConfigError("--mixed_precision fp16 needs a GPU; on CPU use --mixed_precision bf16 or no")
     adapter_config = build_adapter_config(config)
     check_output_dir(config.output_dir)
     resume_from = resolve_resume(config.resume_from_checkpoint, config.output_dir)
@@ -153,15 +194,14 @@ def preflight(config: TrainConfig, device: torch.device, *, rank: int = 0) -> Ru
         logging.getLogger(__name__).warning(resume_note)
     checkpoint = load_checkpoint(resume_from, rank=rank) if resume_from is not None else None
     checkpoint_run = checkpoint.run if checkpoint is not None else None
-    spec = _base_model_spec(config)
-    weight_dtype = _DTYPES[config.mixed_precision]
-    pipe = load_pipeline(spec, device=device, dtype=weight_dtype)
-    resolution = _resolution(config, pipe)
+    filled, pipe, spec = load_with_profile(config, device)
+    weight_dtype = _DTYPES[filled.mixed_precision]
+    resolution = filled.resolution
     try:
-        targets = resolve_targets(pipe.unet, config.targets)
+        targets = resolve_targets(pipe.unet, filled.targets)
         adapter_config.validate(layer_shapes(pipe.unet, targets))
     except AdapterConfigError as exc:
-        raise ConfigError(f"--adapter {config.adapter} with --targets {config.targets}: {exc}") from exc
+        raise ConfigError(f"--adapter {config.adapter} with --targets {filled.targets}: {exc}") from exc
     seed = config.seed
     if seed is None:
         seed = checkpoint_run["seed"] if checkpoint_run else secrets.randbelow(2**31)
@@ -169,16 +209,15 @@ def preflight(config: TrainConfig, device: torch.device, *, rank: int = 0) -> Ru
         config.instance_data_dir, resolution, center_crop=config.center_crop, seed=seed
     )
     resolved = dataclasses.replace(
-        config,
-        resolution=resolution,
+        filled,
         seed=seed,
-        max_train_steps=config.steps,
-        learning_rate=config.lr,
         validation_prompt=config.validation_prompt or config.instance_prompt,
         adapter_config=adapter_config.to_dict(),
     )
     plan = RunPlan(
         config=resolved,
+        given=config,
+        profile=get_profile(filled.profile),
         pipe=pipe,
         base_model=spec,
         fingerprint=unet_fingerprint(pipe.unet),
@@ -188,14 +227,20 @@ def preflight(config: TrainConfig, device: torch.device, *, rank: int = 0) -> Ru
         checkpoint=checkpoint,
         weight_dtype=weight_dtype,
         use_xformers=_optional_feature(
-            config.enable_xformers_memory_efficient_attention,
+            resolved.enable_xformers_memory_efficient_attention,
             "xformers",
             "xformers attention",
             "PyTorch SDPA",
             device,
+            by_profile=config.enable_xformers_memory_efficient_attention is None,
         ),
         use_8bit_adam=_optional_feature(
-            config.use_8bit_adam, "bitsandbytes", "8-bit Adam", "torch AdamW", device
+            resolved.use_8bit_adam,
+            "bitsandbytes",
+            "8-bit Adam",
+            "torch AdamW",
+            device,
+            by_profile=config.use_8bit_adam is None,
         ),
         report_to=report_target(config),
         resume_note=resume_note,

@@ -6,6 +6,7 @@ attention masks are shown under the gallery."""
 from __future__ import annotations
 
 import json
+from typing import Any
 
 import gradio as gr
 import pandas as pd
@@ -19,14 +20,29 @@ GENERATION = "generation"
 """Concurrency group of every event that runs the base pipeline in the app process (one at a time)."""
 
 
-def default_options(method: str) -> str:
-    """A method's own options as editable JSON (values that JSON cannot hold are left out)."""
-    from composition.methods import method_options
+def default_options(method: str, profile: Any = None) -> str:
+    """A method's options as editable JSON: its own defaults under the base-model profile's settings
+    (`models.profiles`; values that JSON cannot hold are left out)."""
+    from composition.methods import clora, method_options
 
-    options = {
-        k: v for k, v in method_options(method).items() if isinstance(v, int | float | str | bool | None)
-    }
-    return json.dumps(options, indent=2)
+    options = method_options(method)
+    chosen = profile.method_options(method) if profile is not None else {}
+    preset = clora.PRESETS.get(chosen.get("preset")) if method == "clora" else None
+    if preset is not None:  # the chosen preset's fields, as method_options lists the default preset's
+        options.update({name: getattr(preset, name) for name in clora.CloraOptions.__dataclass_fields__})
+    options.update(chosen)
+    return json.dumps(
+        {k: v for k, v in options.items() if isinstance(v, int | float | str | bool | None)}, indent=2
+    )
+
+
+def profile_text(profile: Any) -> str:
+    """The Compose tab's line naming the active profile and its generation defaults."""
+    gen = profile.generation
+    return (
+        f"**Profile `{profile.name}`** — {profile.title}: {gen.compose_steps} steps, guidance "
+        f"{gen.compose_guidance:g}; method options from the profile where it sets them."
+    )
 
 
 def _rows(studio: Studio, adapter_ids: list[str] | None, current: pd.DataFrame | None) -> pd.DataFrame:
@@ -86,6 +102,7 @@ def build(studio: Studio) -> tuple[gr.Dropdown, gr.State]:
     """Lay out the Compose tab; returns the adapter picker and the state holding the last gallery's files."""
     from composition.methods import METHODS
 
+    profile = studio.profile()
     last_images = gr.State([])
     with gr.Row():
         with gr.Column(scale=1):
@@ -106,13 +123,19 @@ def build(studio: Studio) -> tuple[gr.Dropdown, gr.State]:
             )
             negative = gr.Textbox("", label="Negative prompt")
             method = gr.Dropdown(list(METHODS), value="merge", label="Method")
-            options = gr.Code(default_options("merge"), language="json", label="Method options")
+            gr.Markdown(profile_text(profile), elem_id="compose-profile")
+            options = gr.Code(default_options("merge", profile), language="json", label="Method options")
             with gr.Row():
                 seed = gr.Number(0, label="Seed", precision=0)
                 steps = gr.Number(
-                    25, label="Steps", elem_id="compose-steps", precision=0, minimum=1, maximum=200
+                    profile.generation.compose_steps,
+                    label="Steps",
+                    elem_id="compose-steps",
+                    precision=0,
+                    minimum=1,
+                    maximum=200,
                 )
-                guidance = gr.Number(7.5, label="Guidance")
+                guidance = gr.Number(profile.generation.compose_guidance, label="Guidance")
                 num_images = gr.Number(
                     1, label="Images", elem_id="compose-images", precision=0, minimum=1, maximum=8
                 )
@@ -205,7 +228,7 @@ def build(studio: Studio) -> tuple[gr.Dropdown, gr.State]:
     picked.change(
         lambda ids, current: _rows(studio, ids, current), [picked, table], table, api_visibility="private"
     )
-    method.change(default_options, method, options, api_visibility="private")
+    method.change(lambda m: default_options(m, profile), method, options, api_visibility="private")
     run.click(generate, form, outputs, api_name="compose", concurrency_id=GENERATION, concurrency_limit=1)
     compare.click(
         compare_all, form, outputs, api_name="compare_methods", concurrency_id=GENERATION, concurrency_limit=1

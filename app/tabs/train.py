@@ -42,6 +42,26 @@ def _input_for(field: dataclasses.Field, default: Any) -> gr.components.Componen
     return gr.Number(value=default, label=field.name, info=help_text, precision=0 if kind is int else None)
 
 
+PROFILE_FIELDS = ("max_train_steps", "learning_rate", "targets", "num_class_images")
+"""The Train tab's fields filled from the base model's profile (`models.profiles`)."""
+
+
+def profile_defaults(studio: Studio, base_model: str | None, family: str) -> dict[str, Any]:
+    """What the Train tab shows for this base model and family: the profile's text and its values of
+    `PROFILE_FIELDS` (None where the profile is known only once the job loads the model)."""
+    profile = studio.profile(base_model)
+    if profile is None:
+        text = "**Profile**: picked when the job loads this model (a hub id or single file)."
+        return {"text": text, **dict.fromkeys(PROFILE_FIELDS)}
+    defaults = profile.family(family)
+    hints = profile.hints
+    text = (
+        f"**Profile `{profile.name}`** — {profile.title}. Subject images: {hints.subject_images}. "
+        f"Trigger word: {hints.trigger_word}. Class word: {hints.class_word}. Time: {hints.seconds_per_step}."
+    )
+    return {"text": text, **{name: getattr(defaults, name) for name in PROFILE_FIELDS}}
+
+
 def job_choices(studio: Studio) -> list[tuple[str, str]]:
     jobs = studio.store.list_jobs()
     return [(f"{job.name} · {job.id}", job.id) for job in reversed(jobs)]
@@ -80,11 +100,10 @@ def render(view: JobView) -> tuple[str, str, pd.DataFrame, list[str], str]:
 def build(studio: Studio) -> gr.Dropdown:
     """Lay out the Train tab inside the current Blocks; returns the job selector (refreshed on tab select)."""
     from models.adapters import FAMILIES, PRESETS
-    from training.config import FAMILY_TRAINING_DEFAULTS
 
     fields = family_fields()
     defaults = {name: family.default_config() for name, family in FAMILIES.items()}
-    default_steps = {name: FAMILY_TRAINING_DEFAULTS[name].max_train_steps for name in FAMILIES}
+    initial = profile_defaults(studio, None, "lora")
     hyper_inputs: list[tuple[str, str, gr.components.Component]] = []
     groups: dict[str, gr.Group] = {}
     watching: dict[str, str] = {}
@@ -98,6 +117,7 @@ def build(studio: Studio) -> gr.Dropdown:
                 elem_id="train-files",
             )
             upload_report = gr.Markdown(elem_id="upload-report")
+            profile_text = gr.Markdown(initial["text"], elem_id="train-profile")
             thumbs = gr.Gallery(label="Accepted images", columns=6, height=140, interactive=False)
             with gr.Row():
                 trigger = gr.Textbox("sks", label="Trigger word", info="a rare word that names your subject")
@@ -122,10 +142,15 @@ def build(studio: Studio) -> gr.Dropdown:
                                 (name, field.name, _input_for(field, getattr(defaults[name], field.name)))
                             )
             with gr.Row():
-                targets = gr.Dropdown(list(PRESETS), value="vo", label="Targets", allow_custom_value=True)
+                targets = gr.Dropdown(
+                    list(PRESETS),
+                    value=initial["targets"] or "vo",
+                    label="Targets (the profile's for the family)",
+                    allow_custom_value=True,
+                )
                 steps = gr.Number(
-                    default_steps["lora"],
-                    label="Steps (set to the family's default when you pick a family)",
+                    initial["max_train_steps"] or 0,
+                    label="Steps (the profile's for the family; 0: decided when the model loads)",
                     elem_id="train-steps",
                     precision=0,
                     minimum=1,
@@ -138,7 +163,11 @@ def build(studio: Studio) -> gr.Dropdown:
                 placeholder=studio.base_models.hint(),
             )
             with gr.Accordion("Advanced training options", open=False):
-                learning_rate = gr.Number(0, label="Learning rate (0: the family's default)", minimum=0)
+                learning_rate = gr.Number(
+                    initial["learning_rate"] or 0,
+                    label="Learning rate (the profile's for the family; 0: decided when the model loads)",
+                    minimum=0,
+                )
                 seed = gr.Number(0, label="Seed", precision=0)
                 validation_steps = gr.Number(
                     50,
@@ -162,7 +191,10 @@ def build(studio: Studio) -> gr.Dropdown:
                     minimum=1,
                 )
                 num_class_images = gr.Number(
-                    20, label="Class images for prior preservation", precision=0, minimum=1
+                    initial["num_class_images"] or 0,
+                    label="Class images for prior preservation (0: the profile's)",
+                    precision=0,
+                    minimum=0,
                 )
                 name = gr.Textbox("", label="Job name (default: trigger and class word)")
             start = gr.Button("Start training", variant="primary", elem_id="start-training")
@@ -183,9 +215,19 @@ def build(studio: Studio) -> gr.Dropdown:
         result = studio.check_uploads(paths)
         return "\n".join(f"- {m}" for m in result.messages), [str(p) for p in result.accepted]
 
-    def pick_family(choice: str) -> list[Any]:
+    def fill_from_profile(base: str, choice: str) -> list[Any]:
+        found = profile_defaults(studio, base or None, choice)
+        return [
+            found["text"],
+            gr.update(value=found["max_train_steps"] or 0),
+            gr.update(value=found["learning_rate"] or 0),
+            gr.update(value=found["targets"] or "vo"),
+            gr.update(value=found["num_class_images"] or 0),
+        ]
+
+    def pick_family(choice: str, base: str) -> list[Any]:
         shown = [gr.update(visible=n == choice) for n in groups]
-        return [*shown, gr.update(value=default_steps.get(choice, default_steps["lora"]))]
+        return [*shown, *fill_from_profile(base, choice)]
 
     def start_job(
         paths: list[str] | None,
@@ -218,7 +260,7 @@ def build(studio: Studio) -> gr.Dropdown:
             targets=tgt,
             steps=int(n or 0),
             prior_preservation=use_prior,
-            num_class_images=int(n_class or 1),
+            num_class_images=int(n_class or 0) or None,
             base_model=base or None,
             learning_rate=lr or None,
             seed=int(sd or 0),
@@ -269,7 +311,11 @@ def build(studio: Studio) -> gr.Dropdown:
 
     view_outputs = [progress_line, status, loss_plot, validation, log]
     files.change(check, files, [upload_report, thumbs], api_name="check_uploads")
-    family.change(pick_family, family, [*groups.values(), steps], api_visibility="private")
+    profile_outputs = [profile_text, steps, learning_rate, targets, num_class_images]
+    family.change(
+        pick_family, [family, base_model], [*groups.values(), *profile_outputs], api_visibility="private"
+    )
+    base_model.blur(fill_from_profile, [base_model, family], profile_outputs, api_name="profile_defaults")
     start.click(
         start_job,
         [

@@ -48,6 +48,7 @@ from models.atomic_write import atomic_write_text, write_safetensors
 from models.clip_compat import clip
 from models.clip_tokenizer import write_clip_tokenizer_files
 from models.noise import training_noise
+from models.profiles import write_marker
 from models.toyworld import clip_model
 from models.toyworld.checkpoint import load_state, save_state
 from models.toyworld.paths import TOYWORLD_DIR
@@ -420,6 +421,7 @@ def save_assets(
         new = Path(staging) / "pipeline"
         pipe.save_pretrained(new, safe_serialization=True)
         load_in_float32(new)
+        write_marker(new, "toyworld")  # its copies keep the toy-world profile (models.profiles)
         target = out / "pipeline"
         old = Path(staging) / "old"
         if target.exists():
