@@ -137,6 +137,8 @@ SETUPS = (
           ("star", "blue heart", "purple")),
     Setup("N=2 one object boft+lora", (("purple", "boft"), ("heart", "lora")), "a purple heart on a white background",
           {"whole": {"colour": "purple", "shape": "heart"}}, ("purple", "heart")),
+    Setup("N=2 lora+lora", (("purple", "lora"), ("heart", "lora")), "a purple square and a blue heart",
+          {"left": {"colour": "purple"}, "right": {"shape": "heart"}}, ("purple square", "blue heart")),
 )  # fmt: skip
 
 
@@ -221,6 +223,33 @@ def region_passes(image: Any, region: str, attributes: dict[str, str]) -> bool:
     return reading is not None and all(getattr(reading, k) == v for k, v in attributes.items())
 
 
+NOISE_REGIONS = ("whole", "left", "right")
+"""Where `is_noise_image` looks for an object."""
+NOISE_GRADIENT = 45.0
+"""Mean absolute difference between neighbouring pixels (0-255, averaged over both axes and the channels) above
+which an image counts as noise. Toy-world renders of 32 px measure 2.6-10.8 (20 scenes of `sample_batch(0, 20)`),
+composed images 8-27 (CLoRA's reference with latent updates, the most broken, 20-27), uniform noise 87."""
+
+
+def neighbour_difference(image: Any) -> float:
+    """Mean |difference| between vertically and horizontally neighbouring pixels, 0-255 scale."""
+    import numpy as np
+
+    array = np.asarray(image.convert("RGB"), dtype=np.float64)
+    return float((np.abs(np.diff(array, axis=0)).mean() + np.abs(np.diff(array, axis=1)).mean()) / 2)
+
+
+def is_noise_image(image: Any) -> bool:
+    """A noise image: its pixels vary between neighbours like noise (`NOISE_GRADIENT`), or the toy-world checks
+    (`models.toyworld.checks.read_object`) find no object in the whole image nor in either half (an image that
+    never left the noise can also read as flat background)."""
+    from models.toyworld.checks import read_object
+
+    if neighbour_difference(image) > NOISE_GRADIENT:
+        return True
+    return all(read_object(image, region) is None for region in NOISE_REGIONS)  # type: ignore[arg-type]
+
+
 def passes(image: Any, expect: dict[str, dict[str, str]]) -> bool:
     """Whether every region shows an object with every expected attribute."""
     return all(region_passes(image, region, attributes) for region, attributes in expect.items())
@@ -239,13 +268,14 @@ def evaluate_setup(pipe: Any, setup: Setup, paths: list[Path], seeds: int, steps
     prompt = ConceptPrompt.build(setup.prompt, setup.phrases, plains=setup.plains)
     rows: dict[str, dict[str, float | None]] = {}
     for method in methods:
-        images, evals, walls = [], [], []
+        images, evals, shallow, walls = [], [], [], []
         for seed in range(first_seed, first_seed + seeds):
             start = time.perf_counter()
             options = (method_options or {}).get(method, {})
             result = generate(method, pipe, bank, prompt, steps, GUIDANCE, seed, **options)
             walls.append(time.perf_counter() - start)
             evals.append(result.unet_evals)
+            shallow.append(result.extras.get("shallow_evals", 0))
             images.append(result.images[0])
             if images_dir is not None:
                 save_image(
@@ -270,6 +300,8 @@ def evaluate_setup(pipe: Any, setup: Setup, paths: list[Path], seeds: int, steps
             "concept_min_clipscore": concept_min,
             "clipscore": clipscore,
             "unet_evals": statistics.mean(evals),
+            "shallow_evals": statistics.mean(shallow),
+            "noise_images": sum(is_noise_image(image) for image in images),
             "wall_s": statistics.mean(walls),
         }
     bank.close()
@@ -315,7 +347,7 @@ def _percent(value: float | None) -> str:
 def format_table(report: dict[str, Any]) -> str:
     """The report as an aligned text table."""
     lines = [f"{'setup':26s} {'method':10s} {'all-present':>11s} {'95% CI':>9s} {'left':>6s} {'right':>6s} "
-             f"{'concept-min':>11s} {'CLIPScore':>9s} {'UNet evals':>10s} {'wall s':>7s}"]  # fmt: skip
+             f"{'concept-min':>11s} {'CLIPScore':>9s} {'full rows':>9s} {'shallow':>7s} {'wall s':>7s}"]  # fmt: skip
     for name, entry in report["setups"].items():
         for method, row in entry["methods"].items():
             concept, clip = (
@@ -326,7 +358,7 @@ def format_table(report: dict[str, Any]) -> str:
             lines.append(
                 f"{name:26s} {method:10s} {100 * row['all_present']:>10.1f}% {interval:>9s} "
                 f"{_percent(row.get('left_present')):>6s} {_percent(row.get('right_present')):>6s} {concept:>11s} {clip:>9s} "
-                f"{row['unet_evals']:>10.0f} {row['wall_s']:>7.2f}"
+                f"{row['unet_evals']:>9.1f} {row.get('shallow_evals', 0):>7.1f} {row['wall_s']:>7.2f}"
             )
     return "\n".join(lines)
 
@@ -365,6 +397,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         "--cmlora-option", action="append", default=[], metavar="KEY=VALUE",
         help="cmlora option (JSON value), e.g. cache_interval=8",
     )  # fmt: skip
+    parser.add_argument(
+        "--switch-option", action="append", default=[], metavar="KEY=VALUE",
+        help='switch option (JSON value), e.g. preset="paper"',
+    )  # fmt: skip
     parser.add_argument("--threads", type=int, default=1, help="torch CPU threads")
     parser.add_argument("--out", type=Path, default=None, help="JSON report path (default: WORK/report.json)")
     args = parser.parse_args(argv)
@@ -374,12 +410,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     check_options("clora", clora_options)  # before any training: a misspelt option fails at once
     cmlora_options = parse_options(args.cmlora_option, "--cmlora-option")
     check_options("cmlora", cmlora_options)
+    switch_options = parse_options(args.switch_option, "--switch-option")
+    check_options("switch", switch_options)
     import torch
 
     torch.set_num_threads(args.threads)
     chosen = [s for s in SETUPS if s.name in args.setups]
     out = args.out or args.work / "report.json"
-    method_options = {"clora": {"preset": args.clora_preset, **clora_options}, "cmlora": cmlora_options}
+    method_options = {
+        "clora": {"preset": args.clora_preset, **clora_options}, "cmlora": cmlora_options, "switch": switch_options,
+    }  # fmt: skip
     report = quality_report(args.seeds, args.steps, args.work, args.base_model, args.train_steps, args.methods,
                             chosen, args.save_images, out, method_options, args.first_seed,
                             FIXTURES if args.fixtures else None)  # fmt: skip
