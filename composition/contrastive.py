@@ -1,14 +1,16 @@
 """CLoRA's attention math (Meral et al., 2024, "CLoRA: A Contrastive Approach to Compose Multiple LoRA
-Models"): token maps from captured cross-attention, the contrastive (NT-Xent / InfoNCE) loss over them,
-and the per-branch masks that fuse the branches' noise predictions.
+Models"): token maps from captured cross-attention, the contrastive loss over them, and the per-branch masks that
+fuse the branches' noise predictions.
 
-Token maps follow Attend-and-Excite (Chefer et al., 2023), which CLoRA builds on: the cross-attention over
-the prompt's text tokens (BOS and padding dropped) is sharpened (×100) and re-normalised with a softmax over
-tokens, then each token's map is min–max normalised to [0, 1]. The loss treats every concept token map of
-every branch as an anchor: positives are the same concept's token maps in all branches, negatives the other
-concepts' token maps; similarity is cosine, temperature τ (0.5 in the reference). Masks: a branch's mask is
-the OR over its concept's tokens of (map >= α·max(map)), α = 0.3; `>=` rather than the reference's `>` so
-that α = 0 gives an all-ones mask (the two differ only on exact ties).
+Two recipes live here. The reference code's (76def7c), which `preset="paper"` runs: raw attention maps, each
+token's map min–max scaled, NT-Xent per positive pair as pytorch-metric-learning computes it (`ntxent_pairs`,
+`paper_contrastive_loss`), masks = OR over the concept's tokens of (map > α·max(map)) (`threshold_masks`).
+Atelier's (its other presets): token maps as in Attend-and-Excite (Chefer et al., 2023) — the cross-attention over
+the prompt's text tokens (BOS and padding dropped) sharpened (×100) and re-normalised with a softmax over tokens,
+each token's map min–max normalised (`normalised_token_maps`); a multi-positive InfoNCE where every concept token
+map of every branch is an anchor, its positives the same concept's maps in all branches, its negatives the other
+concepts' (`contrastive_loss`); masks with `>=` instead of `>` so that α = 0 gives an all-ones mask
+(`strength_masks`), and the region geometry of the `partition` preset (`exclusive`, `connected`).
 """
 
 from __future__ import annotations

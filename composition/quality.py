@@ -18,8 +18,8 @@ single ones (`SHAPE_TRAINING`). Then they are composed:
 
 Each adapter is bound to its concept word together with the word it qualifies in the prompt ("purple
 square", "blue heart"), as CLoRA's own prompts bind a trigger with its class noun ("a <c> cat"): CLoRA reads
-its masks from the bound tokens' cross-attention (bound to "purple" alone, the reference's purple mask was one
-cell of the 4×4 map). Each phrase also has a plain form (`plain_form`): the phrase with the held-out word
+its masks from the bound tokens' cross-attention (bound to "purple" alone, the purple mask of Atelier's `light`
+preset was one cell of the 4×4 map). Each phrase also has a plain form (`plain_form`): the phrase with the held-out word
 swapped for the nearest base-world value the pixel checks read (purple -> blue, heart -> circle, star ->
 triangle), which the other adapters' prompts carry instead of a word they never learnt
 (`ConceptPrompt.branch_text`), so that the branches disagree as little as the base world allows.
@@ -33,13 +33,14 @@ What each choice did (purple adapter left, heart adapter right; the README has t
   rule replaced hand-picked ones ("red square"): with "red square" in the heart adapter's prompt composite and
   cmlora painted the left square red (0% and 3% purple); with "blue square" the left stayed purple in 72% and
   75% (32 seeds).
-- clora: the reference's masks (`light`, `reference`) lost the heart (about 20-30% of 32 seeds, and as low as
-  3% with another training seed of the same adapter): they came from the cells where a concept word wins
+- clora: the masks of Atelier's earlier reimplementation (`light`, `sharpened`; not the reference code, which
+  `paper` runs: `docs/composition_baselines.md`) lost the heart (about 20-30% of 32 seeds, and as low as 3% with
+  another training seed of the same adapter): they came from the cells where a concept word wins
   Attend-and-Excite's sharpened softmax, a few scattered cells of the heart's half, and the base branch's
   circle filled the rest. The `partition` preset (unsharpened maps averaged over the steps, cells exclusive
   between objects, one connected region per object, no latent updates; see `composition.methods.clora`)
   splits the image between the objects and is what this report runs by default (`DEFAULT_CLORA_PRESET`;
-  `--clora-preset light` for the reference's masks): 93.8% both present on seeds 0-31 on each N=2 setup,
+  `--clora-preset paper` for the reference code's algorithm): 93.8% both present on seeds 0-31 on each N=2 setup,
   85.2% and 82.8% over seeds 0-127 (the README has the runs).
 - Composite averages the adapters' predictions over the whole image. On two objects that keeps the colour
   (purple against the heart adapter's blue) but not the shape (the heart against the purple adapter's
@@ -139,6 +140,8 @@ SETUPS = (
           {"whole": {"colour": "purple", "shape": "heart"}}, ("purple", "heart")),
     Setup("N=2 lora+lora", (("purple", "lora"), ("heart", "lora")), "a purple square and a blue heart",
           {"left": {"colour": "purple"}, "right": {"shape": "heart"}}, ("purple square", "blue heart")),
+    Setup("N=2 lora+lora swapped", (("purple", "lora"), ("heart", "lora")), "a blue heart and a purple square",
+          {"left": {"shape": "heart"}, "right": {"colour": "purple"}}, ("purple square", "blue heart")),
 )  # fmt: skip
 
 
@@ -387,7 +390,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument(
         "--clora-preset",
         default=DEFAULT_CLORA_PRESET,
-        help="clora preset: partition (default), light (the reference's with 4 refinement rounds) or reference",
+        help="clora preset: partition (default), paper (the reference code's algorithm), sharpened or light",
     )
     parser.add_argument(
         "--clora-option", action="append", default=[], metavar="KEY=VALUE",
