@@ -24,7 +24,8 @@ from composition.prompt import ConceptPrompt
 from composition.sampling import EmbeddingCache, Progress, Result, Sampler, check_inputs
 
 DEFAULT_INTERVAL = 5
-"""τ, steps between switches (the reference's default `switch_step`)."""
+"""τ, steps between switches (`switch_step` in the reference scripts; their callback uses it with more than two
+adapters)."""
 PRESETS = ("atelier", "paper")
 DEFAULT_PRESET = "atelier"
 """The toy world's best measured schedule (`docs/composition_baselines.md`)."""
