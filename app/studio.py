@@ -156,6 +156,9 @@ class ComposeOutput:
     seeds: list[int]
     unet_evals: list[int]
     masks: list[tuple[Image.Image, str]] = field(default_factory=list)
+    shallow_evals: list[int] = field(default_factory=list)
+    """Cached (shallow) UNet rows per image, beside the full rows of `unet_evals` (cmlora)."""
+    wall_s: list[float] = field(default_factory=list)
     clip_scores: list[float] = field(default_factory=list)
 
 
@@ -312,6 +315,7 @@ class Studio:
             bank = self._bank_for(tuple(a.adapter_id for a in request.adapters))
             for index in range(request.num_images):
                 seed = request.seed + index
+                start = time.perf_counter()
                 result = generate(
                     request.method,
                     pipe,
@@ -325,6 +329,8 @@ class Studio:
                 output.images.extend(result.images)
                 output.seeds.append(seed)
                 output.unet_evals.append(result.unet_evals)
+                output.shallow_evals.append(result.extras.get("shallow_evals", 0))
+                output.wall_s.append(time.perf_counter() - start)
                 output.masks.extend(_mask_images(result.extras, seed))
                 if progress is not None:
                     progress(index + 1, request.num_images)

@@ -8,11 +8,13 @@ so every method runs in minutes; `--quick` swaps in a narrow SD-shaped UNet with
 small VAE, so that, as in real SD, the UNet still dominates the cost. Adapters are random LoRA-style
 weight changes on the default `vo` targets (composition cost does not depend on the family: the bank swaps
 tensors). Printed, for N = 2, 3, 4 adapters:
-- UNet evaluations and wall time per image of merge, switch, composite, cmlora, clora, and ratios against the
-  single-adapter run (targets: switch, merge ~1.0×) and cmlora against composite (target <= 0.6×);
+- full UNet rows, shallow (cached) rows and wall time per image of merge, switch, composite, cmlora, clora; ratios
+  against the single-adapter run (targets: switch, merge ~1.0×) and of every method against composite in full rows,
+  shallow rows per composite row and CPU seconds (cmlora target <= 0.6× in CPU seconds);
 - clora's working-memory peak (process RSS above the level before the call, sampled every 2 ms; CUDA: peak
   allocated) at N = 4 over N = 2 (target <= 1.5×), and the peak of one latent update done Atelier's way
-  (one branch's graph at a time) against the reference's way (all branches' graphs alive) at N = 2 and 4,
+  (one branch's graph at a time) against a joint graph of every branch (as the reference code builds; here over
+  the conditional forwards of Atelier's loop) at N = 2 and 4,
   both as process memory and as the bytes autograd graphs hold (saved-tensor hooks: exact on any device);
 - bank activation time against one UNet forward (target <= 1%), and merged-adapter generation against the
   base path and diffusers' own `StableDiffusionPipeline.__call__` (target: within ±3%).
@@ -33,6 +35,7 @@ import torch
 from benchmarks._sd15 import build_sd15_pipeline
 from composition import AdapterBank, ConceptPrompt, generate
 from composition.methods.clora import PRESETS as CLORA_PRESETS
+from composition.report import method_cost, versus_composite
 from models.adapters import resolve_targets
 
 CONCEPTS = ("zq star", "vx heart", "kp circle", "wm square")
@@ -140,7 +143,10 @@ def run_methods(
                 result, wall = timed(run, device)
             row = rows[method]
             row["walls"].append(wall)
-            row.update(evals=result.unet_evals, extras=result.extras, peak=max(row["peak"], memory.peak))
+            row.update(
+                evals=result.unet_evals, shallow=result.extras.get("shallow_evals", 0), extras=result.extras,
+                peak=max(row["peak"], memory.peak),
+            )  # fmt: skip
     for row in rows.values():
         row["wall"] = min(row["walls"])
     bank.close()
@@ -186,7 +192,7 @@ class GraphBytes:
 
 def clora_update_memory(pipe: Any, n: int, device: str, joint: bool) -> tuple[int, int]:
     """Peak memory of one CLoRA latent update with N adapters: Atelier's one-branch-at-a-time backprop, or
-    (`joint`) the reference's way, every branch's graph alive for one backward over the joint loss.
+    (`joint`) every branch's graph alive for one backward over the joint loss, as the reference code does.
     Returns (process peak above the start level, peak bytes held by autograd graphs)."""
     from composition.attention_store import AttentionStore, capture_cross_attention
     from composition.contrastive import contrastive_loss
@@ -329,20 +335,22 @@ def report_methods(
 ) -> None:
     """Print the per-method table for N = 2, 3, 4 (the single-adapter run and `methods`) and clora's
     peak-memory ratio."""
-    print(
-        f"{'N':>2} {'method':10s} {'evals':>6} {'wall s':>8} {'evals/1':>8} {'wall/1':>7} {'vs composite':>13}"
-    )
+    print(f"{'N':>2} {'method':10s} {'full':>5} {'shallow':>7} {'wall s':>8} {'full/1':>7} {'wall/1':>7} "
+          f"{'vs composite (full rows / shallow rows / CPU s)':>48}")  # fmt: skip
     clora_peak: dict[int, int] = {}
     for n in (2, 3, 4):
         rows = run_methods(pipe, n, steps, device, clora_options, repeats, methods)
         single = rows["single"]
+        costs = {m: method_cost([r["evals"]], [r["shallow"]], [r["wall"]]) for m, r in rows.items()}
+        ratios = versus_composite(costs)
         for method, row in rows.items():
             vs = ""
-            if method == "cmlora" and "composite" in rows:
-                comp = rows["composite"]
-                vs = f"{row['evals'] / comp['evals']:.2f}x/{row['wall'] / comp['wall']:.2f}x"
-            print(f"{n:>2} {method:10s} {row['evals']:>6} {row['wall']:>8.2f} {row['evals'] / single['evals']:>7.2f}x "
-                  f"{row['wall'] / single['wall']:>6.2f}x {vs:>13}", flush=True)  # fmt: skip
+            if method in ratios:
+                ratio = ratios[method]
+                vs = f"{ratio['full_rows']:.2f}x / {ratio['shallow_rows_per_composite_row']:.2f}x / {ratio['wall_s']:.2f}x"
+            print(f"{n:>2} {method:10s} {row['evals']:>5} {row['shallow']:>7} {row['wall']:>8.2f} "
+                  f"{row['evals'] / single['evals']:>6.2f}x {row['wall'] / single['wall']:>6.2f}x {vs:>48}",
+                  flush=True)  # fmt: skip
         if "cmlora" in rows:
             extras = rows["cmlora"]["extras"]
             print(f"   cmlora: shallow evals {extras['shallow_evals']}, refresh steps {extras['refresh_steps']}, "
@@ -355,12 +363,12 @@ def report_methods(
 
 
 def report_update_memory(pipe: Any, device: str) -> None:
-    """Print one latent update's peak memory, branch-at-a-time vs the reference's joint graph, N = 2 and 4."""
+    """Print one latent update's peak memory, branch-at-a-time vs one joint graph, N = 2 and 4."""
     for label, which in (("process peak", 0), ("autograd-graph peak", 1)):
         peak = {(n, j): clora_update_memory(pipe, n, device, j)[which] for n in (2, 4) for j in (False, True)}
         mib = {k: v / 2**20 for k, v in peak.items()}
         print(f"one clora latent update, {label} MiB: branch-at-a-time N=2 {mib[2, False]:.1f}, N=4 "
-              f"{mib[4, False]:.1f} ({peak[4, False] / max(peak[2, False], 1):.2f}x); reference-style joint graph "
+              f"{mib[4, False]:.1f} ({peak[4, False] / max(peak[2, False], 1):.2f}x); joint graph "
               f"N=2 {mib[2, True]:.1f}, N=4 {mib[4, True]:.1f} ({peak[4, True] / max(peak[2, True], 1):.2f}x)",
               flush=True)  # fmt: skip
 

@@ -11,8 +11,9 @@ Steps, guidance and each method's options default to the base model's profile (`
 
 `--adapter FILE[:phrase[:weight[:plain]]]`: the phrase defaults to the adapter's trigger phrase, the weight to
 1, `plain` (CLoRA's trigger-free form, e.g. "star") to unset. `--compare` runs every method on the same seeds
-and writes a labelled grid. Writes the images, the region masks (CLoRA; CMLoRA with regions), and `report.json` (method, options, seeds, UNet
-evaluations, wall time, CLIP scores when a CLIP model is available). Bad input exits with status 2 and one line
+and writes a labelled grid. Writes the images, the region masks (CLoRA; CMLoRA with regions), and `report.json` (method, options, seeds, full UNet
+rows and shallow (cached) rows per image, wall time, each method's cost over composite's in rows and CPU seconds when
+composite ran, CLIP scores when a CLIP model is available). Bad input exits with status 2 and one line
 saying what to fix.
 """
 
@@ -31,7 +32,15 @@ from composition.bank import AdapterBank
 from composition.errors import CompositionError
 from composition.methods import METHODS, check_options, generate, parse_options
 from composition.prompt import ConceptPrompt
-from composition.report import comparison_grid, jsonable_extras, mask_images, save_image, save_json
+from composition.report import (
+    comparison_grid,
+    jsonable_extras,
+    mask_images,
+    method_cost,
+    save_image,
+    save_json,
+    versus_composite,
+)
 from models.cli_options import OneLineArgumentParser
 from models.profiles import PROFILES, Profile, profile_for_pipeline
 
@@ -175,6 +184,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                     "seed": seed,
                     "file": file.name,
                     "unet_evals": result.unet_evals,
+                    "full_rows": result.unet_evals,
+                    "shallow_rows": result.extras.get("shallow_evals", 0),
                     "wall_s": round(wall, 3),
                 }
                 if "masks" in result.extras:
@@ -189,10 +200,18 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                 record["extras"] = jsonable_extras(result.extras)
                 records.append(record)
                 cells[method].append(image)
+            cost = method_cost(
+                [r["full_rows"] for r in records],
+                [r["shallow_rows"] for r in records],
+                [r["wall_s"] for r in records],
+            )
             report["methods"][method] = {
-                "options": method_options, "images": records,
+                "options": method_options, "images": records, "cost": cost,
                 "clip": clip_report(cells[method], prompt, args.clip_model),
             }  # fmt: skip
+    ratios = versus_composite({m: entry["cost"] for m, entry in report["methods"].items()})
+    for method, ratio in ratios.items():
+        report["methods"][method]["cost"]["vs_composite"] = ratio
     if args.compare:
         grid = comparison_grid(
             [[cells[m][i] for m in methods] for i in range(len(seeds))], methods, [f"seed {s}" for s in seeds]
@@ -213,10 +232,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"error: {err}", file=sys.stderr)
         return 2
     for method, entry in report["methods"].items():
-        evals = [r["unet_evals"] for r in entry["images"]]
-        walls = [r["wall_s"] for r in entry["images"]]
-        print(f"{method:10s} images={len(evals)} unet_evals/image={sum(evals) / len(evals):.1f} "
-              f"wall_s/image={sum(walls) / len(walls):.2f}")  # fmt: skip
+        cost = entry["cost"]
+        versus = cost.get("vs_composite")
+        ratio = (
+            f" vs composite: rows {versus['full_rows']:.2f}x, CPU s {versus['wall_s']:.2f}x" if versus else ""
+        )
+        print(f"{method:10s} images={len(entry['images'])} full_rows/image={cost['full_rows']:.1f} "
+              f"shallow_rows/image={cost['shallow_rows']:.1f} wall_s/image={cost['wall_s']:.2f}{ratio}")  # fmt: skip
     print(f"wrote {args.out / 'report.json'}")
     return 0
 

@@ -1,14 +1,16 @@
 """CLoRA's attention math (Meral et al., 2024, "CLoRA: A Contrastive Approach to Compose Multiple LoRA
-Models"): token maps from captured cross-attention, the contrastive (NT-Xent / InfoNCE) loss over them,
-and the per-branch masks that fuse the branches' noise predictions.
+Models"): token maps from captured cross-attention, the contrastive loss over them, and the per-branch masks that
+fuse the branches' noise predictions.
 
-Token maps follow Attend-and-Excite (Chefer et al., 2023), which CLoRA builds on: the cross-attention over
-the prompt's text tokens (BOS and padding dropped) is sharpened (×100) and re-normalised with a softmax over
-tokens, then each token's map is min–max normalised to [0, 1]. The loss treats every concept token map of
-every branch as an anchor: positives are the same concept's token maps in all branches, negatives the other
-concepts' token maps; similarity is cosine, temperature τ (0.5 in the reference). Masks: a branch's mask is
-the OR over its concept's tokens of (map >= α·max(map)), α = 0.3; `>=` rather than the reference's `>` so
-that α = 0 gives an all-ones mask (the two differ only on exact ties).
+Two recipes live here. The reference code's (76def7c), which `preset="paper"` runs: raw attention maps, each
+token's map min–max scaled, NT-Xent per positive pair as pytorch-metric-learning computes it (`ntxent_pairs`,
+`paper_contrastive_loss`), masks = OR over the concept's tokens of (map > α·max(map)) (`threshold_masks`).
+Atelier's (its other presets): token maps as in Attend-and-Excite (Chefer et al., 2023) — the cross-attention over
+the prompt's text tokens (BOS and padding dropped) sharpened (×100) and re-normalised with a softmax over tokens,
+each token's map min–max normalised (`normalised_token_maps`); a multi-positive InfoNCE where every concept token
+map of every branch is an anchor, its positives the same concept's maps in all branches, its negatives the other
+concepts' (`contrastive_loss`); masks with `>=` instead of `>` so that α = 0 gives an all-ones mask
+(`strength_masks`), and the region geometry of the `partition` preset (`exclusive`, `connected`).
 """
 
 from __future__ import annotations
@@ -182,3 +184,52 @@ def fuse(predictions: Sequence[torch.Tensor], masks: torch.Tensor) -> torch.Tens
     weights = masks[:, None, None].to(predictions[0].dtype)  # (branches, 1, 1, H, W)
     stacked = torch.stack(list(predictions))  # (branches, 1, C, H, W)
     return (weights * stacked).sum(0) / weights.sum(0).clamp_min(1e-8)
+
+
+def ntxent_pairs(vectors: torch.Tensor, labels: Sequence[int], temperature: float) -> torch.Tensor:
+    """NT-Xent as pytorch-metric-learning's `NTXentLoss` computes it (which CLoRA's reference code calls): cosine
+    similarity s over the (K, D) `vectors`; for every ordered positive pair (a, p), a ≠ p with one label,
+    ℓ_ap = −log(exp(s_ap/τ) / (exp(s_ap/τ) + Σ_n exp(s_an/τ))) over the n labelled otherwise; the mean over the
+    positive pairs. 0 when there is no positive pair or no negative."""
+    label = torch.tensor(list(labels), device=vectors.device)
+    z = F.normalize(vectors, dim=1)
+    logits = z @ z.T / temperature  # (K, K)
+    eye = torch.eye(len(label), dtype=torch.bool, device=vectors.device)
+    positive = (label[:, None] == label[None, :]) & ~eye
+    negative = label[:, None] != label[None, :]
+    if not positive.any() or not negative.any():
+        return vectors.sum() * 0.0
+    anchors, partners = torch.where(positive)
+    negatives = logits.masked_fill(~negative, float("-inf"))[anchors]  # (P, K): each pair's anchor row
+    pair = logits[anchors, partners]  # (P,)
+    log_denominator = torch.logsumexp(torch.cat([pair[:, None], negatives], dim=1), dim=1)
+    return (log_denominator - pair).mean()
+
+
+def paper_contrastive_loss(
+    maps: Sequence[torch.Tensor], indices: Sequence[Sequence[Sequence[int]]], temperature: float
+) -> torch.Tensor:
+    """CLoRA reference code's loss: every concept token's raw map of every branch, flattened and min–max scaled,
+    labelled by its concept, through `ntxent_pairs`. `maps[b]` is branch b's (T, h, w) raw attention,
+    `indices[b][c]` the positions of concept c in branch b's text."""
+    vectors, labels = [], []
+    for branch_maps, branch_indices in zip(maps, indices, strict=True):
+        for concept, positions in enumerate(branch_indices):
+            for position in positions:
+                flat = branch_maps[position].flatten()
+                vectors.append((flat - flat.min()) / (flat.max() - flat.min()).clamp_min(1e-12))
+                labels.append(concept)
+    return ntxent_pairs(torch.stack(vectors), labels, temperature)
+
+
+def threshold_masks(
+    maps: Sequence[torch.Tensor], positions: Sequence[Sequence[int]], alpha: float
+) -> list[torch.Tensor]:
+    """CLoRA reference code's masks: for concept c, the OR over its tokens of (map > α·max(map)) on `maps[c]`,
+    a (T, h, w) raw attention (each adapter branch's own); (h, w) bool per concept."""
+    out = []
+    for concept_maps, tokens in zip(maps, positions, strict=True):
+        selected = concept_maps[list(tokens)]  # (k, h, w)
+        peak = selected.flatten(1).max(1).values.view(-1, 1, 1)
+        out.append((selected > alpha * peak).any(0))
+    return out

@@ -52,7 +52,7 @@ class ConceptPrompt:
     text: str
     concepts: list[Concept]
     negative: str = ""
-    _indices: dict[tuple[int, int | None], list[list[int]]] = field(default_factory=dict, repr=False)
+    _indices: dict[tuple[int, int | str | None], list[list[int]]] = field(default_factory=dict, repr=False)
 
     def __post_init__(self) -> None:
         if not self.text.strip():
@@ -136,16 +136,28 @@ class ConceptPrompt:
         """
         key = (id(pipe.tokenizer), adapter)
         if key not in self._indices:
-            text, phrases = self.branch_text(adapter), self.branch_phrases(adapter)
-            tokenizers = [t for t in (pipe.tokenizer, getattr(pipe, "tokenizer_2", None)) if t is not None]
-            found = [[_phrase_positions(tok, text, phrase) for phrase in phrases] for tok in tokenizers]
-            if any(other != found[0] for other in found[1:]):
-                raise CompositionError(
-                    f"the pipeline's tokenizers place the concept phrases of {text!r} differently; "
-                    "token-level methods (clora) need one token layout."
-                )
-            self._indices[key] = found[0]
+            self._indices[key] = _positions(pipe, self.branch_text(adapter), self.branch_phrases(adapter))
         return self._indices[key]
+
+    def written_token_indices(self, pipe: Any) -> list[list[int]]:
+        """Positions of each concept's tokens in the prompt as written (every concept with its trigger): what a
+        method that gives every adapter the one prompt reads."""
+        key = (id(pipe.tokenizer), "written")
+        if key not in self._indices:
+            self._indices[key] = _positions(pipe, self.text, [c.phrase for c in self.concepts])
+        return self._indices[key]
+
+
+def _positions(pipe: Any, text: str, phrases: Sequence[str]) -> list[list[int]]:
+    """Each phrase's token positions in `text` under every tokenizer of `pipe` (they must agree)."""
+    tokenizers = [t for t in (pipe.tokenizer, getattr(pipe, "tokenizer_2", None)) if t is not None]
+    found = [[_phrase_positions(tok, text, phrase) for phrase in phrases] for tok in tokenizers]
+    if any(other != found[0] for other in found[1:]):
+        raise CompositionError(
+            f"the pipeline's tokenizers place the concept phrases of {text!r} differently; "
+            "token-level methods (clora) need one token layout."
+        )
+    return found[0]
 
 
 def _find(text: str, phrase: str) -> tuple[int, int] | None:

@@ -18,8 +18,8 @@ single ones (`SHAPE_TRAINING`). Then they are composed:
 
 Each adapter is bound to its concept word together with the word it qualifies in the prompt ("purple
 square", "blue heart"), as CLoRA's own prompts bind a trigger with its class noun ("a <c> cat"): CLoRA reads
-its masks from the bound tokens' cross-attention (bound to "purple" alone, the reference's purple mask was one
-cell of the 4×4 map). Each phrase also has a plain form (`plain_form`): the phrase with the held-out word
+its masks from the bound tokens' cross-attention (bound to "purple" alone, the purple mask of Atelier's `light`
+preset was one cell of the 4×4 map). Each phrase also has a plain form (`plain_form`): the phrase with the held-out word
 swapped for the nearest base-world value the pixel checks read (purple -> blue, heart -> circle, star ->
 triangle), which the other adapters' prompts carry instead of a word they never learnt
 (`ConceptPrompt.branch_text`), so that the branches disagree as little as the base world allows.
@@ -33,13 +33,14 @@ What each choice did (purple adapter left, heart adapter right; the README has t
   rule replaced hand-picked ones ("red square"): with "red square" in the heart adapter's prompt composite and
   cmlora painted the left square red (0% and 3% purple); with "blue square" the left stayed purple in 72% and
   75% (32 seeds).
-- clora: the reference's masks (`light`, `reference`) lost the heart (about 20-30% of 32 seeds, and as low as
-  3% with another training seed of the same adapter): they came from the cells where a concept word wins
+- clora: the masks of Atelier's earlier reimplementation (`light`, `sharpened`; not the reference code, which
+  `paper` runs: `docs/composition_baselines.md`) lost the heart (about 20-30% of 32 seeds, and as low as 3% with
+  another training seed of the same adapter): they came from the cells where a concept word wins
   Attend-and-Excite's sharpened softmax, a few scattered cells of the heart's half, and the base branch's
   circle filled the rest. The `partition` preset (unsharpened maps averaged over the steps, cells exclusive
   between objects, one connected region per object, no latent updates; see `composition.methods.clora`)
   splits the image between the objects and is what this report runs by default (`DEFAULT_CLORA_PRESET`;
-  `--clora-preset light` for the reference's masks): 93.8% both present on seeds 0-31 on each N=2 setup,
+  `--clora-preset paper` for the reference code's algorithm): 93.8% both present on seeds 0-31 on each N=2 setup,
   85.2% and 82.8% over seeds 0-127 (the README has the runs).
 - Composite averages the adapters' predictions over the whole image. On two objects that keeps the colour
   (purple against the heart adapter's blue) but not the shape (the heart against the purple adapter's
@@ -138,6 +139,10 @@ SETUPS = (
           ("star", "blue heart", "purple")),
     Setup("N=2 one object boft+lora", (("purple", "boft"), ("heart", "lora")), "a purple heart on a white background",
           {"whole": {"colour": "purple", "shape": "heart"}}, ("purple", "heart")),
+    Setup("N=2 lora+lora", (("purple", "lora"), ("heart", "lora")), "a purple square and a blue heart",
+          {"left": {"colour": "purple"}, "right": {"shape": "heart"}}, ("purple square", "blue heart")),
+    Setup("N=2 lora+lora swapped", (("purple", "lora"), ("heart", "lora")), "a blue heart and a purple square",
+          {"left": {"shape": "heart"}, "right": {"colour": "purple"}}, ("purple square", "blue heart")),
 )  # fmt: skip
 
 
@@ -222,6 +227,33 @@ def region_passes(image: Any, region: str, attributes: dict[str, str]) -> bool:
     return reading is not None and all(getattr(reading, k) == v for k, v in attributes.items())
 
 
+NOISE_REGIONS = ("whole", "left", "right")
+"""Where `is_noise_image` looks for an object."""
+NOISE_GRADIENT = 45.0
+"""Mean absolute difference between neighbouring pixels (0-255, averaged over both axes and the channels) above
+which an image counts as noise. Toy-world renders of 32 px measure 2.6-10.8 (20 scenes of `sample_batch(0, 20)`),
+composed images 8-27 (CLoRA's reference with latent updates, the most broken, 20-27), uniform noise 87."""
+
+
+def neighbour_difference(image: Any) -> float:
+    """Mean |difference| between vertically and horizontally neighbouring pixels, 0-255 scale."""
+    import numpy as np
+
+    array = np.asarray(image.convert("RGB"), dtype=np.float64)
+    return float((np.abs(np.diff(array, axis=0)).mean() + np.abs(np.diff(array, axis=1)).mean()) / 2)
+
+
+def is_noise_image(image: Any) -> bool:
+    """A noise image: its pixels vary between neighbours like noise (`NOISE_GRADIENT`), or the toy-world checks
+    (`models.toyworld.checks.read_object`) find no object in the whole image nor in either half (an image that
+    never left the noise can also read as flat background)."""
+    from models.toyworld.checks import read_object
+
+    if neighbour_difference(image) > NOISE_GRADIENT:
+        return True
+    return all(read_object(image, region) is None for region in NOISE_REGIONS)  # type: ignore[arg-type]
+
+
 def passes(image: Any, expect: dict[str, dict[str, str]]) -> bool:
     """Whether every region shows an object with every expected attribute."""
     return all(region_passes(image, region, attributes) for region, attributes in expect.items())
@@ -240,13 +272,14 @@ def evaluate_setup(pipe: Any, setup: Setup, paths: list[Path], seeds: int, steps
     prompt = ConceptPrompt.build(setup.prompt, setup.phrases, plains=setup.plains)
     rows: dict[str, dict[str, float | None]] = {}
     for method in methods:
-        images, evals, walls = [], [], []
+        images, evals, shallow, walls = [], [], [], []
         for seed in range(first_seed, first_seed + seeds):
             start = time.perf_counter()
             options = (method_options or {}).get(method, {})
             result = generate(method, pipe, bank, prompt, steps, GUIDANCE, seed, **options)
             walls.append(time.perf_counter() - start)
             evals.append(result.unet_evals)
+            shallow.append(result.extras.get("shallow_evals", 0))
             images.append(result.images[0])
             if images_dir is not None:
                 save_image(
@@ -271,6 +304,8 @@ def evaluate_setup(pipe: Any, setup: Setup, paths: list[Path], seeds: int, steps
             "concept_min_clipscore": concept_min,
             "clipscore": clipscore,
             "unet_evals": statistics.mean(evals),
+            "shallow_evals": statistics.mean(shallow),
+            "noise_images": sum(is_noise_image(image) for image in images),
             "wall_s": statistics.mean(walls),
         }
     bank.close()
@@ -316,7 +351,7 @@ def _percent(value: float | None) -> str:
 def format_table(report: dict[str, Any]) -> str:
     """The report as an aligned text table."""
     lines = [f"{'setup':26s} {'method':10s} {'all-present':>11s} {'95% CI':>9s} {'left':>6s} {'right':>6s} "
-             f"{'concept-min':>11s} {'CLIPScore':>9s} {'UNet evals':>10s} {'wall s':>7s}"]  # fmt: skip
+             f"{'concept-min':>11s} {'CLIPScore':>9s} {'full rows':>9s} {'shallow':>7s} {'wall s':>7s}"]  # fmt: skip
     for name, entry in report["setups"].items():
         for method, row in entry["methods"].items():
             concept, clip = (
@@ -327,7 +362,7 @@ def format_table(report: dict[str, Any]) -> str:
             lines.append(
                 f"{name:26s} {method:10s} {100 * row['all_present']:>10.1f}% {interval:>9s} "
                 f"{_percent(row.get('left_present')):>6s} {_percent(row.get('right_present')):>6s} {concept:>11s} {clip:>9s} "
-                f"{row['unet_evals']:>10.0f} {row['wall_s']:>7.2f}"
+                f"{row['unet_evals']:>9.1f} {row.get('shallow_evals', 0):>7.1f} {row['wall_s']:>7.2f}"
             )
     return "\n".join(lines)
 
@@ -356,7 +391,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument(
         "--clora-preset",
         default=DEFAULT_CLORA_PRESET,
-        help="clora preset: partition (default), light (the reference's with 4 refinement rounds) or reference",
+        help="clora preset: partition (default), paper (the reference code's algorithm), sharpened or light",
     )
     parser.add_argument(
         "--clora-option", action="append", default=[], metavar="KEY=VALUE",
@@ -365,6 +400,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument(
         "--cmlora-option", action="append", default=[], metavar="KEY=VALUE",
         help="cmlora option (JSON value), e.g. cache_interval=8",
+    )  # fmt: skip
+    parser.add_argument(
+        "--switch-option", action="append", default=[], metavar="KEY=VALUE",
+        help='switch option (JSON value), e.g. preset="paper"',
     )  # fmt: skip
     parser.add_argument("--threads", type=int, default=1, help="torch CPU threads")
     parser.add_argument("--out", type=Path, default=None, help="JSON report path (default: WORK/report.json)")
@@ -375,12 +414,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     check_options("clora", clora_options)  # before any training: a misspelt option fails at once
     cmlora_options = parse_options(args.cmlora_option, "--cmlora-option")
     check_options("cmlora", cmlora_options)
+    switch_options = parse_options(args.switch_option, "--switch-option")
+    check_options("switch", switch_options)
     import torch
 
     torch.set_num_threads(args.threads)
     chosen = [s for s in SETUPS if s.name in args.setups]
     out = args.out or args.work / "report.json"
-    method_options = {"clora": {"preset": args.clora_preset, **clora_options}, "cmlora": cmlora_options}
+    method_options = {
+        "clora": {"preset": args.clora_preset, **clora_options}, "cmlora": cmlora_options, "switch": switch_options,
+    }  # fmt: skip
     report = quality_report(args.seeds, args.steps, args.work, args.base_model, args.train_steps, args.methods,
                             chosen, args.save_images, out, method_options, args.first_seed,
                             FIXTURES if args.fixtures else None)  # fmt: skip

@@ -76,3 +76,34 @@ def _plain(value: Any) -> Any:
     if isinstance(value, torch.Tensor):
         return value.tolist()
     raise TypeError(f"cannot write {type(value).__name__} to JSON")
+
+
+def method_cost(
+    full_rows: Sequence[float], shallow_rows: Sequence[float], wall_s: Sequence[float]
+) -> dict[str, float]:
+    """Mean cost of one image of a method: full UNet rows (a CFG pair is 2), shallow (cached) rows, CPU seconds."""
+    count = max(len(full_rows), 1)
+    return {
+        "full_rows": sum(full_rows) / count,
+        "shallow_rows": sum(shallow_rows) / count,
+        "wall_s": sum(wall_s) / count,
+    }
+
+
+def versus_composite(costs: Mapping[str, Mapping[str, float]]) -> dict[str, dict[str, float]]:
+    """Each method's full rows, shallow rows and seconds per image over LoRA Composite's (N CFG pairs per step, the
+    cost every per-adapter method is measured against); empty when composite did not run. Shallow rows are not
+    folded into the full-row ratio: they cost a fraction of a full row that depends on the UNet and the branch."""
+    base = costs.get("composite")
+    if not base:
+        return {}
+    return {
+        method: {
+            "full_rows": cost["full_rows"] / base["full_rows"] if base["full_rows"] else float("nan"),
+            "shallow_rows_per_composite_row": cost["shallow_rows"] / base["full_rows"]
+            if base["full_rows"]
+            else float("nan"),
+            "wall_s": cost["wall_s"] / base["wall_s"] if base["wall_s"] else float("nan"),
+        }
+        for method, cost in costs.items()
+    }

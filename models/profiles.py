@@ -217,16 +217,17 @@ _SD_GPU = GpuDefaults(
     "of xformers; SD 1.x/2.x LoRA at 512 px fits without checkpointing or 8-bit Adam",
 )
 _SD_METHODS: dict[str, dict[str, Any]] = {
-    "clora": {"preset": "reference"},
-    "cmlora": {"cache_interval": 3, "regions": False, "dominant_yields": False},
-    "switch": {"interval": 5},
+    "clora": {"preset": "paper"},
+    "cmlora": {"preset": "paper"},
+    "switch": {"preset": "paper"},
 }
 _SD_METHOD_SOURCE = (
     "CLoRA reference pipeline (gemlab-vt/clora pipeline_clora.py __call__ defaults: 512 px, 50 steps, guidance 7.5) "
-    "with its own settings (`reference` preset); Multi-LoRA Composition (maszhongming/Multi-LoRA-Composition) and "
-    "CMLoRA (Yqcca/CMLoRA) example.py: 50 steps, cfg 7, switch_step 5; CMLoRA's compose_offline.py caches with "
-    "intervals [1, 2, 3] (3, the largest, taken), mixes over the whole image (no regions) and recomputes its "
-    "dominant adapter at every step (Atelier's `dominant_yields`, measured on the toy world, off). Where they differ "
+    "with its own settings; Multi-LoRA Composition (maszhongming/Multi-LoRA-Composition) and "
+    "CMLoRA (Yqcca/CMLoRA) example.py: 50 steps, cfg 7. On SD every method runs its `paper` preset, the reference "
+    "code's algorithm (docs/composition_baselines.md): those are the settings their authors published and "
+    "evaluated on SD 1.5; Atelier's variants (partition, regions, FFT ordering) are measured on the toy world "
+    "only, so they are not made SD defaults until a GPU run measures them there. Where they differ "
     "(guidance 7.5 vs 7) CLoRA's and diffusers' StableDiffusionPipeline default 7.5 is taken. Validation: 25 steps, "
     "as diffusers' train_dreambooth_lora.py log_validation"
 )

@@ -31,10 +31,9 @@ def test_methods_table_counts_each_schedules_unet_evaluations(capsys) -> None:
     args = ["--quick", "--steps", str(steps), "--repeats", "1", "--parts", "methods"]
     assert composition.main([*args, "--methods", "composite", "cmlora"]) == 0
     out = capsys.readouterr().out
-    rows = {
-        (int(n), method): int(evals)
-        for n, method, evals in re.findall(r"^\s*(\d) (\w+)\s+(\d+)\s", out, flags=re.MULTILINE)
-    }
+    found = re.findall(r"^\s*(\d) (\w+)\s+(\d+)\s+(\d+)\s", out, flags=re.MULTILINE)
+    rows = {(int(n), method): int(full) for n, method, full, _ in found}
+    shallow = {(int(n), method): int(rows) for n, method, _, rows in found}
     assert {method for _, method in rows} == {"single", "composite", "cmlora"}  # merge/switch/clora not run
     refreshes = len(composition_refreshes(steps))
     for n in (2, 3, 4):
@@ -43,9 +42,10 @@ def test_methods_table_counts_each_schedules_unet_evaluations(capsys) -> None:
         # step 0 in full for all; at later refresh steps the others in full and the dominant adapter shallow,
         # at the other steps the dominant adapter alone in full (the rest are shallow passes)
         assert rows[n, "cmlora"] == 2 * (n + (refreshes - 1) * (n - 1) + steps - refreshes)
-        assert re.search(
-            rf"^\s*{n} cmlora .* {rows[n, 'cmlora'] / rows[n, 'composite']:.2f}x/", out, re.MULTILINE
-        )
+        assert shallow[n, "cmlora"] == 2 * n * steps - rows[n, "cmlora"]  # every other row is a cached one
+        assert shallow[n, "composite"] == shallow[n, "single"] == 0
+        ratio, cached = rows[n, "cmlora"] / rows[n, "composite"], shallow[n, "cmlora"] / rows[n, "composite"]
+        assert re.search(rf"^\s*{n} cmlora .* {ratio:.2f}x / {cached:.2f}x / \d", out, re.MULTILINE)
     assert "clora peak memory" not in out
 
 

@@ -55,6 +55,16 @@ def test_compare_writes_images_masks_grid_and_report(tiny_sd_path, tiny_sd_pipe,
     assert report["methods"]["merge"]["images"][0]["unet_evals"] == 2
     assert report["methods"]["composite"]["images"][0]["unet_evals"] == 4
     assert report["methods"]["clora"]["options"] == {"preset": "light", "refine_rounds": 0}
+    for method, entry in report["methods"].items():  # full and shallow rows apart, and each over composite's
+        record, cost = entry["images"][0], entry["cost"]
+        assert (cost["full_rows"], cost["shallow_rows"]) == (record["full_rows"], record["shallow_rows"]), (
+            method
+        )
+        assert cost["vs_composite"]["full_rows"] == record["full_rows"] / 4, method
+        assert cost["vs_composite"]["wall_s"] == pytest.approx(
+            record["wall_s"] / entry_wall(report, "composite")
+        )
+    assert report["methods"]["cmlora"]["images"][0]["shallow_rows"] == 0  # one step: nothing cached yet
     assert report["methods"]["clora"]["clip"] == {"skipped": "--clip-model none"}
     for method, entry in report["methods"].items():
         assert Image.open(out / entry["images"][0]["file"]).size == (32, 32), method
@@ -63,6 +73,10 @@ def test_compare_writes_images_masks_grid_and_report(tiny_sd_path, tiny_sd_pipe,
     grid = Image.open(out / report["grid"])
     assert grid.size[0] > 5 * 32 and grid.size[1] > 32
     assert not list(out.glob(".*.tmp"))
+
+
+def entry_wall(report: dict, method: str) -> float:
+    return report["methods"][method]["cost"]["wall_s"]
 
 
 @pytest.mark.parametrize(

@@ -209,7 +209,7 @@ def test_bad_inputs_give_clear_errors(tiny_sd_pipe) -> None:
         generate("clora", tiny_sd_pipe, bank, prompt, steps=1, preset="turbo")
     with pytest.raises(CompositionError, match="steps must be >= 1"):
         generate("switch", tiny_sd_pipe, bank, prompt, steps=0)
-    assert method_options("switch") == {"interval": 5}
+    assert method_options("switch") == {"preset": "atelier", "interval": 5}
     assert method_options("clora")["refine_rounds"] == 20
 
 

@@ -21,7 +21,13 @@ from composition.contrastive import (
     normalised_token_maps,
     strength_masks,
 )
-from composition.feature_cache import DeepFeatureCache, full_forward, shallow_forward
+from composition.feature_cache import (
+    PAPER_BRANCH,
+    DeepFeatureCache,
+    full_forward,
+    shallow_forward,
+    skip_count,
+)
 from composition.frequency import frequency_order, high_frequency_energy, radial_profile
 from tests.composition_helpers import torch_threads
 
@@ -212,7 +218,7 @@ def test_concept_prompt_groups_touching_phrases_into_objects(text, phrases, obje
 
 
 @pytest.mark.parametrize("which", ["sd", "sdxl"])
-def test_shallow_forward_with_a_fresh_cache_equals_the_full_forward(
+def test_shallow_forward_with_a_fresh_cache_equals_the_full_forward_at_every_branch(
     which, tiny_sd_pipe, tiny_sdxl_pipe
 ) -> None:
     pipe = tiny_sd_pipe if which == "sd" else tiny_sdxl_pipe
@@ -225,14 +231,40 @@ def test_shallow_forward_with_a_fresh_cache_equals_the_full_forward(
             "text_embeds": torch.randn(2, pipe.text_encoder_2.config.projection_dim),
             "time_ids": torch.tensor([[32, 32, 0, 0, 32, 32]] * 2).float(),
         }
-    cache = DeepFeatureCache()
+    branches = range(skip_count(unet))
+    assert PAPER_BRANCH in branches
     with torch.no_grad():
-        full = full_forward(unet, cache, 0, x, t, context, added)
-        assert 0 in cache
-        shallow = shallow_forward(unet, cache, 0, x, t, context, added)
-        stale = shallow_forward(unet, cache, 0, x, torch.tensor(450), context, added)
-    torch.testing.assert_close(shallow, full, rtol=1e-4, atol=1e-5)
-    assert (stale - full).abs().max() > 1e-4  # the shallow path really is recomputed
+        for branch in branches:
+            cache = DeepFeatureCache()
+            full = full_forward(unet, cache, 0, x, t, context, added, branch)
+            assert 0 in cache
+            shallow = shallow_forward(unet, cache, 0, x, t, context, added, branch)
+            stale = shallow_forward(unet, cache, 0, x, torch.tensor(450), context, added, branch)
+            torch.testing.assert_close(shallow, full, rtol=1e-4, atol=1e-5)
+            assert (stale - full).abs().max() > 1e-4  # the shallow path really is recomputed
+
+
+def test_deeper_cache_branches_recompute_more_of_the_unet(tiny_sd_pipe) -> None:
+    """Branch k recomputes the down path to skip k and the up path from its consumer: the count of resnets a
+    cached forward runs grows with k (branch 0: one up resnet only)."""
+    unet = tiny_sd_pipe.unet
+    calls: list[str] = []
+    resnets = [(n, m) for n, m in unet.named_modules() if n.endswith(tuple(f"resnets.{i}" for i in range(4)))]
+    handles = [m.register_forward_hook(lambda *_, n=n: calls.append(n)) for n, m in resnets]
+    x, t, context = torch.randn(2, 4, 16, 16), torch.tensor(500), torch.randn(2, 77, 32)
+    counts = []
+    try:
+        with torch.no_grad():
+            for branch in range(skip_count(unet)):
+                cache = DeepFeatureCache()
+                full_forward(unet, cache, 0, x, t, context, None, branch)
+                calls.clear()
+                shallow_forward(unet, cache, 0, x, t, context, None, branch)
+                counts.append(len(calls))
+    finally:
+        for handle in handles:
+            handle.remove()
+    assert counts[0] == 1 and counts == sorted(counts) and counts[-1] < len(resnets)
 
 
 def test_frequency_profile_ranks_texture_above_smooth() -> None:

@@ -245,13 +245,16 @@ def test_rates_and_their_interval_count_the_images_that_pass(monkeypatch) -> Non
     monkeypatch.setattr(
         quality,
         "generate",
-        lambda method, *args, **kw: SimpleNamespace(images=[images[args[5]]], unet_evals=7),
+        lambda method, *args, **kw: SimpleNamespace(
+            images=[images[args[5]]], unet_evals=7, extras={"shallow_evals": 3}
+        ),
     )
     monkeypatch.setattr(quality.ConceptPrompt, "build", staticmethod(lambda *a, **k: None))
     row = quality.evaluate_setup(None, SETUPS[0], [], 4, 2, ["composite"], None)["composite"]
     assert (row["all_present"], row["left_present"], row["right_present"]) == (0.75, 1.0, 0.75)
     assert row["all_present_95ci"] == list(wilson_interval(3, 4))
-    assert row["unet_evals"] == 7
+    assert (row["unet_evals"], row["shallow_evals"]) == (7, 3)  # full and cached rows apart
+    assert row["noise_images"] == 0  # every image shows an object
     later = quality.evaluate_setup(None, SETUPS[0], [], 3, 2, ["composite"], None, first_seed=1)["composite"]
     assert later["all_present"] == pytest.approx(2 / 3)  # seeds 1, 2, 3
     for bad in (["--seeds", "0"], ["--first-seed", "-1"]):

@@ -207,16 +207,32 @@ def build(studio: Studio) -> tuple[gr.Dropdown, gr.State]:
             )
         except (RequestError, StoreError, ValueError) as exc:
             raise gr.Error(str(exc)) from None
+        from composition.report import method_cost, versus_composite
+
         items, rows, paths = [], [], []
+        costs = {o.method: method_cost(o.unet_evals, o.shallow_evals, o.wall_s) for o in outputs}
+        ratios = versus_composite(costs)
         for output in outputs:
             saved = studio.save_images(output.images, output.method)
-            for path, s, evals, clip in zip(
-                saved, output.seeds, output.unet_evals, output.clip_scores, strict=True
-            ):
-                items.append((str(path), f"{output.method} · seed {s} · CLIP {clip:.1f} · {evals} evals"))
-                rows.append([output.method, s, round(clip, 2), evals])
+            ratio = ratios.get(output.method, {})
+            for path, s, evals, shallow, wall, clip in zip(
+                saved, output.seeds, output.unet_evals, output.shallow_evals, output.wall_s, output.clip_scores,
+                strict=True,
+            ):  # fmt: skip
+                items.append(
+                    (
+                        str(path),
+                        f"{output.method} · seed {s} · CLIP {clip:.1f} · {evals} full + {shallow} shallow rows",
+                    )
+                )
+                rows.append([
+                    output.method, s, round(clip, 2), evals, shallow, round(wall, 2),
+                    round(ratio.get("full_rows", float("nan")), 2), round(ratio.get("wall_s", float("nan")), 2),
+                ])  # fmt: skip
                 paths.append(str(path))
-        frame = pd.DataFrame(rows, columns=["method", "seed", "CLIPScore (0-100)", "UNet evals"])
+        columns = ["method", "seed", "CLIPScore (0-100)", "full UNet rows", "shallow rows", "CPU s",
+                   "rows vs composite", "CPU s vs composite"]  # fmt: skip
+        frame = pd.DataFrame(rows, columns=columns)
         text = f"Compared {len(outputs)} methods on seeds {outputs[0].seeds if outputs else []}."
         mask_update = gr.update(
             value=[m for o in outputs for m in o.masks], visible=any(o.masks for o in outputs)

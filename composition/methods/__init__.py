@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import inspect
 from collections.abc import Callable, Sequence
+from dataclasses import fields
 from typing import Any
 
 from composition.bank import AdapterBank
@@ -31,18 +32,34 @@ METHODS: dict[str, Callable[..., Result]] = {
 _COMMON = {"pipe", "bank", "prompt", "steps", "guidance", "seed", "height", "width", "progress"}
 
 
+PRESETS: dict[str, tuple[dict[str, Any], type]] = {
+    "clora": (clora.PRESETS, clora.CloraOptions),
+    "cmlora": (cmlora.PRESETS, cmlora.CmloraOptions),
+}
+"""Methods whose options come in named presets: method -> (preset name -> options dataclass, its class)."""
+
+
 def method_options(method: str) -> dict[str, Any]:
-    """A method's own options and their defaults (clora's preset fields included)."""
+    """A method's own options and their defaults (the fields of its default preset included)."""
     function = _lookup(method)
     options = {
         name: p.default
         for name, p in inspect.signature(function).parameters.items()
         if name not in _COMMON and p.kind is p.KEYWORD_ONLY
     }
-    if method == "clora":
-        preset = clora.PRESETS[options["preset"]]
-        options.update({name: getattr(preset, name) for name in clora.CloraOptions.__dataclass_fields__})
+    if method in PRESETS:
+        presets, cls = PRESETS[method]
+        preset = presets[options["preset"]]
+        options.update({f.name: getattr(preset, f.name) for f in fields(cls)})
     return options
+
+
+def method_presets(method: str) -> list[str]:
+    """The preset names a method accepts (empty for methods without presets)."""
+    _lookup(method)
+    if method == "switch":
+        return sorted(switch.PRESETS)
+    return sorted(PRESETS[method][0]) if method in PRESETS else []
 
 
 def _lookup(method: str) -> Callable[..., Result]:
@@ -85,4 +102,4 @@ def check_options(method: str, options: dict[str, Any]) -> None:
         raise CompositionError(f"{method} has no option(s) {unknown}; its options are {sorted(known)}.")
 
 
-__all__ = ["METHODS", "check_options", "generate", "method_options"]
+__all__ = ["METHODS", "PRESETS", "check_options", "generate", "method_options", "method_presets"]

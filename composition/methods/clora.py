@@ -1,78 +1,38 @@
 """`clora`: CLoRA (Meral et al., 2024, "CLoRA: A Contrastive Approach to Compose Multiple LoRA Models";
-reference code `gemlab-vt/clora`, SD 1.5 and LoRA only).
+reference code `gemlab-vt/clora` at 76def7c, surviving in forks such as `D3voz/clora`; SD 1.5 and LoRA only).
 
 Branches: one for the base prompt without adapters (every concept in its plain form) and one per adapter,
-with that adapter active and its prompt carrying its own trigger (`ConceptPrompt.branch_text`). Every step
-runs every branch (unconditional + conditional) and captures cross-attention at the 16×16-equivalent level
-(`composition.attention_store`). Early in sampling the latent moves down the gradient of the contrastive
-loss over the branches' concept token maps (`composition.contrastive`); at every step each adapter branch's
-mask is its concept's thresholded attention, the base branch covers the rest, and the conditional and
-unconditional predictions are each fused as Σ Mᵢεᵢ / Σ Mᵢ before classifier-free guidance. The final masks
-(and their mean over steps) are in `extras` for display.
+with that adapter active and its prompt carrying its own trigger (`ConceptPrompt.branch_text`). Each step runs
+the branches, reads their cross-attention at the latent/4 level (`composition.attention_store`), may move the
+latent down the gradient of a contrastive loss over the concepts' token maps, and fuses the branches' noise
+predictions with per-branch masks, Σ Mᵢεᵢ / Σ Mᵢ, before classifier-free guidance.
 
-Departures from the reference, on purpose:
-- Token positions come from the phrases (`ConceptPrompt.token_indices`), not hand-typed (the reference's
-  own example is off by one).
-- Adapters without text-encoder parts work (the reference refuses them), any family works (the bank).
-- Memory does not grow with N: the reference backpropagates through all branches at once with
-  `retain_graph`. Here a first pass computes every branch's maps without a graph, the loss gives the
-  gradient with respect to each branch's maps, then each branch is re-run with a graph and backpropagated
-  alone with that gradient (exact by the chain rule: ∇z L = Σ_b J_bᵀ ∂L/∂A_b). One branch's graph at a time,
-  at the price of one extra conditional forward per branch per update.
+`preset="paper"` is the reference code's loop step for step (`composition.methods.clora_paper`: raw maps averaged
+over heads, layers and both CFG halves; NT-Xent per positive pair; one backward through every branch's CFG pair;
+ε predicted before the update, the step taken from the updated latent; absolute step indices), at the settings
+of the authors' notebook: updates at steps i < 50, 20 extra rounds at steps 0, 10 and 20, step size 20,
+τ = 0.5, α = 0.4. `preset="reference"` is a deprecated alias of it.
 
-`unet_evals` counts every UNet forward of one image: each adapter branch's CFG pair per step, the base
-branch's at the steps where its mask covers a cell (`extras["base_branch_steps"]`; all of them with
-`skip_idle_base=False`), plus two conditional forwards per branch per latent-update round (maps without a
-graph, then the branch's backward pass). Under `partition` the objects' masks claim every cell, so the base
-branch never runs: N CFG pairs per step, as composite, instead of N+1.
+Atelier's variants (`loop="atelier"`, this module), each measured against `paper` in
+`docs/composition_baselines.md`:
+- `sharpened` / `light`: Attend-and-Excite token maps (conditional half, ×100 softmax over the text tokens,
+  min–max), a multi-positive InfoNCE over them, the latent updated before the step's prediction, one branch's
+  graph at a time (exact by the chain rule, so memory does not grow with N), steps as fractions of the run
+  (updates in the first 60%, refinement at 0, 0.2, 0.4); `light` has 4 refinement rounds instead of 20.
+- `partition`: no latent updates; masks from unsharpened maps averaged over the steps so far (`running_mean`),
+  cells claimed by several objects given to the strongest (`exclusive_masks`; concepts whose phrases touch in
+  the prompt are one object, `ConceptPrompt.objects`), one 4-connected region per object (`connected_masks`):
+  the masks split the image between the objects (`composition.regions`, which cmlora's regions share). The base
+  branch runs only at steps where its mask holds a cell (`skip_idle_base`; under `partition`, never).
+Any single option passed overrides the preset. `iterations=0` turns latent updates (and refinement) off.
 
-Presets (`preset=`): `reference` (default) = the reference's settings: latent updates at every step
-i < 0.6·steps (30 of 50), 20 extra refinement rounds at 0, 0.2 and 0.4 of the steps (0, 10, 20 of 50),
-step size 20, temperature 0.5, α = 0.3. `light` = the same with 4 refinement rounds, for CPU previews.
-`partition` = no latent updates, masks read from unsharpened maps (`mask_sharpen=1`) averaged over the steps
-so far (`running_mean`), and a cell that several objects claim goes to the object whose map is strongest there
-(`exclusive_masks`; concepts whose phrases touch in the prompt, "purple star", are one object and share its
-cells, `ConceptPrompt.objects`), and each object keeps one 4-connected region (`connected_masks`; the cells
-it drops go to the neighbouring object): the concept masks then split the image between the objects instead
-of covering the cells where a concept word wins the sharpened softmax (`composition.regions`, which CMLoRA's
-regional mixing shares). Any single option passed overrides the preset. `iterations=0` turns latent updates (and refinement) off.
-
-Why `partition` exists (toy world, `python -m composition.quality`, purple BOFT + heart LoRA, "a purple
-square and a blue heart", 16 seeds, no latent updates): with the reference's masks the heart's mask held a
-few scattered cells of the 4×4 map, the base branch (its prompt says "blue circle") filled the rest of the
-heart's half, and the heart was read in 0 of 16 images; the same adapters with the halves of the image forced
-as masks gave 13 of 16. Unsharpened maps alone covered both halves with both masks (2 of 16); with exclusive
-cells, 10 of 16 (sharpening 10: 8 of 16). The latent updates cost here (with them, 6 of 16), as they did
-with the reference's masks. Reading the maps at 8×8 (`capture_factor=2`) instead of 4×4 lost the purple
-(left 0% of 32). Masks read from each step's maps alone flip a cell of the heart's half to the purple for a
-few steps in the failures; the running mean keeps them (32 seeds: 78.1% both present against 50.0% per
-step; masks read at the first step only: 75.0%, over the first five steps and then kept: 59.4%; an EMA of the maps, 0.5 or 0.7, did not help;
-each concept's phrase averaged over every branch's maps: 53.1% per step, 68.8% with the running mean; one
-latent update per early step on top, 65.6%).
-Over 32 seeds: both concepts present 78.1% with `partition` against 3.1% with `light` (purple BOFT + heart
-LoRA), 75.0% against 0% (purple HRA + heart KronA), at 100 UNet evaluations per image (the base branch idle)
-instead of `light`'s 310-312; on the next 32 seeds, 75.0% and 62.5%. On one
-object ("a purple heart on a white background") the shared cells give 62.5%; when each concept kept its own
-cells the two split the object between them (21.9%). N=3 ("a purple star and a blue heart") stays at 0%:
-the heart adapter's own branch ("a blue triangle and a blue heart") draws two triangles. With "a red heart"
-the heart is there (97%) but the left object, the average of the star's and the purple's branches, reads as
-the purple branch's plain triangle (23 of 32; 3.1% both present).
-
-Why `connected_masks`: in the failures left after the running mean the masks were the two halves except one
-cell, most often the bottom-right corner, which the purple object claimed from step 0 or from a middle step
-on (its normalised map is a little less weak there than the heart's). That cell's prediction came from the
-purple branch, whose prompt draws a circle there, and the heart's point became a circle's edge: the heart
-adapter alone drew its heart in seeds where `partition` lost it (29 of seeds 0-31 alone against 26 under
-`partition`). With one region per object, over 32 seeds (purple BOFT + heart LoRA / purple HRA + heart
-KronA): 93.8% / 93.8% both present against 81.2% / 71.9%; on seeds 32-63 87.5% / 90.6% against 68.8% /
-78.1%; on seeds 64-127 79.7% / 73.4% against 70.3% / 67.2%; over the 128 seeds 85.2% / 82.8%. Keeping the component that holds an object's
-strongest cell, instead of the one of largest summed strength, gave 87.5% / 90.6% on seeds 0-31 and 84.4% /
-81.2% on 32-63: a stray cell can hold the peak. Thresholding at 0 instead of α (every cell to the stronger
-object, no base branch) changed nothing (81.2% / 71.9%).
+`unet_evals` counts every UNet forward of one image (a CFG pair is 2), latent-update forwards included;
+`extras["backward_passes"]` counts the backward passes through the UNet.
 """
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass, replace
 from typing import Any
 
@@ -89,6 +49,7 @@ from composition.contrastive import (
     normalised_token_maps,
 )
 from composition.errors import CompositionError
+from composition.methods import clora_paper
 from composition.methods.composite import one_hot
 from composition.prompt import ConceptPrompt
 from composition.regions import RegionTracker, eos_position
@@ -102,9 +63,15 @@ class CloraOptions:
     iterations: int = 1
     """Latent-update rounds per early step (0 = no latent updates at all)."""
     update_until: float = 0.6
-    """Fraction of the steps that get latent updates."""
+    """Fraction of the steps that get latent updates (when `update_steps` is None)."""
     refine_at: tuple[float, ...] = (0.0, 0.2, 0.4)
-    """Fractions of the steps where extra refinement rounds run."""
+    """Fractions of the steps where extra refinement rounds run (when `refine_steps` is None)."""
+    update_steps: int | None = None
+    """Latent updates at step indices i < this (absolute, the reference's `max_iter_to_alter`)."""
+    refine_steps: tuple[int, ...] | None = None
+    """Absolute step indices of the refinement rounds (the reference's `iterative_steps`)."""
+    loop: str = "atelier"
+    """"paper": the reference code's loop (`composition.methods.clora_paper`); "atelier": this module's."""
     refine_rounds: int = 20
     """Extra latent-update rounds at each refinement step."""
     step_size: float = 20.0
@@ -141,24 +108,63 @@ class CloraOptions:
             raise CompositionError(f"clora mask_threshold must be in [0, 1], got {self.mask_threshold}.")
         if self.temperature <= 0:
             raise CompositionError(f"clora temperature must be > 0, got {self.temperature}.")
+        if self.loop not in ("paper", "atelier"):
+            raise CompositionError(f"clora loop must be 'paper' or 'atelier', got {self.loop!r}.")
+        if self.update_steps is not None and self.update_steps < 0:
+            raise CompositionError(f"clora update_steps must be >= 0, got {self.update_steps}.")
         if self.mask_sharpen <= 0:
             raise CompositionError(f"clora mask_sharpen must be > 0, got {self.mask_sharpen}.")
 
     def rounds_at(self, index: int, steps: int) -> int:
         """Latent-update rounds before denoising step `index`."""
-        if self.iterations == 0 or index >= self.update_until * steps:
+        limit = self.update_until * steps if self.update_steps is None else self.update_steps
+        if self.iterations == 0 or index >= limit:
             return 0
-        refine = {round(f * steps) for f in self.refine_at}
+        if self.refine_steps is not None:
+            refine = set(self.refine_steps)
+        else:
+            refine = {round(f * steps) for f in self.refine_at}
         return self.iterations + (self.refine_rounds if index in refine else 0)
 
 
 PRESETS: dict[str, CloraOptions] = {
-    "reference": CloraOptions(),
+    "paper": CloraOptions(
+        loop="paper",
+        update_steps=50,
+        refine_steps=(0, 10, 20),
+        refine_rounds=20,
+        step_size=20.0,
+        temperature=0.5,
+        mask_threshold=0.4,
+        skip_idle_base=False,
+    ),
+    "sharpened": CloraOptions(),
     "light": CloraOptions(refine_rounds=4),
     "partition": CloraOptions(
         iterations=0, mask_sharpen=1.0, exclusive_masks=True, connected_masks=True, running_mean=True
     ),
 }
+
+
+DEPRECATED_PRESETS = {"reference": "paper"}
+"""Old preset names and the preset they now mean (with a `DeprecationWarning`)."""
+DEFAULT_PRESET = "partition"
+"""The toy world's best measured variant (`docs/composition_baselines.md`)."""
+
+
+def resolve_preset(preset: str) -> str:
+    """The preset's current name; a deprecated alias warns. Unknown names are a `CompositionError`."""
+    if preset in DEPRECATED_PRESETS:
+        new = DEPRECATED_PRESETS[preset]
+        warnings.warn(
+            f"clora preset {preset!r} is deprecated: it now means the reference code's algorithm; use {new!r}.",
+            DeprecationWarning,
+            stacklevel=3,
+        )
+        return new
+    if preset not in PRESETS:
+        raise CompositionError(f"unknown clora preset {preset!r}; choose one of {sorted(PRESETS)}.")
+    return preset
 
 
 @dataclass
@@ -229,6 +235,12 @@ def _update_latents(
     return float(loss.detach())
 
 
+def backward_passes(losses: list[float], branches: int) -> int:
+    """Backward passes (conditional half) through the UNet of Atelier's loop: one per branch per latent update
+    (`losses` holds one entry per update)."""
+    return len(losses) * branches
+
+
 def generate(
     pipe: Any,
     bank: AdapterBank,
@@ -237,7 +249,7 @@ def generate(
     guidance: float = 7.5,
     seed: int = 0,
     *,
-    preset: str = "reference",
+    preset: str = DEFAULT_PRESET,
     height: int | None = None,
     width: int | None = None,
     progress: Progress | None = None,
@@ -245,14 +257,14 @@ def generate(
 ) -> Result:
     """Generate with CLoRA: contrastive latent updates early, attention-masked fusion of the branches."""
     check_inputs(bank, prompt)
-    if preset not in PRESETS:
-        raise CompositionError(f"unknown clora preset {preset!r}; choose one of {sorted(PRESETS)}.")
+    preset = resolve_preset(preset)
     fields = set(CloraOptions.__dataclass_fields__)
     unknown = sorted(set(overrides) - fields)
     if unknown:
         raise CompositionError(f"unknown clora option(s) {unknown}; known: {sorted(fields)}.")
-    if "refine_at" in overrides:
-        overrides["refine_at"] = tuple(overrides["refine_at"])
+    for name in ("refine_at", "refine_steps"):
+        if overrides.get(name) is not None:
+            overrides[name] = tuple(overrides[name])
     opts = replace(PRESETS[preset], **overrides)
     opts.check()
     sampler = Sampler(pipe, steps, guidance, seed, height, width, progress)
@@ -265,6 +277,18 @@ def generate(
         len(bank), prompt.objects(), opts.mask_threshold, running_mean=opts.running_mean,
         exclusive_masks=opts.exclusive_masks, connected_masks=opts.connected_masks,
     )  # fmt: skip
+    options = {"preset": preset, **{k: getattr(opts, k) for k in sorted(fields)}}
+    if opts.loop == "paper":
+        try:
+            with capture_cross_attention(pipe.unet, store, opts.capture_factor), torch.no_grad():
+                branches = _branches(pipe, bank, prompt, sampler)
+                extras = clora_paper.run(
+                    sampler, bank, store, [(b.selection, b.embeds) for b in branches],
+                    [b.indices for b in branches], opts,
+                )  # fmt: skip
+        finally:
+            bank.deactivate()
+        return sampler.result(mask_names=["base", *bank.names], options=options, **extras)
     try:
         with capture_cross_attention(pipe.unet, store, opts.capture_factor), torch.no_grad():
             branches = _branches(pipe, bank, prompt, sampler)
@@ -304,5 +328,6 @@ def generate(
         mask_names=["base", *bank.names],
         losses=losses,
         base_branch_steps=base_steps,
-        options={"preset": preset, **{k: getattr(opts, k) for k in sorted(fields)}},
+        backward_passes=backward_passes(losses, len(bank) + 1),
+        options=options,
     )

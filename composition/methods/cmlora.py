@@ -1,51 +1,39 @@
 """`cmlora`: Cached Multi-LoRA composition (Zou et al., 2025, "Cached Multi-LoRA Composition for
-Multi-Concept Image Generation", ICLR; reference code `Yqcca/CMLoRA`).
+Multi-Concept Image Generation", ICLR; reference code `Yqcca/CMLoRA` 5e79e41, `pipeline_offline.py`).
 
-Composite-style (each adapter predicts on its own, predictions are combined, then CFG) with three changes:
+Composite-style: each adapter predicts on its own, the predictions are mixed with the dominant adapter's share
+w_dom = (N−0.5)/(2N−1.5) (N=2: 0.6/0.4; the reference's "decaying" coefficient never reaches the weights, so
+the share is constant there too), then classifier-free guidance. Non-dominant work is saved with DeepCache-style
+cached forwards (`composition.feature_cache`).
 
-1. **Frequency order.** Each adapter's high-frequency energy is measured at run time from what it alone
-   produces (a short `profile_steps`-step sample at a fixed seed, decoded, radial log-amplitude FFT spectrum;
-   see `composition.frequency`), or taken from `frequency_scores` (e.g. measured on its sample grid). Adapters
-   are ordered from most to least high-frequency energy; the dominant adapter of step i is
-   order[⌊i·N/steps⌋], so high-frequency adapters dominate early steps and low-frequency ones late.
-   The reference hard-codes this order by LoRA category; measuring it is the paper's intent.
-   Measured scores are cached on the bank per (adapter, prompt, size, profile steps), so a batch of seeds
-   pays for profiling once; `extras["profile_evals"]` says what a call spent on it.
-2. **Dominant weight.** The dominant adapter's prediction gets the share w_dom = (N−0.5)/(2N−1.5) of the
-   total and the others share 1 − w_dom equally (N=2: 0.6/0.4; N=3: 0.556/0.222/0.222). The reference's
-   "decaying" dominant weight never actually decays; this keeps the stated share constant.
-3. **Non-uniform caching.** Non-dominant adapters recompute the full UNet only at refresh steps and
-   otherwise run the shallow path with their own cached deep feature (DeepCache-style, see
-   `composition.feature_cache`). Refresh steps are spaced by a cosine law, ⌈steps/cache_interval⌉ of
-   them, denser at the start and end of sampling than in the middle. The reference caches nothing unless
-   its interval is >= 2; here any interval >= 1 works and `cache_interval=1` disables caching (every step
-   refreshes). The dominant adapter runs the full UNet at every step except the refresh steps after the first:
-   there (`dominant_yields`, Atelier's addition, on by default) it reuses the deep feature of its full pass
-   one step earlier while the others recompute, so a step costs one full pass, N−1 at refresh steps, and N at
-   step 0, where nothing is cached yet (N=2: 52 UNet evaluations at 25 steps against composite's 100,
-   instead of 60-64 with the dominant adapter always in full). Measured on the toy world (32 seeds, both
-   concepts present, regions on): 29 of 32 with it and without it on purple BOFT + heart LoRA, 29 and 29 on
-   purple HRA + heart KronA; on one object ("a purple heart on a white background", no regions) 22 with it,
-   23 without. `dominant_yields=False` keeps the dominant adapter in full at every step, as the paper does;
-   with `cache_interval=1` every adapter runs in full at every step either way.
-4. **Regions (Atelier's addition).** The paper composes concepts that share the whole image (a character, its
-   clothes, a style); mixed over every cell, two concepts meant to be separate objects ("my dog and my cat")
-   average into one another (toy world, "a purple square and a blue heart": both present in 0% of 32 seeds,
-   as with composite). With `regions` (default: on when the prompt names more than one object,
-   `ConceptPrompt.objects`) each adapter's full forwards also record its concept's cross-attention, and the
-   step's mix is applied per cell: inside an object's region (`composition.regions`, CLoRA's masks as its
-   `partition` preset reads them) only that object's adapters mix, with their dominance shares renormalised;
-   cells no region holds take the plain mix. Dominance order, shares and caching are unchanged, but a cached
-   adapter now draws its region alone, so the default refresh interval is 4 there instead of 5
-   (`REGIONAL_CACHE_INTERVAL`). On one object every concept shares the object's cells and the result is the
-   plain mix. The final masks are in `extras["masks"]`.
+`preset="paper"` is the reference code's algorithm step for step:
+- one shared prompt for every adapter (`prompts="shared"`);
+- refresh steps 0, c, 2c, … (`schedule="paper"`, its default `uniform=True`, c = `cache_interval` = 5); at each
+  one adapter, round-robin in bank order (`order="bank"`: the reference's category order, which keeps the
+  order the LoRAs are given), is recomputed in full and becomes the dominant adapter; every other forward, the
+  dominant adapter's included, is a cached one (at step 0 all run in full: nothing is cached yet);
+  `cache_interval=1` recomputes everything at every step;
+- the reference's cached pass (`cache_branch=2`, DeepCache layer 0 block 1).
 
-Each adapter reads its own branch prompt (`ConceptPrompt.branch_text`: the other concepts in their plain forms,
-when they have them), for its profiling sample too.
+Atelier's variants, each an option over that baseline (the measured gain of each: `docs/composition_baselines.md`):
+- `prompts="per_adapter"`: each adapter reads its own branch prompt (`ConceptPrompt.branch_text`: the other
+  concepts in their plain forms), for its profiling sample too;
+- `order="fft"`: adapters ordered by the high-frequency energy of a short sample of each alone
+  (`composition.frequency`; or `frequency_scores`), most first — the paper's stated intent, which the
+  reference hard-codes by category; profiling scores are cached on the bank, `extras["profile_evals"]` says
+  what a call spent;
+- `schedule="atelier"`: the dominant adapter of step i is order[⌊i·N/steps⌋] (contiguous blocks) and runs in full,
+  the others are recomputed at ⌈steps/c⌉ cosine-spaced refresh steps (dense at both ends) and cached between;
+  `dominant_yields` (with it): at refresh steps after the first the dominant adapter reuses its deep feature
+  of one step earlier while the others recompute, so a step costs one full pass;
+- `cache_branch=0`: the shallowest cached pass (one up resnet) instead of the reference's;
+- `regions`: each adapter's full forwards also record its concept's cross-attention, and the mix is applied per
+  cell: inside an object's region (`composition.regions`) only that object's adapters mix, with their shares
+  renormalised; cells no region holds take the plain mix. None = on when the prompt names several objects.
 
-`unet_evals` counts full UNet predictions (sampling plus any profiling; `extras` splits them); shallow
-(cached) predictions are reported separately in `extras["shallow_evals"]`, because they cost a fraction of a
-full one. Region masks cost no extra forward: they are read from the cross-attention of the full forwards.
+`preset="atelier"` is every variant on. Any option passed overrides the preset. `unet_evals` counts full UNet
+predictions (sampling plus profiling; `extras` splits them); cached predictions are in
+`extras["shallow_evals"]`, because they cost a fraction of a full one.
 """
 
 from __future__ import annotations
@@ -53,6 +41,7 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 from contextlib import nullcontext
+from dataclasses import dataclass, fields, replace
 from typing import Any
 
 import torch
@@ -61,7 +50,14 @@ from composition.attention_store import AttentionStore, capture_cross_attention
 from composition.bank import AdapterBank
 from composition.contrastive import branch_masks, concept_strength, normalised_token_maps
 from composition.errors import CompositionError
-from composition.feature_cache import DeepFeatureCache, full_forward, shallow_forward
+from composition.feature_cache import (
+    PAPER_BRANCH,
+    SHALLOW_BRANCH,
+    DeepFeatureCache,
+    full_forward,
+    shallow_forward,
+    skip_count,
+)
 from composition.frequency import frequency_order, high_frequency_energy
 from composition.methods.composite import one_hot
 from composition.prompt import ConceptPrompt
@@ -69,20 +65,74 @@ from composition.regions import RegionTracker, eos_position
 from composition.sampling import EmbeddingCache, Progress, Result, Sampler, check_inputs, split_pair
 
 DEFAULT_CACHE_INTERVAL = 5
-"""Mean steps between full recomputations of a non-dominant adapter when the adapters mix over the whole
-image. Measured on the toy world (N=2 LoRA + BOFT, 25 steps, 32 seeds, purple kept on the left): interval 1
-(no caching) 59%, 5 56%, 8 56%, 10 34%."""
+"""Mean steps between full recomputations of a cached adapter (the reference's c=5)."""
 REGIONAL_CACHE_INTERVAL = 4
-"""The same under `regions`, where a cached adapter draws its own region alone instead of 40% of every cell,
-so its stale deep feature weighs fully there. Toy world, both concepts present over seeds 0-31 (purple BOFT +
-heart LoRA / purple HRA + heart KronA): interval 3 88% / 91%, 4 91% / 91%, 5 72% / 75%; interval 1 (no
-caching) 94% on the second."""
+"""The same under `regions` with Atelier's schedule, where a cached adapter draws its own region alone
+(measured: `docs/composition_baselines.md`)."""
 DEFAULT_PROFILE_STEPS = 4
 """Denoising steps of each adapter's frequency-profiling sample."""
 REGION_THRESHOLD = 0.3
 """α of the regional masks (CLoRA's): a concept's cells are where its mean strength is >= α of its peak."""
 PROFILE_SEED = 0
 """Seed of the profiling samples (fixed, so cached scores do not depend on the generation seed)."""
+
+
+@dataclass(frozen=True)
+class CmloraOptions:
+    """CMLoRA's knobs (the module docstring says which are the reference's and which Atelier's)."""
+
+    prompts: str = "per_adapter"
+    """"shared": every adapter reads the prompt as written (the reference); "per_adapter": its branch prompt."""
+    order: str = "fft"
+    """"bank": adapters in bank order (the reference); "fft": by measured high-frequency energy."""
+    schedule: str = "atelier"
+    """"paper": uniform refresh steps, one adapter (round-robin) refreshed and dominant at each, every other
+    forward cached; "atelier": contiguous dominant blocks in full, cosine-spaced refreshes of the others."""
+    cache_interval: int | None = None
+    """Steps between refreshes; None: `REGIONAL_CACHE_INTERVAL` under regions with Atelier's schedule, else
+    `DEFAULT_CACHE_INTERVAL`. 1 disables caching."""
+    cache_branch: int = SHALLOW_BRANCH
+    """DeepCache branch of the cached forward (`composition.feature_cache`; 2 = the reference's)."""
+    dominant_yields: bool = True
+    """Atelier's schedule only: at refresh steps after the first the dominant adapter reuses its deep feature."""
+    regions: bool | None = None
+    """Mix per object region; None = when the prompt names several objects."""
+    mask_threshold: float = REGION_THRESHOLD
+    """α of the region masks."""
+    profile_steps: int = DEFAULT_PROFILE_STEPS
+    """Denoising steps of each adapter's profiling sample (`order="fft"`)."""
+    frequency_scores: tuple[float, ...] | None = None
+    """Given high-frequency scores instead of profiling (`order="fft"`)."""
+
+    def check(self, n: int) -> None:
+        choices = {
+            "prompts": ("shared", "per_adapter"),
+            "order": ("bank", "fft"),
+            "schedule": ("paper", "atelier"),
+        }
+        for name, allowed in choices.items():
+            if getattr(self, name) not in allowed:
+                raise CompositionError(
+                    f"cmlora {name} must be one of {allowed}, got {getattr(self, name)!r}."
+                )
+        if self.cache_interval is not None and self.cache_interval < 1:
+            raise CompositionError(f"cache_interval must be >= 1, got {self.cache_interval}.")
+        if self.profile_steps < 1:
+            raise CompositionError(f"profile_steps must be >= 1, got {self.profile_steps}.")
+        if not 0.0 <= self.mask_threshold <= 1.0:
+            raise CompositionError(f"cmlora mask_threshold must be in [0, 1], got {self.mask_threshold}.")
+        if self.frequency_scores is not None and len(self.frequency_scores) != n:
+            raise CompositionError(f"got {len(self.frequency_scores)} profile scores for {n} adapters.")
+
+
+PAPER = CmloraOptions(
+    prompts="shared", order="bank", schedule="paper", cache_interval=DEFAULT_CACHE_INTERVAL,
+    cache_branch=PAPER_BRANCH, dominant_yields=False, regions=False,
+)  # fmt: skip
+"""The reference code's algorithm."""
+PRESETS: dict[str, CmloraOptions] = {"paper": PAPER, "atelier": CmloraOptions()}
+DEFAULT_PRESET = "atelier"
+"""The toy world's best measured variant (`docs/composition_baselines.md`)."""
 
 
 def default_cache_interval(regional: bool) -> int:
@@ -119,6 +169,46 @@ def refresh_steps(steps: int, interval: int) -> set[int]:
     return points | {0}
 
 
+def forward_plan(
+    steps: int, order: Sequence[int], schedule: str, interval: int, dominant_yields: bool = True
+) -> list[tuple[int, frozenset[int]]]:
+    """Per step: (the dominant adapter, the adapters that run the full UNet); the others run cached.
+
+    "paper": refresh steps 0, c, 2c, …; the k-th refreshes order[k mod N] alone, which is dominant until the
+    next; step 0 runs every adapter in full (nothing is cached yet), and c = 1 runs everything in full.
+    "atelier": dominant blocks (`dominant_schedule`) in full, the others at `refresh_steps`; with
+    `dominant_yields` the dominant adapter is the one cached at refresh steps after the first.
+    """
+    n = len(order)
+    plan: list[tuple[int, frozenset[int]]] = []
+    if schedule == "paper":
+        refresh = set(range(0, steps, interval))
+        turn, dominant = 0, order[0]
+        for index in range(steps):
+            if index in refresh:
+                dominant, turn = order[turn % n], turn + 1
+            if index == 0 or interval == 1:
+                full = frozenset(range(n))
+            else:
+                full = frozenset({dominant} if index in refresh else set())
+            plan.append((dominant, full))
+        return plan
+    dominants = dominant_schedule(steps, order)
+    refresh = refresh_steps(steps, interval)
+    for index in range(steps):
+        refreshing, dominant = index in refresh, dominants[index]
+        full = set()
+        for adapter in range(n):
+            if dominant_yields and index > 0 and interval > 1:
+                fresh = refreshing != (adapter == dominant)  # at refresh steps the others, else the dominant
+            else:
+                fresh = adapter == dominant or refreshing
+            if fresh or index == 0:
+                full.add(adapter)
+        plan.append((dominant, frozenset(full)))
+    return plan
+
+
 def regional_weights(mix: Sequence[float], masks: torch.Tensor) -> torch.Tensor:
     """(N, H, W) per-cell mixing weights: each adapter's step weight inside its own mask, renormalised over
     the adapters whose masks hold the cell; the step weights themselves where no mask does."""
@@ -134,15 +224,21 @@ def _mixed(weights: torch.Tensor, predictions: list[torch.Tensor]) -> torch.Tens
 
 
 def profile_scores(
-    pipe: Any, bank: AdapterBank, prompt: ConceptPrompt, guidance: float, size: tuple[int, int], steps: int
+    pipe: Any,
+    bank: AdapterBank,
+    prompt: ConceptPrompt,
+    texts: Sequence[str],
+    guidance: float,
+    size: tuple[int, int],
+    steps: int,
 ) -> tuple[list[float], int]:
-    """Each adapter's high-frequency energy from a short sample of it alone; (scores, UNet evals spent)."""
+    """Each adapter's high-frequency energy from a short sample of it alone on its prompt `texts[i]`;
+    (scores, UNet evals spent)."""
     cache = bank.memo.setdefault("cmlora_frequency_scores", {})
     embeds_cache = EmbeddingCache(pipe, bank, prompt.negative, size)
     scores, spent = [], 0
-    for index in range(len(bank)):
+    for index, text in enumerate(texts):
         selection = one_hot(index, prompt.weights)
-        text = prompt.branch_text(index)
         key = (index, tuple(selection), text, size, steps, guidance)
         if key not in cache:
             sampler = Sampler(pipe, steps, guidance, PROFILE_SEED, *size)
@@ -157,6 +253,19 @@ def profile_scores(
     return scores, spent
 
 
+def resolve_options(preset: str, overrides: dict[str, Any]) -> CmloraOptions:
+    """The preset's options with `overrides` applied; unknown presets or options are a `CompositionError`."""
+    if preset not in PRESETS:
+        raise CompositionError(f"unknown cmlora preset {preset!r}; choose one of {sorted(PRESETS)}.")
+    known = {f.name for f in fields(CmloraOptions)}
+    unknown = sorted(set(overrides) - known)
+    if unknown:
+        raise CompositionError(f"unknown cmlora option(s) {unknown}; known: {sorted(known)}.")
+    if overrides.get("frequency_scores") is not None:
+        overrides = {**overrides, "frequency_scores": tuple(float(x) for x in overrides["frequency_scores"])}
+    return replace(PRESETS[preset], **overrides)
+
+
 @torch.no_grad()
 def generate(
     pipe: Any,
@@ -166,48 +275,50 @@ def generate(
     guidance: float = 7.5,
     seed: int = 0,
     *,
-    cache_interval: int | None = None,
-    profile_steps: int = DEFAULT_PROFILE_STEPS,
-    frequency_scores: Sequence[float] | None = None,
-    regions: bool | None = None,
-    mask_threshold: float = REGION_THRESHOLD,
-    dominant_yields: bool = True,
+    preset: str = DEFAULT_PRESET,
     height: int | None = None,
     width: int | None = None,
     progress: Progress | None = None,
+    **overrides: Any,
 ) -> Result:
-    """Generate with a frequency-ordered dominant adapter and cached non-dominant adapters."""
+    """Generate with a dominant adapter per step and cached forwards for the rest (see the module docstring)."""
     check_inputs(bank, prompt)
-    objects = prompt.objects()
-    regional = len(objects) > 1 if regions is None else bool(regions)
-    if cache_interval is None:
-        cache_interval = default_cache_interval(regional)
-    if cache_interval < 1:
-        raise CompositionError(f"cache_interval must be >= 1, got {cache_interval}.")
-    if profile_steps < 1:
-        raise CompositionError(f"profile_steps must be >= 1, got {profile_steps}.")
-    if not 0.0 <= mask_threshold <= 1.0:
-        raise CompositionError(f"cmlora mask_threshold must be in [0, 1], got {mask_threshold}.")
     n = len(bank)
+    opts = resolve_options(preset, overrides)
+    opts.check(n)
+    if opts.cache_branch >= skip_count(pipe.unet) or opts.cache_branch < 0:
+        raise CompositionError(f"cache_branch must be in [0, {skip_count(pipe.unet) - 1}] for this UNet.")
+    objects = prompt.objects()
+    regional = len(objects) > 1 if opts.regions is None else bool(opts.regions)
+    interval = opts.cache_interval
+    if interval is None:
+        interval = (
+            REGIONAL_CACHE_INTERVAL if regional and opts.schedule == "atelier" else DEFAULT_CACHE_INTERVAL
+        )
     sampler = Sampler(pipe, steps, guidance, seed, height, width, progress)
-    if frequency_scores is not None:
-        if len(frequency_scores) != n:
-            raise CompositionError(f"got {len(frequency_scores)} profile scores for {n} adapters.")
-        scores, profile_evals = [float(s) for s in frequency_scores], 0
+    texts = [prompt.text if opts.prompts == "shared" else prompt.branch_text(i) for i in range(n)]
+    scores: list[float] | None = None
+    profile_evals = 0
+    if opts.order == "bank":
+        order = list(range(n))
     else:
-        scores, profile_evals = profile_scores(pipe, bank, prompt, guidance, sampler.size, profile_steps)
-    order = frequency_order(scores)
-    dominants = dominant_schedule(steps, order)
-    refresh = refresh_steps(steps, cache_interval)
+        if opts.frequency_scores is not None:
+            scores = list(opts.frequency_scores)
+        else:
+            scores, profile_evals = profile_scores(
+                pipe, bank, prompt, texts, guidance, sampler.size, opts.profile_steps
+            )
+        order = frequency_order(scores)
+    plan = forward_plan(steps, order, opts.schedule, interval, opts.dominant_yields)
     cache = DeepFeatureCache()
     embeds_cache = EmbeddingCache(pipe, bank, prompt.negative, sampler.size)
     selections = [one_hot(i, prompt.weights) for i in range(n)]
-    embeds = [sampler.batch_for(embeds_cache.get(prompt.branch_text(i), s)) for i, s in enumerate(selections)]
+    embeds = [sampler.batch_for(embeds_cache.get(texts[i], s)) for i, s in enumerate(selections)]
     shallow = 0
     store = AttentionStore()
-    tracker = RegionTracker(n, objects, mask_threshold)
-    reads = (  # each adapter's own concept in its own branch: (EOS position, token positions)
-        [(eos_position(pipe, prompt.branch_text(i)), prompt.token_indices(pipe, i)[i]) for i in range(n)]
+    tracker = RegionTracker(n, objects, opts.mask_threshold)
+    reads = (  # each adapter's own concept in the text it reads: (EOS position, token positions)
+        [(eos_position(pipe, texts[i]), _positions(pipe, prompt, opts.prompts, i)) for i in range(n)]
         if regional
         else []
     )
@@ -217,20 +328,24 @@ def generate(
     try:
         with capture:
             for index, t in enumerate(sampler.timesteps):
+                dominant, full = plan[index]
                 uncond, cond = [], []
                 for adapter in range(n):
                     bank.activate(selections[adapter])
                     embed = embeds[adapter]
                     batch = embed.hidden.shape[0]
                     model_input = sampler.model_input(sampler.latents, t, batch)
-                    args = (pipe.unet, cache, adapter, model_input, t, embed.hidden, embed.added)
-                    dominant = adapter == dominants[index]
-                    refreshing = index in refresh
-                    if dominant_yields and index > 0 and cache_interval > 1:
-                        fresh = refreshing != dominant  # at refresh steps the others, else the dominant
-                    else:
-                        fresh = dominant or refreshing
-                    if fresh or adapter not in cache:
+                    args = (
+                        pipe.unet,
+                        cache,
+                        adapter,
+                        model_input,
+                        t,
+                        embed.hidden,
+                        embed.added,
+                        opts.cache_branch,
+                    )
+                    if adapter in full or adapter not in cache:
                         out = full_forward(*args)
                         sampler.unet_evals += batch
                         if regional:  # only a full forward passes the captured cross-attention
@@ -243,14 +358,14 @@ def generate(
                     u, c = split_pair(out)
                     uncond.append(u)
                     cond.append(c)
-                mix = mixing_weights(n, dominants[index])
+                mix = mixing_weights(n, dominant)
                 if regional:
                     masks = branch_masks(tracker.masks(), latent_size)[1:]  # (N, H, W)
                     weights = regional_weights(mix, masks)[:, None, None]  # (N, 1, 1, H, W)
                 else:
                     weights = torch.tensor(mix).view(-1, 1, 1, 1, 1)
                 eps = sampler.guide(_mixed(weights, uncond), _mixed(weights, cond))
-                sampler.step(eps, t, index, dominant=bank.names[dominants[index]])
+                sampler.step(eps, t, index, dominant=bank.names[dominant])
     finally:
         bank.deactivate()
     sampling_evals = sampler.unet_evals
@@ -258,13 +373,23 @@ def generate(
     return sampler.result(
         order=[bank.names[i] for i in order],
         profile_scores=scores,
-        dominant_schedule=dominants,
-        refresh_steps=sorted(refresh),
+        dominant_schedule=[step[0] for step in plan],
+        refresh_steps=sorted(i for i, (_, full) in enumerate(plan) if full and i > 0)
+        if opts.schedule == "paper"
+        else sorted(refresh_steps(steps, interval)),
         shallow_evals=shallow,
         profile_evals=profile_evals,
         sampling_evals=sampling_evals,
         regions=regional,
-        cache_interval=cache_interval,
-        dominant_yields=dominant_yields,
+        cache_interval=interval,
+        dominant_yields=opts.dominant_yields,
+        options={"preset": preset, **{f.name: getattr(opts, f.name) for f in fields(CmloraOptions)}},
         **({"masks": masks.cpu(), "mask_names": list(bank.names)} if masks is not None else {}),
     )
+
+
+def _positions(pipe: Any, prompt: ConceptPrompt, prompts: str, adapter: int) -> list[int]:
+    """Token positions of `adapter`'s concept in the text it reads (the shared prompt or its branch prompt)."""
+    if prompts == "shared":
+        return prompt.written_token_indices(pipe)[adapter]
+    return prompt.token_indices(pipe, adapter)[adapter]
