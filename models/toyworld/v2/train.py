@@ -1,7 +1,7 @@
 """Train toy world v2 end to end: tiny CLIP, VAE, UNet, then the CLIP scorer; save a diffusers folder.
 
 Latent diffusion as in Rombach et al. 2022 ("High-Resolution Image Synthesis with Latent Diffusion Models"):
-an `AutoencoderKL` compresses 64 px scenes 4x to 16x16x8 latents, a `UNet2DConditionModel` learns to denoise
+an `AutoencoderKL` compresses 64 px scenes 4x to 16x16x4 latents, a `UNet2DConditionModel` learns to denoise
 them (epsilon prediction, DDPM noising, Ho et al. 2020, with offset noise) conditioned through cross-attention,
 at every latent level, on the frozen text tower of a tiny CLIP (Radford et al. 2021), with 10% caption
 dropout for classifier-free guidance (Ho & Salimans 2022) and an EMA of the weights. The CLIP and the VAE see
@@ -56,9 +56,8 @@ CLIP_LAYERS = 4
 CLIP_PATCH = 8
 LATENT_SCALE = 4
 """VAE downsampling factor: 64 px scenes <-> 16x16 latents."""
-LATENT_CHANNELS = 8
-"""Latent channels. SD's 4 lost the dotted and checkered textures at this factor (measured on the first VAE,
-2000 steps: single objects re-encoded with the right texture 65%, dotted and checkered read back as plain)."""
+LATENT_CHANNELS = 4
+"""Latent channels, SD's 4. Eight kept no more texture (docs/toyworld_v2.md: 64% of single objects either way)."""
 
 
 @dataclass
@@ -179,7 +178,7 @@ def train_clip(
 
 
 def build_vae() -> AutoencoderKL:
-    """4x-downsampling KL autoencoder: 64x64x3 scenes <-> 16x16x8 latents."""
+    """4x-downsampling KL autoencoder: 64x64x3 scenes <-> 16x16x4 latents."""
     return AutoencoderKL(
         in_channels=3,
         out_channels=3,
@@ -224,7 +223,7 @@ def train_vae(config: ToyWorldV2TrainConfig) -> AutoencoderKL:
 
 
 def build_unet(cross_attention_dim: int) -> UNet2DConditionModel:
-    """Three-level UNet on 16x16x8 latents, (64, 128, 128) channels, cross-attention at every level with
+    """Three-level UNet on 16x16x4 latents, (64, 128, 128) channels, cross-attention at every level with
     32-channel heads."""
     return UNet2DConditionModel(
         sample_size=IMAGE_SIZE // LATENT_SCALE,
