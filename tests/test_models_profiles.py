@@ -201,7 +201,8 @@ def test_the_app_fields_agree_with_the_profile(tiny_sd_path: Path, tmp_path: Pat
         assert profile_defaults(studio, "", "lora")["learning_rate"] == SD1.family("lora").learning_rate
         toy = profile_defaults(studio, str(default_base_model()), "hra")
         assert "`toyworld`" in toy["text"] and toy["learning_rate"] == TOYWORLD.family("hra").learning_rate
-        assert json.loads(default_options("cmlora", studio.profile()))["cache_interval"] == 3
+        shown = json.loads(default_options("cmlora", studio.profile()))
+        assert {k: shown[k] for k in SD1.method_options("cmlora")} == SD1.method_options("cmlora")
         assert json.loads(default_options("clora", TOYWORLD))["preset"] == "partition"
     finally:
         studio.close()
@@ -221,7 +222,11 @@ def test_composition_cli_uses_the_profile(tiny_sd_path: Path, tiny_sd_pipe: Any,
     report = json.loads((tmp_path / "a" / "report.json").read_text())
     assert report["profile"] == "sd1" and report["guidance"] == SD1.generation.compose_guidance
     assert report["methods"]["cmlora"]["options"] == SD1.method_options("cmlora")
-    assert report["methods"]["cmlora"]["images"][0]["extras"]["cache_interval"] == 3
+    from composition.methods.cmlora import DEFAULT_PRESET, resolve_options
+
+    chosen = SD1.method_options("cmlora")
+    expected = resolve_options(chosen.pop("preset", DEFAULT_PRESET), chosen).cache_interval
+    assert report["methods"]["cmlora"]["images"][0]["extras"]["cache_interval"] == expected
     given = [
         "--steps",
         "2",

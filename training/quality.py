@@ -139,7 +139,7 @@ class QualitySettings:
     steps: int | None = None
     learning_rate: float | None = None
     snr_gamma: float | None = None
-    """Min-SNR γ over the family's default (0 = off); None keeps the family's (`FAMILY_TRAINING_DEFAULTS`)."""
+    """Min-SNR γ over the family's default (0 = off); None keeps the toy-world profile's (`models.profiles`)."""
     ema_decay: float | None = None
     """Train with a moving average of the adapter weights at this decay (`TrainConfig.use_ema`); None = without."""
     batch_size: int = 8
@@ -152,7 +152,7 @@ class QualitySettings:
     prior: bool = True
     prior_loss_weight: float | None = None
     """Weight of the prior-preservation loss (DreamBooth's λ; `TrainConfig.prior_loss_weight`); None keeps the
-    family's (`FAMILY_TRAINING_DEFAULTS`)."""
+    toy-world profile's (`models.profiles`)."""
     regularisation_images: int = 64
     subject: str = DEFAULT_SUBJECT
     trigger: str | None = None
