@@ -35,6 +35,17 @@ class RequestError(ValueError):
     """A request from the UI is incomplete or contradictory; the message says what to fix."""
 
 
+class DuplicateJobError(RequestError):
+    """The same training job (settings and images) is already queued or running: ``job`` is that one."""
+
+    def __init__(self, job: JobRecord) -> None:
+        super().__init__(
+            f"The same job is already {job.status} as `{job.id}` ({job.name}); nothing new was started. "
+            "Change a setting or the images to train another one."
+        )
+        self.job = job
+
+
 @dataclass
 class Settings:
     """What ``python -m app`` was started with."""
@@ -164,6 +175,7 @@ class Studio:
             self.store, self.library.register_trained, worker_command=worker_command, start=start
         )
         self.device_lock = threading.Lock()
+        self._submit_lock = threading.Lock()
         self._pipe: Any = None
         self._bank: tuple[tuple[str, ...], Any] | None = None
 
@@ -207,7 +219,8 @@ class Studio:
         return UploadCheck(accepted, messages)
 
     def start_training(self, files: Sequence[str | Path] | None, request: TrainRequest) -> JobRecord:
-        """Queue a training job; every upload must pass ``check_uploads`` (nothing is stored otherwise)."""
+        """Queue a training job; every upload must pass ``check_uploads`` (nothing is stored otherwise), and
+        a job identical to one already queued or running is refused with ``DuplicateJobError``."""
         from training.config import ConfigError
 
         check = self.check_uploads(files)
@@ -216,9 +229,13 @@ class Studio:
             raise RequestError("Nothing was started. " + " ".join(rejected))
         try:
             config = request.to_config(self.settings.base_model)
-            return self.runner.submit(
-                config, name=request.name.strip() or config.trigger_phrase, images=check.accepted
-            )
+            with self._submit_lock:
+                duplicate = self.runner.active_duplicate(config, check.accepted)
+                if duplicate is not None:
+                    raise DuplicateJobError(duplicate)
+                return self.runner.submit(
+                    config, name=request.name.strip() or config.trigger_phrase, images=check.accepted
+                )
         except ConfigError as exc:
             raise RequestError(str(exc)) from exc
 
