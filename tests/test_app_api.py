@@ -23,6 +23,8 @@ from app.tabs.compose import TABLE_COLUMNS
 from app.ui import serve
 from tests.test_app_jobs import make_subject_images
 
+UNCHANGED = {"__type__": "update"}
+"""What ``gr.skip()`` looks like to an API client: the output is left as it was."""
 TRAIN_ARGS = dict(n=3, val=2, n_val_images=1, val_steps=2, tgt="vo", fam="lora")
 
 
@@ -97,8 +99,9 @@ def test_upload_train_library_compose_and_score_through_the_api(running_app: Run
     assert progress == "Step 3/3"
     assert "**completed**" in status and "is in the Library" in status, status
     assert log.strip(), "the log tail shows the worker's output"
-    assert [row[0] for row in losses["data"]] == [1, 2, 3]
+    assert [row[0] for row in losses["data"]] == [1, 2, 3, 1, 2, 3]  # per-step loss, then smoothed
     assert len(validation) == 2 and all(Path(item["image"]).is_file() for item in validation)
+    assert [item["caption"] for item in validation] == ["step 3 (final)", "step 2"]
     _, status, *_ = client.predict(job_id=cat, api_name="/follow_job")
     assert "**completed**" in status, status
 
@@ -108,7 +111,7 @@ def test_upload_train_library_compose_and_score_through_the_api(running_app: Run
     assert all(row[1] == "lora" and row[2] > 0 for row in rows.values())
     details, sample, downloads = client.predict(adapter_id=rows["sks dog"][7], api_name="/adapter_details")
     assert "sks dog" in details and Path(sample).is_file()
-    assert {Path(d).name for d in downloads} >= {"adapter.safetensors", "kohya_lora.safetensors"}
+    assert {Path(d).name for d in downloads} >= {"sks-dog-lora.safetensors", "sks-dog-kohya_lora.safetensors"}
     assert "`kohya_lora.safetensors` (lora → lora, exact)" in details, details
 
     binding = {
@@ -148,23 +151,36 @@ def test_import_rename_and_delete_through_the_api(running_app: RunningApp, tmp_p
     library = running_app.studio.library
     if not library.records():
         pytest.skip("needs the adapters trained by the flow test")
-    source = tmp_path / "shared.safetensors"
-    source.write_bytes(library.path(library.records()[0]).read_bytes())
+    trained = library.records()[0]
+    duplicate = tmp_path / "shared.safetensors"
+    duplicate.write_bytes(library.path(trained).read_bytes())
     client = Client(running_app.url, verbose=False)
+    table, selected, message = client.predict(
+        path=handle_file(str(duplicate)), name="dog copy", trigger="sks dog", api_name="/import_adapter"
+    )
+    assert (table, selected, message) == (UNCHANGED,) * 3, "a refusal is a toast and changes no output"
+    assert len(library.records()) == 2, "the same file is not added twice"
 
+    source = tmp_path / "dog-kohya.safetensors"  # another file: the trained adapter's kohya export
+    kohya = next(p for p in library.export_paths(trained) if p.name == "kohya_lora.safetensors")
+    source.write_bytes(kohya.read_bytes())
     table, selected, message = client.predict(
         path=handle_file(str(source)), name="dog copy", trigger="sks dog", api_name="/import_adapter"
     )
     new_id = selected["value"]
     assert "Imported **dog copy** (lora" in message
     assert [row[0] for row in table["data"] if row[7] == new_id] == ["dog copy"]
-    assert library.get(new_id).source == "imported"
+    assert library.get(new_id).source == "imported-kohya"
     assert library.path(library.get(new_id)).read_bytes() == source.read_bytes()
 
-    table, _, message = client.predict(adapter_id=new_id, name="  renamed dog ", api_name="/rename_adapter")
+    table, _, message, details, downloads = client.predict(
+        adapter_id=new_id, name="  renamed dog ", api_name="/rename_adapter"
+    )
     assert [row[0] for row in table["data"] if row[7] == new_id] == ["renamed dog"]
-    with pytest.raises(AppError, match="name is empty"):
-        client.predict(adapter_id=new_id, name="   ", api_name="/rename_adapter")
+    assert details.startswith("### renamed dog")
+    assert [Path(d).name for d in downloads] == ["renamed-dog-lora.safetensors"]
+    unchanged = client.predict(adapter_id=new_id, name="   ", api_name="/rename_adapter")
+    assert unchanged == (UNCHANGED,) * 5 and library.get(new_id).name == "renamed dog"
 
     folder = library.path(library.get(new_id)).parent
     table, selected, message = client.predict(adapter_id=new_id, api_name="/delete_adapter")
@@ -188,16 +204,17 @@ def test_bad_uploads_show_their_message_and_start_nothing(running_app: RunningAp
     assert "✗ holiday.png" in report and "not a readable image" in report
     assert "✗ huge.png" in report and "decompression bomb" in report
     assert thumbs == []
-    for files, message in (([fake], "holiday.png"), ([huge], "huge.png"), ([], "No images uploaded")):
-        with pytest.raises(AppError, match="Nothing was started") as caught:
-            client.predict(
-                paths=[handle_file(str(p)) for p in files],
-                trig="sks",
-                cls="dog",
-                api_name="/start_training",
-                **TRAIN_ARGS,
-            )
-        assert message in str(caught.value)
+    for files in ([fake], [huge], []):
+        refused = client.predict(
+            paths=[handle_file(str(p)) for p in files],
+            trig="sks",
+            cls="dog",
+            api_name="/start_training",
+            **TRAIN_ARGS,
+        )
+        assert refused == (UNCHANGED,) * 2, (
+            "a refusal is a toast; the job selector and status stay as they were"
+        )
     notes = tmp_path / "notes.txt"
     notes.write_text("a text file with its real name")
     with pytest.raises(AppError, match="Invalid file type"):

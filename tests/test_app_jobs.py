@@ -249,3 +249,23 @@ def test_picking_a_family_in_the_train_tab_sets_its_default_steps(tmp_path: Path
             assert steps["value"] == defaults.max_train_steps
     finally:
         studio.close()
+
+
+def test_the_same_job_twice_is_refused_while_the_first_is_queued(tmp_path: Path, images: list[Path]) -> None:
+    from app.studio import DuplicateJobError
+
+    studio = Studio(Settings(data_dir=tmp_path, base_model="unused", device="cpu"), start=False)
+    try:
+        first = studio.start_training(images, quick_request(4))
+        with pytest.raises(DuplicateJobError, match=f"already queued as `{first.id}`") as caught:
+            studio.start_training(list(reversed(images)), quick_request(4))
+        assert caught.value.job.id == first.id
+        assert [job.id for job in studio.store.list_jobs()] == [first.id]
+        other_steps = studio.start_training(images, quick_request(5))
+        fewer_images = studio.start_training(images[:2], quick_request(4))
+        assert len({first.id, other_steps.id, fewer_images.id}) == 3
+        studio.runner.cancel(first.id)
+        again = studio.start_training(images, quick_request(4))
+        assert again.id != first.id, "a cancelled job no longer blocks the same settings"
+    finally:
+        studio.close()
