@@ -125,7 +125,6 @@ def test_upload_train_library_compose_and_score_through_the_api(running_app: Run
         table=binding,
         prompt="a photo of sks dog and zwx cat",
         method="merge",
-        options="{}",
         negative="",
         seed=3,
         steps=2,

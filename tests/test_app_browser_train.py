@@ -1,12 +1,15 @@
-"""The Train tab in a real browser (Debian's Chromium via Playwright) on the tiny SD model: advice for too few
-images, a double click on Start training that queues one job, the same job refused while it runs, the running
-job shown again after a page reload, Cancel/Resume enabled only when they apply, and the validation gallery
-newest first with step captions after completion. Run with ``make test-browser`` or ``pytest -m browser``.
+"""The Train and Library tabs in a real browser (Debian's Chromium via Playwright) on the tiny SD model: advice
+for too few images, a double click on Start training that queues one job, the same job refused while it runs,
+the running job shown again after a page reload, Cancel/Resume enabled only when they apply, the validation
+gallery newest first with step captions after completion; then the trained adapter's sample grid drawn at a
+readable size, and imports of a non-adapter file and of a file already in the library refused by toasts that
+leave the table and selector intact. Run with ``make test-browser`` or ``pytest -m browser``.
 """
 
 from __future__ import annotations
 
 import re
+import shutil
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -52,7 +55,7 @@ def page(app_on_tiny: RunningApp) -> Iterator:
 
 
 def test_train_tab_guides_refuses_a_second_identical_job_and_survives_a_reload(
-    app_on_tiny: RunningApp, page
+    app_on_tiny: RunningApp, page, tmp_path: Path
 ) -> None:
     from playwright.sync_api import expect
 
@@ -118,3 +121,33 @@ def test_train_tab_guides_refuses_a_second_identical_job_and_survives_a_reload(
     fits = gallery.locator("img").evaluate_all("els => els.map(e => getComputedStyle(e).objectFit)")
     assert fits and set(fits) == {"contain"}, fits
     assert "error" not in (page.locator(".toast-body.error").all_inner_texts() or [""])[0].lower()
+
+    # Library: the sample grid is enlarged for reading; bad and repeated imports are toasts, nothing breaks.
+    page.get_by_role("tab", name="Library").click()
+    page.locator("#library-select input").click()
+    page.get_by_role("option").first.click()
+    expect(page.locator("#library-details")).to_contain_text("parameters", timeout=30_000)
+    sample = page.locator("#library-sample img")
+    expect(sample).to_be_visible(timeout=30_000)
+    assert sample.evaluate("e => e.naturalWidth") >= 512
+    expect(page.locator("#library-downloads")).to_contain_text("sks-dog-lora.safetensors")
+
+    notes = tmp_path / "notes.safetensors"
+    notes.write_text("a text file with the wrong suffix")
+    (record,) = app_on_tiny.studio.library.records()
+    copy = tmp_path / "again.safetensors"
+    shutil.copyfile(app_on_tiny.studio.library.path(record), copy)
+    page.get_by_text("Import a .safetensors adapter").click()
+    upload = page.locator("#library-upload input[type=file]")
+    for path, toast in ((notes, "notes.safetensors is not an adapter"), (copy, "already in the library")):
+        upload.set_input_files(str(path))
+        expect(page.locator("#library-upload")).to_contain_text(path.name, timeout=30_000)
+        page.locator("#library-import").click()
+        expect(page.get_by_text(toast).first).to_be_visible(timeout=30_000)
+        page.wait_for_timeout(1_000)
+        for panel in ("#library-table", "#library-select"):
+            expect(page.locator(panel)).not_to_contain_text("Error")
+        expect(page.locator("#library-table")).to_contain_text("sks dog")
+        page.locator("#library-upload button[aria-label='Clear']").first.click()
+    assert "/tmp/" not in page.get_by_text("is not an adapter").first.inner_text()
+    assert len(app_on_tiny.studio.library.records()) == 1

@@ -48,7 +48,6 @@ def compose(client: Client, binding: dict, method: str, api_name: str = "/compos
         table=binding,
         prompt=PROMPT,
         method=method,
-        options="{}",
         negative="",
         seed=7,
         steps=2,
@@ -85,9 +84,9 @@ def test_compare_methods_scores_every_method_on_the_same_seed(composing_app: tup
     assert np.array_equal(pixels(gallery[0]["image"]), pixels(merge_gallery[0]["image"]))
     assert masks["visible"] is True
     assert [item["caption"] for item in masks["value"]] == [
-        "seed 7: base",
-        "seed 7: sks dog",
-        "seed 7: zwx cat",
+        "clora · seed 7: base",
+        "clora · seed 7: sks dog",
+        "clora · seed 7: zwx cat",
     ]
 
 

@@ -1,0 +1,177 @@
+"""The Compose tab's method options as a form: one input per option of each composition method, generated
+from ``composition.methods.method_options`` and the annotations, field metadata and attribute docstrings of the
+options (CLoRA's ``CloraOptions``), so a new option appears without UI code.
+
+``option_defaults(method, base_model)`` is the hook the base-model profiles fill (today: the method's own
+defaults). Only values that differ from those defaults are sent, so an untouched form runs the method exactly
+as its defaults (and a CLoRA preset picked without other changes applies that preset).
+"""
+
+from __future__ import annotations
+
+import ast
+import dataclasses
+import inspect
+import itertools
+import textwrap
+from dataclasses import dataclass
+from typing import Any
+
+MAIN_OPTIONS = 2
+"""The first options of a method are shown; the rest sit in a collapsed "Advanced" accordion."""
+
+OPTION_HELP = {
+    "preset": "A named set of the options below: reference (the paper's settings), light (faster), partition.",
+    "interval": "Steps each adapter stays active before switching to the next.",
+    "cache_interval": "Steps between full evaluations of the non-dominant adapters (blank: automatic).",
+    "profile_steps": "Steps used to measure which adapter dominates which frequencies.",
+    "frequency_scores": "Comma-separated scores that fix the adapters' order (blank: measured).",
+    "regions": "Give each object its own region of the image (auto: when the prompt names several objects).",
+    "mask_threshold": "Attention level above which a pixel belongs to an adapter's region.",
+    "dominant_yields": "Let the dominant adapter give way inside another adapter's region.",
+}
+"""Plain-language help for options whose source has none (function keyword arguments)."""
+
+AUTO, ON, OFF = "auto", "on", "off"
+
+
+@dataclass(frozen=True)
+class OptionField:
+    """One option of one method and how the form shows it."""
+
+    method: str
+    name: str
+    default: Any
+    kind: str
+    """``bool``, ``tristate`` (None/True/False), ``int``, ``float`` (either may be blank when optional),
+    ``numbers`` (comma-separated), ``choice`` or ``str``."""
+    help: str = ""
+    choices: tuple[str, ...] = ()
+    optional: bool = False
+    """Blank means None (the method decides)."""
+
+
+def option_defaults(method: str, base_model: str | None = None) -> dict[str, Any]:
+    """The defaults the form starts from. Hook for the base-model profile; today the method's own defaults."""
+    from composition.methods import method_options
+
+    del base_model  # profiles will supply per-base-model defaults here
+    return method_options(method)
+
+
+def option_fields(method: str, base_model: str | None = None) -> list[OptionField]:
+    """The form's fields for ``method``, in the order the method declares them."""
+    from composition.methods import METHODS
+
+    defaults = option_defaults(method, base_model)
+    annotations = {
+        name: str(p.annotation) for name, p in inspect.signature(METHODS[method]).parameters.items()
+    }
+    helps: dict[str, str] = {}
+    choices: dict[str, tuple[str, ...]] = {}
+    if method == "clora":
+        from composition.methods import clora
+
+        for field in dataclasses.fields(clora.CloraOptions):
+            annotations[field.name] = str(field.type)
+            helps[field.name] = field.metadata.get("help", "")
+        helps.update({k: v for k, v in attribute_docs(clora.CloraOptions).items() if not helps.get(k)})
+        choices["preset"] = tuple(clora.PRESETS)
+    return [
+        _field(method, name, default, annotations.get(name, ""), helps, choices)
+        for name, default in defaults.items()
+    ]
+
+
+def _field(
+    method: str,
+    name: str,
+    default: Any,
+    annotation: str,
+    helps: dict[str, str],
+    choices: dict[str, tuple[str, ...]],
+) -> OptionField:
+    optional = "None" in annotation or default is None
+    text = helps.get(name) or OPTION_HELP.get(name, "")
+    if name in choices:
+        return OptionField(method, name, default, "choice", text, choices[name])
+    if "bool" in annotation or isinstance(default, bool):
+        kind = "tristate" if optional else "bool"
+        return OptionField(method, name, default, kind, text, (AUTO, ON, OFF) if optional else ())
+    if "tuple" in annotation or "Sequence" in annotation or isinstance(default, tuple | list):
+        return OptionField(method, name, default, "numbers", text, optional=optional)
+    if "int" in annotation or isinstance(default, int):
+        return OptionField(method, name, default, "int", text, optional=optional)
+    if "float" in annotation or isinstance(default, float):
+        return OptionField(method, name, default, "float", text, optional=optional)
+    return OptionField(method, name, default, "str", text, optional=optional)
+
+
+def attribute_docs(cls: type) -> dict[str, str]:
+    """The string literal under each annotated attribute of a class (PEP 257 attribute docstrings)."""
+    try:
+        tree = ast.parse(textwrap.dedent(inspect.getsource(cls)))
+    except (OSError, TypeError, SyntaxError):
+        return {}
+    body = tree.body[0].body if tree.body and isinstance(tree.body[0], ast.ClassDef) else []
+    docs = {}
+    for node, following in itertools.pairwise(body):
+        if (
+            isinstance(node, ast.AnnAssign)
+            and isinstance(node.target, ast.Name)
+            and isinstance(following, ast.Expr)
+            and isinstance(following.value, ast.Constant)
+            and isinstance(following.value.value, str)
+        ):
+            docs[node.target.id] = " ".join(following.value.value.split())
+    return docs
+
+
+def shown_value(field: OptionField) -> Any:
+    """The field's default as its input shows it."""
+    if field.kind == "tristate":
+        return {None: AUTO, True: ON, False: OFF}[field.default]
+    if field.kind == "numbers":
+        return "" if field.default is None else ", ".join(f"{v:g}" for v in field.default)
+    return field.default
+
+
+def parsed_value(field: OptionField, value: Any) -> Any:
+    """An input's value as the method takes it; ``ValueError`` names the option and the expected form."""
+    if field.kind == "tristate":
+        return {AUTO: None, ON: True, OFF: False}[value or AUTO]
+    if field.kind == "numbers":
+        text = str(value or "").strip()
+        if not text:
+            if field.optional:
+                return None
+            raise ValueError(f"{field.name} needs at least one number, e.g. {shown_value(field) or '0.5'}")
+        try:
+            return tuple(float(part) for part in text.replace(";", ",").split(",") if part.strip())
+        except ValueError:
+            raise ValueError(f"{field.name} takes numbers separated by commas, e.g. 0, 0.2, 0.4") from None
+    if field.kind in ("int", "float"):
+        if value is None or value == "":
+            if field.optional:
+                return None
+            raise ValueError(f"{field.name} needs a number (default {field.default})")
+        number = float(value)
+        if field.kind == "int":
+            if number != int(number):
+                raise ValueError(f"{field.name} takes a whole number, got {value}")
+            return int(number)
+        return number
+    if field.kind == "bool":
+        return bool(value)
+    return value
+
+
+def collect_options(fields: list[OptionField], values: list[Any]) -> dict[str, Any]:
+    """The options that differ from their defaults, parsed (``ValueError`` for a value that does not parse)."""
+    options = {}
+    for field, value in zip(fields, values, strict=True):
+        parsed = parsed_value(field, value)
+        default = tuple(field.default) if isinstance(field.default, list) else field.default
+        if parsed != default:
+            options[field.name] = parsed
+    return options
