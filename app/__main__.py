@@ -1,6 +1,7 @@
 """`python -m app`: start Atelier's web app (what `make app` runs).
 
     python -m app [--host 127.0.0.1] [--port 7860] [--base-model SPEC] [--data-dir DIR] [--auth user:pass]
+                  [--eval-root DIR]
 
 Binds to the loopback address by default; `--share` (a public Gradio link) is off unless asked for.
 """
@@ -32,6 +33,12 @@ def build_parser() -> argparse.ArgumentParser:
         "--device", default=None, help="cpu, cuda or mps for generation (default: best available)"
     )
     parser.add_argument("--max-upload-mb", type=int, default=20, help="largest accepted upload per file")
+    parser.add_argument(
+        "--eval-root",
+        type=Path,
+        default=None,
+        help="let the Evaluate tab score image folders under this directory (default: off)",
+    )
     parser.add_argument(
         "--share", action="store_true", help="also open a public Gradio share link (off by default)"
     )
@@ -66,6 +73,7 @@ def main(argv: list[str] | None = None) -> int:
         clip_model=args.clip_model,
         device=args.device,
         max_upload_mb=args.max_upload_mb,
+        eval_root=args.eval_root.resolve() if args.eval_root else None,
     )
     studio = Studio(settings)
     print(f"Atelier: data in {settings.data_dir}; open http://{args.host}:{args.port}", flush=True)

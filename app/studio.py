@@ -58,6 +58,8 @@ class Settings:
     device: str | None = None
     max_upload_mb: int = MAX_UPLOAD_MB
     max_images: int = MAX_IMAGES
+    eval_root: Path | None = None
+    """Folder under which the Evaluate tab may read server-side image folders (None: that input is off)."""
 
 
 @dataclass

@@ -8,6 +8,7 @@ the file-serving rules hold.
 from __future__ import annotations
 
 import socket
+import zipfile
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -138,12 +139,37 @@ def test_upload_train_library_compose_and_score_through_the_api(running_app: Run
             assert image.size == (32, 32)
     assert [item["caption"].split(" · ")[0] for item in gallery] == ["seed 3", "seed 4"]
 
-    summary, _, scores, csv_file = client.predict(
+    summary, chart, scores, thumbs, explained, csv_file = client.predict(
         uploaded=[], from_gallery=True, text="a photo of sks dog and zwx cat", refs=[], api_name="/evaluate"
     )
     assert len(scores["data"]) == 2 and "clipscore_100" in scores["headers"]
     assert "2 image(s)" in summary and "clipscore_100: mean" in summary
     assert Path(csv_file).read_text().count("\n") == 3
+    column = scores["headers"].index("clipscore_100")
+    assert all(row[column] == round(row[column], 3) for row in scores["data"])
+    assert [item["caption"].split(" · ")[0] for item in thumbs] == ["#1", "#2"]
+    assert "**clipscore_100**" in explained and "Hessel" in explained
+
+    # The same images as a zip upload and as a server folder under the evaluation root score the same.
+    folder = Path(gallery[0]["image"]).parent
+    with zipfile.ZipFile(folder / "gallery.zip", "w") as bundle:
+        for item in gallery:
+            bundle.write(item["image"], Path(item["image"]).name)
+    running_app.studio.settings.eval_root = folder.parent
+    for source in (dict(zipped=handle_file(str(folder / "gallery.zip"))), dict(server_folder=folder.name)):
+        _, _, again, _, _, _ = client.predict(
+            uploaded=[],
+            from_gallery=False,
+            text="a photo of sks dog and zwx cat",
+            refs=[],
+            api_name="/evaluate",
+            **source,
+        )
+        assert [row[column] for row in again["data"]] == [row[column] for row in scores["data"]], source
+    refused = client.predict(
+        uploaded=[], from_gallery=False, text="x", refs=[], server_folder="../../", api_name="/evaluate"
+    )
+    assert refused == (UNCHANGED,) * 6
 
 
 def test_import_rename_and_delete_through_the_api(running_app: RunningApp, tmp_path: Path) -> None:

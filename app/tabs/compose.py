@@ -13,6 +13,7 @@ import pandas as pd
 
 from app import method_form
 from app.feedback import refuse
+from app.score_help import glossary
 from app.store import StoreError
 from app.studio import AdapterChoice, ComposeOutput, ComposeRequest, RequestError, Studio
 from app.tabs.library import adapter_choices
@@ -198,7 +199,8 @@ def build(studio: Studio) -> tuple[gr.Dropdown, gr.State]:
             f"seed {s} · {e} UNet evals" for s, e in zip(output.seeds, output.unet_evals, strict=True)
         ]
         text = (
-            f"**{request.method}**: {len(paths)} image(s), {sum(output.unet_evals)} UNet evaluations in all."
+            f"**{request.method}**: {len(paths)} image(s), {sum(output.unet_evals)} UNet evaluations in all.\n\n"
+            + glossary(["UNet evals"])
         )
         mask_update = gr.update(
             value=[(m, f"{request.method} · {c}") for m, c in output.masks], visible=bool(output.masks)
@@ -234,7 +236,10 @@ def build(studio: Studio) -> tuple[gr.Dropdown, gr.State]:
                 rows.append([output.method, s, round(clip, 2), evals])
                 paths.append(str(path))
         frame = pd.DataFrame(rows, columns=["method", "seed", "CLIPScore (0-100)", "UNet evals"])
-        text = f"Compared {len(outputs)} methods on seeds {outputs[0].seeds if outputs else []}."
+        text = (
+            f"Compared {len(outputs)} methods on seeds {outputs[0].seeds if outputs else []}.\n\n"
+            + glossary(["clipscore_100", "UNet evals"])
+        )
         mask_update = gr.update(
             value=[(m, f"{o.method} · {c}") for o in outputs for m, c in o.masks],
             visible=any(o.masks for o in outputs),
