@@ -23,7 +23,7 @@ MAIN_OPTIONS = 2
 OPTION_HELP = {
     "preset": "A named set of the options below: reference (the paper's settings), light (faster), partition.",
     "interval": "Steps each adapter stays active before switching to the next.",
-    "cache_interval": "Steps between full evaluations of the non-dominant adapters (blank: automatic).",
+    "cache_interval": "Steps between full evaluations of the non-dominant adapters.",
     "profile_steps": "Steps used to measure which adapter dominates which frequencies.",
     "frequency_scores": "Comma-separated scores that fix the adapters' order (blank: measured).",
     "regions": "Give each object its own region of the image (auto: when the prompt names several objects).",
@@ -48,7 +48,7 @@ class OptionField:
     help: str = ""
     choices: tuple[str, ...] = ()
     optional: bool = False
-    """Blank means None (the method decides)."""
+    """None is allowed (the method decides): a blank text, or 0 for a number (so every input has a value)."""
 
 
 def option_defaults(method: str, base_model: str | None = None) -> dict[str, Any]:
@@ -133,6 +133,8 @@ def shown_value(field: OptionField) -> Any:
         return {None: AUTO, True: ON, False: OFF}[field.default]
     if field.kind == "numbers":
         return "" if field.default is None else ", ".join(f"{v:g}" for v in field.default)
+    if field.kind in ("int", "float") and field.default is None:
+        return 0
     return field.default
 
 
@@ -151,7 +153,7 @@ def parsed_value(field: OptionField, value: Any) -> Any:
         except ValueError:
             raise ValueError(f"{field.name} takes numbers separated by commas, e.g. 0, 0.2, 0.4") from None
     if field.kind in ("int", "float"):
-        if value is None or value == "":
+        if value is None or value == "" or (field.optional and value == 0):
             if field.optional:
                 return None
             raise ValueError(f"{field.name} needs a number (default {field.default})")

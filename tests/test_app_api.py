@@ -139,7 +139,7 @@ def test_upload_train_library_compose_and_score_through_the_api(running_app: Run
             assert image.size == (32, 32)
     assert [item["caption"].split(" · ")[0] for item in gallery] == ["seed 3", "seed 4"]
 
-    summary, chart, scores, thumbs, explained, csv_file = client.predict(
+    summary, _, scores, thumbs, explained, csv_file = client.predict(
         uploaded=[], from_gallery=True, text="a photo of sks dog and zwx cat", refs=[], api_name="/evaluate"
     )
     assert len(scores["data"]) == 2 and "clipscore_100" in scores["headers"]
@@ -151,12 +151,15 @@ def test_upload_train_library_compose_and_score_through_the_api(running_app: Run
     assert "**clipscore_100**" in explained and "Hessel" in explained
 
     # The same images as a zip upload and as a server folder under the evaluation root score the same.
-    folder = Path(gallery[0]["image"]).parent
-    with zipfile.ZipFile(folder / "gallery.zip", "w") as bundle:
-        for item in gallery:
-            bundle.write(item["image"], Path(item["image"]).name)
+    (folder,) = (running_app.studio.store.data_dir / "outputs").iterdir()  # the gallery's files, in order
+    with zipfile.ZipFile(folder.parent / "gallery.zip", "w") as bundle:
+        for image in sorted(folder.glob("*.png")):
+            bundle.write(image, image.name)
     running_app.studio.settings.eval_root = folder.parent
-    for source in (dict(zipped=handle_file(str(folder / "gallery.zip"))), dict(server_folder=folder.name)):
+    for source in (
+        dict(zipped=handle_file(str(folder.parent / "gallery.zip"))),
+        dict(server_folder=folder.name),
+    ):
         _, _, again, _, _, _ = client.predict(
             uploaded=[],
             from_gallery=False,

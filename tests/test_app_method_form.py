@@ -35,7 +35,10 @@ def test_cmlora_optional_options_mean_automatic_when_blank() -> None:
     fields = {f.name: f for f in method_form.option_fields("cmlora")}
     assert fields["regions"].kind == "tristate" and method_form.shown_value(fields["regions"]) == "auto"
     assert method_form.parsed_value(fields["regions"], "off") is False
+    assert method_form.shown_value(fields["cache_interval"]) == 0
+    assert method_form.parsed_value(fields["cache_interval"], 0) is None
     assert method_form.parsed_value(fields["cache_interval"], None) is None
+    assert method_form.parsed_value(fields["cache_interval"], 3) == 3
     assert method_form.parsed_value(fields["frequency_scores"], " ") is None
     assert method_form.parsed_value(fields["frequency_scores"], "1; 2") == (1.0, 2.0)
 

@@ -38,7 +38,7 @@ def _option_input(field: method_form.OptionField) -> gr.components.Component:
     if field.kind in ("tristate", "choice"):
         return gr.Dropdown(list(field.choices), value=value, label=label, info=info)
     if field.kind in ("int", "float"):
-        blank = " (blank: automatic)" if field.optional else ""
+        blank = " (0: automatic)" if field.optional else ""
         return gr.Number(
             value=value, label=label + blank, info=info, precision=0 if field.kind == "int" else None
         )
