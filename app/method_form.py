@@ -13,6 +13,7 @@ import ast
 import dataclasses
 import inspect
 import itertools
+import re
 import textwrap
 from dataclasses import dataclass
 from typing import Any
@@ -75,7 +76,8 @@ def option_fields(method: str, base_model: str | None = None) -> list[OptionFiel
         for field in dataclasses.fields(clora.CloraOptions):
             annotations[field.name] = str(field.type)
             helps[field.name] = field.metadata.get("help", "")
-        helps.update({k: v for k, v in attribute_docs(clora.CloraOptions).items() if not helps.get(k)})
+        docs = attribute_docs(clora.CloraOptions)
+        helps.update({k: first_sentence(v) for k, v in docs.items() if not helps.get(k)})
         choices["preset"] = tuple(clora.PRESETS)
     return [
         _field(method, name, default, annotations.get(name, ""), helps, choices)
@@ -105,6 +107,11 @@ def _field(
     if "float" in annotation or isinstance(default, float):
         return OptionField(method, name, default, "float", text, optional=optional)
     return OptionField(method, name, default, "str", text, optional=optional)
+
+
+def first_sentence(text: str) -> str:
+    """The first sentence of a docstring (a form's help stays one line; the rest is for readers of the code)."""
+    return re.split(r"(?<=[.!?])\s+(?=[A-Z0-9(])", text.strip(), maxsplit=1)[0]
 
 
 def attribute_docs(cls: type) -> dict[str, str]:
