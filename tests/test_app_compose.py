@@ -83,7 +83,9 @@ def test_compare_methods_scores_every_method_on_the_same_seed(composing_app: tup
     assert [item["caption"].split(" · ")[0] for item in gallery] == list(METHODS)
     assert np.array_equal(pixels(gallery[0]["image"]), pixels(merge_gallery[0]["image"]))
     assert masks["visible"] is True
-    assert [item["caption"] for item in masks["value"]] == [
+    assert [item["caption"] for item in masks["value"]] == [  # each method's masks, labelled by method
+        "cmlora · seed 7: sks dog",
+        "cmlora · seed 7: zwx cat",
         "clora · seed 7: base",
         "clora · seed 7: sks dog",
         "clora · seed 7: zwx cat",
