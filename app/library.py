@@ -7,7 +7,7 @@ name, checked by loading the adapter back, and renamed into place in one ``os.re
 database row added. So the library never lists a half-written or unreadable file, and a crash leaves at most
 a hidden temporary folder, which the next start removes. Each entry records its file's SHA-256, so importing
 a file that is already in the library is refused by name; downloads are offered under the adapter's own name
-(``<name>-<family>.safetensors``), hard links under ``<data-dir>/downloads/<id>/``.
+(``<name>-<family>.safetensors``), hard links under ``<data-dir>/public/downloads/<id>/``.
 """
 
 from __future__ import annotations
@@ -27,7 +27,8 @@ from app.store import AdapterRecord, JobRecord, Store, new_id
 ADAPTER_FILE = "adapter.safetensors"
 SAMPLE_FILE = "sample.png"
 EXPORTS_DIR = "exports"
-DOWNLOADS_DIR = "downloads"
+DOWNLOADS_DIR = "public/downloads"
+"""Named download links, under ``public/`` so they stay downloadable when serving is limited to that folder."""
 UnetProvider = Callable[[], Any]
 """Returns the base pipeline's UNet (needed to import kohya LoRAs, whose keys name UNet layers)."""
 

@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 import gradio as gr
+from PIL import Image
 
 from app.eval_inputs import InputError, extract_zip, folder_images
 from app.feedback import refuse
@@ -31,6 +32,18 @@ def write_csv(rows: list[dict[str, Any]], folder: Path) -> Path:
     writer.writerows(rows)
     path = folder / f"scores-{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}.csv"
     return atomic_write_text(path, buffer.getvalue())
+
+
+THUMBNAIL_SIDE = 256
+
+
+def thumbnail(path: str) -> Image.Image:
+    """A small copy of an image for the gallery beside the scores (a copy, so images from a server folder
+    outside the served data directory are shown too)."""
+    with Image.open(path) as image:
+        small = image.convert("RGB")
+    small.thumbnail((THUMBNAIL_SIDE, THUMBNAIL_SIDE), Image.Resampling.LANCZOS)
+    return small
 
 
 def gather_images(
@@ -141,7 +154,7 @@ def build(studio: Studio, last_images: gr.State) -> None:
             "\n".join(lines),
             gr.BarPlot(value=long, sort=order),
             frame,
-            list(zip(chosen, captions, strict=True)),
+            [(thumbnail(path), caption) for path, caption in zip(chosen, captions, strict=True)],
             glossary([c for c in frame.columns] + ["clip_i x100"] * ("clip_i" in frame)),
             str(path),
         )
