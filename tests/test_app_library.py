@@ -137,7 +137,8 @@ def test_downloads_are_named_after_the_adapter_and_follow_a_rename(library: Libr
     names = [p.name for p in library.download_paths(record)]
     assert names[0] == "zwx-cat-hra.safetensors"
     paths = library.download_paths(library.rename(record.id, "Cat / v2"))
-    assert [p.name for p in paths] == ["Cat-v2-hra.safetensors"]
+    assert paths[0].name == "Cat-v2-hra.safetensors" and len(paths) == len(names) > 1
+    assert all(p.name.startswith("Cat-v2-") for p in paths), "exports carry the new name too"
     assert paths[0].read_bytes() == library.path(record).read_bytes()
     assert download_stem("../../etc") == "etc" and download_stem("  ") == "adapter"
     library.delete(record.id)
