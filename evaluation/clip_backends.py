@@ -203,7 +203,7 @@ def _load_clip_release(name: str, device: torch.device) -> ClipBackend:
     """One of OpenAI's released models by name, through `clip.load` (SHA-256-checked download), on CPU."""
     try:
         with warnings.catch_warnings():
-            # clip.load reads the release with torch.jit.load, which torch marks as deprecated.
+            # clip.load reads the release with TorchScript's loader, which torch marks as deprecated.
             warnings.simplefilter("ignore", FutureWarning)
             model, preprocess = clip.load(name, device="cpu", jit=False)
     except (urllib.error.URLError, OSError) as err:

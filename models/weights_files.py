@@ -5,7 +5,7 @@ Two formats are read: safetensors (a JSON header and raw bytes; nothing to execu
 restricted unpickler that builds tensors and plain containers only. Passing `weights_only=True` explicitly
 also keeps `TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD=1` from switching to the unrestricted unpickler (torch honours
 that variable only where the argument is left out). TorchScript archives are refused before any loader sees
-them: `torch.jit.load` restores scripted modules by running their `__setstate__`, which can do anything.
+them: TorchScript's loader restores scripted modules by running their `__setstate__`, which can do anything.
 
 Every refusal is a `WeightsFileError` with one line naming the file, what is wrong and what to do; torch's
 own multi-line weights-only explanation (with its terminal colour codes) is reduced to its first sentence.
