@@ -24,7 +24,7 @@ swapped for the nearest base-world value the pixel checks read (purple -> blue, 
 triangle), which the other adapters' prompts carry instead of a word they never learnt
 (`ConceptPrompt.branch_text`), so that the branches disagree as little as the base world allows.
 
-What each choice did (purple adapter left, heart adapter right; the README has the full account):
+What each choice did (purple adapter left, heart adapter right; docs/composition_baselines.md has it all):
 
 - `vo` shape adapters never drew the heart (0% for every method); all-linear ones trained on single renders
   drew it on single-object prompts but not in the pair. Two-object subject renders teach it: with twenty
@@ -41,7 +41,7 @@ What each choice did (purple adapter left, heart adapter right; the README has t
   between objects, one connected region per object, no latent updates; see `composition.methods.clora`)
   splits the image between the objects and is what this report runs by default (`DEFAULT_CLORA_PRESET`;
   `--clora-preset paper` for the reference code's algorithm): 93.8% both present on seeds 0-31 on each N=2 setup,
-  85.2% and 82.8% over seeds 0-127 (the README has the runs).
+  85.2% and 82.8% over seeds 0-127 (runs: docs/composition_baselines.md).
 - Composite averages the adapters' predictions over the whole image. On two objects that keeps the colour
   (purple against the heart adapter's blue) but not the shape (the heart against the purple adapter's
   circle): both present in 0-3%. cmlora mixes per object region when the prompt names several objects
@@ -163,7 +163,7 @@ with forty (then clora `partition` 6.2% both present, 32 seeds). How often the h
 
 FIXTURES = Path(__file__).resolve().parents[1] / "assets" / "composition"
 """Committed adapter files of the report, `<concept>-<family>.safetensors` (the issue's "committed fixtures"):
-the ones the README's composition tables were measured with, trained by `train_adapter` at the time (purple
+the ones docs/composition_baselines.md's fixture report was measured with, trained by `train_adapter` (purple
 BOFT at 5e-3 x 1200 with min-SNR 5, purple HRA at 1e-2 x 800, purple LoRA at its default; the shapes under
 `SHAPE_TRAINING`). `--fixtures` and the slow test compose these, so that they measure the composition methods
 on fixed adapters; without it the report trains every adapter afresh, and a fresh shape adapter draws its
