@@ -58,6 +58,12 @@ SHAPES: tuple[str, ...] = (
 )
 TEXTURES: tuple[str, ...] = ("plain", "striped", "barred", "dotted", "checkered")
 TEXTURE_SHADE = 0.5
+TEXTURE_PERIOD = 8
+"""Pixels per texture repeat: two 4x-VAE latent cells, so the pattern survives the latent grid."""
+DOT_SIDE = 3
+TEXTURE_PHASE = {"dotted": 2}
+"""Where in the period the object's centre falls (default 5: inside a mark), so that thin shapes (crosses,
+stars) carry marks; chosen by reading clean three-object renders (docs/toyworld_v2.md)."""
 """Texture marks are drawn in the object's colour scaled by this factor (a darker shade of the same hue)."""
 
 HELD_OUT: dict[str, tuple[str, ...]] = {
@@ -237,9 +243,10 @@ def shape_mask(shape: str, side: int) -> np.ndarray:
 
 @lru_cache(maxsize=1024)
 def texture_mask(texture: str, side: int) -> np.ndarray:
-    """Boolean (side, side) mask of the texture marks, anchored at the object's top-left corner."""
-    ys, xs = np.mgrid[0:side, 0:side]
-    period = 6
+    """Boolean (side, side) mask of the texture marks, in phase with the object's centre."""
+    period = TEXTURE_PERIOD
+    centre = TEXTURE_PHASE.get(texture, 5)
+    ys, xs = np.mgrid[0:side, 0:side] - (side // 2 - centre) + period * side
     stripes = (ys % period) >= period // 2
     bars = (xs % period) >= period // 2
     if texture == "plain":
@@ -249,7 +256,9 @@ def texture_mask(texture: str, side: int) -> np.ndarray:
     if texture == "barred":
         return bars
     if texture == "dotted":
-        return ((ys % period) >= 2) & ((ys % period) < 4) & ((xs % period) >= 2) & ((xs % period) < 4)
+        dot = (period - DOT_SIDE) // 2
+        rows = ((ys % period) >= dot) & ((ys % period) < dot + DOT_SIDE)
+        return rows & ((xs % period) >= dot) & ((xs % period) < dot + DOT_SIDE)
     if texture == "checkered":
         return stripes ^ bars
     raise SceneError(f"unknown texture {texture!r}; choose one of {', '.join(TEXTURES)}")
