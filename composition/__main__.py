@@ -52,6 +52,12 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument(
         "--base-model", default=None, help="hub id, diffusers folder or single file (default: toy world)"
     )
+    parser.add_argument(
+        "--base-config",
+        default=None,
+        metavar="FOLDER",
+        help="for a single-file --base-model offline: a diffusers folder (or hub id) of the same architecture",
+    )
     parser.add_argument("--adapter", action="append", default=[], metavar="FILE[:phrase[:weight[:plain]]]")
     parser.add_argument("--prompt", required=True, help="the prompt, containing every adapter's phrase")
     parser.add_argument("--negative", default="", help="negative prompt")
@@ -152,7 +158,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         from evaluation import load_clip
 
         load_clip(args.clip_model)  # a bad CLIP fails here, before any image is generated (cached for later)
-    pipe = load_pipeline(args.base_model, device=args.device, dtype=args.dtype)
+    pipe = load_pipeline(args.base_model, device=args.device, dtype=args.dtype, config=args.base_config)
     profile = profile_for_pipeline(pipe, args.profile)
     steps, guidance = _generation_settings(args, profile)
     bank = AdapterBank(pipe, [s[0] for s in specs])

@@ -254,8 +254,9 @@ def _load_single_file(path: Path, dtype: torch.dtype, config: str | Path | None)
         if config is None:
             raise ModelLoadError(
                 f"Could not load {path.name}: a single-file checkpoint carries weights only and its component "
-                "configs could not be fetched (no network?). Pass --base-config FOLDER, a diffusers folder of "
-                f"the same architecture. ({type(err).__name__}: {str(err).splitlines()[0]})"
+                "configs could not be fetched (no network?). Pass a diffusers folder of the same architecture as "
+                "--base-config FOLDER (training: --base_config FOLDER). "
+                f"({type(err).__name__}: {str(err).splitlines()[0]})"
             ) from err
         raise ModelLoadError(f"Could not load {path.name} with configs from {config}: {err}") from err
 

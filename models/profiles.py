@@ -140,7 +140,8 @@ TOYWORLD = Profile(
         compose_guidance=5.0,
         method_options={"clora": {"preset": "partition"}},
         source="composition/quality.py and docs/: 25 steps, guidance 5; clora `partition` 93.8% both concepts "
-        "present on seeds 0-31 where the paper's settings gave colour noise; cmlora and switch keep their "
+        "present on seeds 0-31, against 37.5% for `paper` with its latent updates (seeds 0-7) and colour noise "
+        "from the old default (`sharpened`, seed 0), docs/composition_baselines.md; cmlora and switch keep their "
         "own toy-world-measured defaults (cmlora.py, switch.py)",
     ),
     hints=AppHints(

@@ -370,3 +370,45 @@ def test_failed_write_keeps_the_old_file(
     assert caught.value.filename == str(target)
     assert target.read_bytes() == before
     assert [p.name for p in tmp_path.iterdir()] == ["model.safetensors"]
+
+
+def test_single_file_base_model_trains_and_composes_offline_with_base_config(
+    exported: dict, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A single .safetensors checkpoint (what most people download) carries weights only; offline its configs
+    come from `--base_config` / `--base-config`. Without it both CLIs stop with one line naming the flag."""
+    from composition.__main__ import main as compose
+    from models.toyworld.world import Scene, SceneObject, render_scene
+    from training.dreambooth import main as train
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    _, configs, path = exported["sd1"]
+    images = tmp_path / "subject"
+    images.mkdir()
+    for k, colour in enumerate(["red", "blue", "green"]):
+        render_scene(Scene((SceneObject("heart", colour),))).save(images / f"{k}.png")
+    out = tmp_path / "run"
+    argv = [
+        "--pretrained_model_name_or_path", str(path), "--instance_data_dir", str(images),
+        "--instance_prompt", "a photo of sks heart", "--output_dir", str(out), "--max_train_steps", "1",
+        "--num_inference_steps", "1", "--num_validation_images", "1", "--adapter", "lora",
+    ]  # fmt: skip
+    capsys.readouterr()
+    assert train(argv) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "--base_config FOLDER" in err, err
+    assert not (out / "adapter.safetensors").exists()
+
+    assert train([*argv, "--base_config", str(configs)]) == 0
+    assert "## Base-model profile: `sd1`" in (out / "README.md").read_text()
+    adapter = out / "adapter.safetensors"
+    assert adapter.is_file()
+
+    compose_argv = [
+        "--base-model", str(path), "--adapter", f"{adapter}:sks heart", "--prompt", "a photo of sks heart",
+        "--method", "merge", "--steps", "1", "--clip-model", "none", "--device", "cpu", "--out", str(tmp_path / "c"),
+    ]  # fmt: skip
+    assert compose(compose_argv) == 2
+    assert "--base-config FOLDER" in capsys.readouterr().err
+    assert compose([*compose_argv, "--base-config", str(configs)]) == 0
+    assert list((tmp_path / "c").rglob("*.png")), "no image written"

@@ -71,6 +71,11 @@ class TrainConfig:
         "Base model: hub id, local diffusers folder or single .safetensors/.ckpt file. Default: the toy world.",
         default=None,
     )
+    base_config: str | None = _opt(
+        "Only for a single-file base model: a diffusers folder (or hub id) of the same architecture whose "
+        "config files describe the checkpoint's components; needed offline, where the configs cannot be fetched.",
+        default=None,
+    )
     instance_data_dir: str | list[str] | None = field(
         default=None,
         metadata={

@@ -162,7 +162,7 @@ def load_with_profile(
     profile = profile_for_spec(spec, config.profile)
     pipe = None
     if profile is None:
-        pipe = load_pipeline(spec, device=device, dtype=torch.float32)
+        pipe = load_pipeline(spec, device=device, dtype=torch.float32, config=config.base_config)
         profile = profile_for_pipeline(pipe)
     resolved = apply_profile(config, profile, cuda=cuda)
     if check:
@@ -171,7 +171,7 @@ def load_with_profile(
         raise ConfigError("--mixed_precision fp16 needs a GPU; on CPU use --mixed_precision bf16 or no")
     weight_dtype = _DTYPES[resolved.mixed_precision]
     pipe = (
-        load_pipeline(spec, device=device, dtype=weight_dtype)
+        load_pipeline(spec, device=device, dtype=weight_dtype, config=config.base_config)
         if pipe is None
         else pipe.to(dtype=weight_dtype)
     )
