@@ -119,6 +119,7 @@ def test_click_through_train_library_compose_evaluate(
 
     def shot(name: str) -> None:
         if world.screenshots:
+            page.wait_for_timeout(3_000)  # let the last updates (loss plot, button states) finish drawing
             save_screenshot(page, name, tmp_path)
 
     with sync_playwright() as playwright:
@@ -143,6 +144,8 @@ def test_click_through_train_library_compose_evaluate(
             expect(page.locator("#job-status")).to_contain_text(
                 f"Step {world.train_steps}/{world.train_steps}"
             )
+            expect(page.locator("#cancel-job")).to_have_text("Cancel")
+            expect(page.locator("#loss-plot")).to_contain_text("loss (smoothed)", timeout=30_000)
             shot("train")
 
             # Library: the new adapter is listed; its details and sample grid open.

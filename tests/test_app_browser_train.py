@@ -114,6 +114,12 @@ def test_train_tab_guides_refuses_a_second_identical_job_and_survives_a_reload(
     expect(page.locator("#job-status")).to_contain_text(f"Step {STEPS}/{STEPS}")
     expect(cancel).to_be_disabled()
     expect(resume).to_be_disabled()
+    # The buttons keep their labels and the loss plot draws both curves (an event that yields nothing, or a
+    # plot first given an empty frame, left blank buttons and a plot without lines).
+    expect(cancel).to_have_text("Cancel")
+    expect(resume).to_have_text("Resume")
+    expect(page.locator("#loss-plot")).to_contain_text("loss (smoothed)", timeout=30_000)
+    expect(page.locator("#loss-plot")).to_contain_text("loss (per step)")
 
     # The validation gallery: newest first, captioned with the step, drawn whole.
     gallery = page.locator("#validation-gallery")

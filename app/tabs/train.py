@@ -103,7 +103,8 @@ def render(view: JobView) -> tuple[str, str, pd.DataFrame, list[tuple[str, str]]
     return (
         progress_line,
         "\n\n".join(lines),
-        job_display.loss_frame(view.losses),
+        # None until there is a loss: a plot first given an empty frame draws no lines after (Gradio 6.31)
+        job_display.loss_frame(view.losses) if view.losses else None,
         job_display.gallery_for(view),
         "\n".join(view.log_tail),
         *job_display.button_states(job),
@@ -330,7 +331,8 @@ def build(studio: Studio) -> gr.Dropdown:
     def follow(
         job_id: str | None, request: gr.Request, progress: gr.Progress = gr.Progress()
     ) -> Iterator[tuple]:
-        if not job_id:
+        if not job_id:  # yield, not just return: a generator that yields nothing blanks every output
+            yield tuple(gr.skip() for _ in view_outputs)  # (the Cancel/Resume labels, the loss plot)
             return
         session = request.session_hash or "anonymous"
         watching[session] = job_id
