@@ -63,7 +63,8 @@ def test_the_default_and_the_models_folder_are_accepted(
 ) -> None:
     images = make_subject_images(tmp_path / "subject")
     default = studio.start_training(images, quick_request(2))
-    with pytest.raises(DuplicateJobError):  # the default named in full is the same job: refused, not queued twice
+    # The default named in full is the same job: refused, not queued twice.
+    with pytest.raises(DuplicateJobError):
         studio.start_training(images, quick_request(2, base_model=f" {tiny_sd_path} "))
     same = studio.start_training(images, quick_request(3, base_model=f" {tiny_sd_path} "))
     named = studio.start_training(images, quick_request(2, base_model="tiny-sd"))

@@ -245,7 +245,9 @@ def test_picking_a_family_in_the_train_tab_fills_the_profiles_values(
     from app.ui import build_app
     from models.profiles import SD1, TOYWORLD
 
-    studio = Studio(Settings(data_dir=tmp_path, base_model=None, models_dir=tiny_sd_path.parent, device="cpu"))
+    studio = Studio(
+        Settings(data_dir=tmp_path, base_model=None, models_dir=tiny_sd_path.parent, device="cpu")
+    )
     try:
         demo = build_app(studio)
         (pick,) = [f.fn for f in demo.fns.values() if getattr(f.fn, "__name__", "") == "pick_family"]

@@ -70,7 +70,8 @@ def test_the_form_starts_from_the_base_models_profile_and_an_untouched_form_runs
         for method in METHODS:
             fields = method_form.option_fields(method, profile)
             shown = [method_form.shown_value(f) for f in fields]
-            assert method_form.request_options(method, fields, shown, profile) == profile.method_options(method)
+            sent = method_form.request_options(method, fields, shown, profile)
+            assert sent == profile.method_options(method), (profile.name, method)
     sd_clora = {f.name: f for f in method_form.option_fields("clora", SD1)}
     paper = clora.PRESETS[SD1.method_options("clora")["preset"]]
     assert sd_clora["preset"].default == "paper" and sd_clora["iterations"].default == paper.iterations
@@ -82,7 +83,8 @@ def test_the_form_starts_from_the_base_models_profile_and_an_untouched_form_runs
     # A preset picked in the form replaces the profile's; a changed option is sent beside the profile's preset.
     fields = method_form.option_fields("switch", SD1)
     assert method_form.request_options("switch", fields, ["atelier", 5], SD1) == {"preset": "atelier"}
-    assert method_form.request_options("switch", fields, ["paper", 3], SD1) == {"preset": "paper", "interval": 3}
+    changed = method_form.request_options("switch", fields, ["paper", 3], SD1)
+    assert changed == {"preset": "paper", "interval": 3}
 
 
 def test_masks_and_comparison_captions_name_the_method() -> None:

@@ -186,8 +186,8 @@ def test_show_defaults_for_sdxl_and_the_toy_world(tiny_sdxl_path: Path) -> None:
 
 
 def test_the_app_fields_agree_with_the_profile(tiny_sd_path: Path, tmp_path: Path) -> None:
-    from app.studio import Settings, Studio
     from app.method_form import option_defaults
+    from app.studio import Settings, Studio
     from app.tabs.train import PROFILE_FIELDS, profile_defaults
 
     studio = Studio(Settings(data_dir=tmp_path, base_model=str(tiny_sd_path), device="cpu"), start=False)
