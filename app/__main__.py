@@ -2,6 +2,7 @@
 
     python -m app [--host 127.0.0.1] [--port 7860] [--base-model SPEC] [--models-dir DIR] [--data-dir DIR]
                   [--auth-file FILE | --auth user:pass]     (or ATELIER_AUTH=user:pass in the environment)
+                  [--eval-root DIR]
 
 Binds to the loopback address by default; `--share` (a public Gradio link) is off unless asked for.
 Serves only what the page shows (see docs/security.md).
@@ -59,6 +60,12 @@ def build_parser() -> argparse.ArgumentParser:
         "--device", default=None, help="cpu, cuda or mps for generation (default: best available)"
     )
     parser.add_argument("--max-upload-mb", type=int, default=20, help="largest accepted upload per file")
+    parser.add_argument(
+        "--eval-root",
+        type=Path,
+        default=None,
+        help="let the Evaluate tab score image folders under this directory (default: off)",
+    )
     parser.add_argument(
         "--share", action="store_true", help="also open a public Gradio share link (off by default)"
     )
@@ -130,6 +137,8 @@ def main(argv: list[str] | None = None) -> int:
         check_models(args.base_model, args.clip_model)
         if args.models_dir is not None and not args.models_dir.is_dir():
             raise ValueError(f"--models-dir {args.models_dir} is not a folder")
+        if args.eval_root is not None and not args.eval_root.is_dir():
+            raise ValueError(f"--eval-root {args.eval_root} is not a folder")
         check_port(args.host, args.port)
     except ValueError as err:
         print(f"error: {err}", file=sys.stderr)
@@ -146,6 +155,7 @@ def main(argv: list[str] | None = None) -> int:
         models_dir=args.models_dir.resolve() if args.models_dir is not None else None,
         device=args.device,
         max_upload_mb=args.max_upload_mb,
+        eval_root=args.eval_root.resolve() if args.eval_root else None,
     )
     studio = Studio(settings)
     print(f"Atelier: data in {settings.data_dir}; open http://{args.host}:{args.port}", flush=True)

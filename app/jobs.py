@@ -37,12 +37,14 @@ from app.events import (
     read_events,
     tail,
 )
+from app.fingerprints import job_fingerprint
 from app.store import JobRecord, Store, StoreError, new_id
 from models.atomic_write import atomic_write_text
 
 logger = logging.getLogger(__name__)
 
 RESUMABLE = ("cancelled", "interrupted", "failed")
+ACTIVE = ("queued", "running", "cancelling")
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
 Register = Callable[[JobRecord, dict[str, Any]], str]
 """``register(job, completed_event) -> adapter_id``: move a finished job's adapter into the library."""
@@ -131,6 +133,15 @@ class JobRunner:
         )
         self._wake.set()
         return record
+
+    def active_duplicate(self, config: Any, images: Sequence[str | Path] = ()) -> JobRecord | None:
+        """A queued or running job with the same settings and the same image contents as this request."""
+        wanted = job_fingerprint(config.to_dict(), images)
+        for job in self.store.list_jobs(ACTIVE):
+            stored = sorted((self.jobs_dir / job.id / "images").glob("*"))
+            if job_fingerprint(job.config, stored) == wanted:
+                return job
+        return None
 
     def cancel(self, job_id: str) -> JobRecord:
         """Stop a job: a queued one leaves the queue; a running one checkpoints at its next step and exits."""

@@ -5,12 +5,15 @@ LoRA kept as it came), an optional ``sample.png`` (the last validation grid) and
 diffusers, LyCORIS and PEFT files written by the trainer). A folder is assembled under a hidden temporary
 name, checked by loading the adapter back, and renamed into place in one ``os.replace``; only then is the
 database row added. So the library never lists a half-written or unreadable file, and a crash leaves at most
-a hidden temporary folder, which the next start removes.
+a hidden temporary folder, which the next start removes. Each entry records its file's SHA-256, so importing
+a file that is already in the library is refused by name; downloads are offered under the adapter's own name
+(``<name>-<family>.safetensors``, ``download_names``), published by the app (``app.public``) under that name.
 """
 
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import tempfile
 import time
@@ -18,6 +21,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from app.fingerprints import file_sha256
 from app.store import AdapterRecord, JobRecord, Store, new_id
 
 ADAPTER_FILE = "adapter.safetensors"
@@ -75,6 +79,17 @@ class Library:
         path = Path(path)
         if path.suffix.lower() != ".safetensors" or not path.is_file():
             raise LibraryError(f"{path.name}: only .safetensors adapter files can be imported")
+        same = self.find_file(path)
+        if same is not None:
+            raise LibraryError(
+                f"{path.name} is already in the library as '{same.name}' ({same.family}, {same.id}); "
+                "nothing was added."
+            )
+        if not _readable_safetensors(path):
+            raise LibraryError(
+                f"{path.name} is not an adapter: it is not a readable safetensors file (truncated, corrupt or "
+                "another format). Choose an Atelier adapter or a kohya/A1111 LoRA .safetensors file."
+            )
         exports_dir = Path(tempfile.mkdtemp(prefix=".partial-exports-", dir=self.root))
         exports: list[Path] = []
         try:
@@ -84,15 +99,17 @@ class Library:
         except DamagedAdapterFile as error:
             shutil.rmtree(exports_dir, ignore_errors=True)
             raise LibraryError(str(error)) from None
-        except AdapterFileError as own_error:
+        except AdapterFileError:
             from models.adapters.exports import import_kohya_lora
 
             try:
                 import_kohya_lora(path, unet())
             except AdapterFileError as kohya_error:
+                shutil.rmtree(exports_dir, ignore_errors=True)
+                reason = str(kohya_error).replace(str(path), path.name)
                 raise LibraryError(
-                    f"{path.name} is neither an Atelier adapter file ({own_error}) nor a kohya/A1111 LoRA "
-                    f"({kohya_error})"
+                    f"{path.name} is not an adapter Atelier can use: it is neither an Atelier adapter file nor "
+                    f"a kohya/A1111 LoRA for this base model ({reason})"
                 ) from kohya_error
             load, kind = (lambda stored: import_kohya_lora(stored, unet())), "imported-kohya"
 
@@ -142,6 +159,7 @@ class Library:
                 else:
                     shutil.copyfile(export, target)
             info = describe(partial / ADAPTER_FILE)
+            info["metadata"]["sha256"] = file_sha256(partial / ADAPTER_FILE)
             os.replace(partial, final)
         except BaseException:
             shutil.rmtree(partial, ignore_errors=True)
@@ -226,6 +244,24 @@ class Library:
         path = self.path(record)
         return import_kohya_lora(path, unet) if record.source == "imported-kohya" else load_adapter_file(path)
 
+    def find_file(self, path: str | Path) -> AdapterRecord | None:
+        """The library entry whose adapter file has the same bytes as ``path`` (None when it is new)."""
+        wanted = file_sha256(path)
+        for record in self.records():
+            stored = record.metadata.get("sha256")
+            if stored is None and self.path(record).is_file():
+                stored = file_sha256(self.path(record))
+            if stored == wanted:
+                return record
+        return None
+
+    def download_names(self, record: AdapterRecord) -> list[tuple[Path, str]]:
+        """The adapter file and its exports, each with the name it is downloaded under, after the adapter's
+        current name: ``<name>-<family>.safetensors``, ``<name>-<export file>``."""
+        stem = download_stem(record.name)
+        names = [(self.path(record), f"{stem}-{record.family}.safetensors")]
+        return names + [(p, f"{stem}-{p.name}") for p in self.export_paths(record)]
+
     def rename(self, adapter_id: str, name: str) -> AdapterRecord:
         return self.store.rename_adapter(adapter_id, name)
 
@@ -252,6 +288,24 @@ def _write_exports(adapter_file: Any, folder: Path, unet: UnetProvider) -> list[
         adapter_file, folder, unet=unet() if wanted else None, on_error=lambda name, error: None
     )
     return [export.path for export in written.values()]
+
+
+def download_stem(name: str) -> str:
+    """A file-name-safe form of an adapter name: letters, digits, ``.``, ``_`` and ``-``; spaces become ``-``."""
+    stem = re.sub(r"[^A-Za-z0-9._-]+", "-", name.strip()).strip("-.")
+    return stem[:80] or "adapter"
+
+
+def _readable_safetensors(path: Path) -> bool:
+    """Whether ``path`` has a well-formed safetensors header (tensors are not read)."""
+    from safetensors import safe_open
+
+    try:
+        with safe_open(str(path), framework="pt") as handle:
+            handle.keys()
+    except Exception:  # safetensors raises several unrelated types for a bad header
+        return False
+    return True
 
 
 def _read_atelier_file(path: Path) -> Any:

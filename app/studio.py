@@ -37,6 +37,17 @@ class RequestError(ValueError):
     """A request from the UI is incomplete or contradictory; the message says what to fix."""
 
 
+class DuplicateJobError(RequestError):
+    """The same training job (settings and images) is already queued or running: ``job`` is that one."""
+
+    def __init__(self, job: JobRecord) -> None:
+        super().__init__(
+            f"The same job is already {job.status} as `{job.id}` ({job.name}); nothing new was started. "
+            "Change a setting or the images to train another one."
+        )
+        self.job = job
+
+
 @dataclass
 class Settings:
     """What ``python -m app`` was started with."""
@@ -51,6 +62,8 @@ class Settings:
     device: str | None = None
     max_upload_mb: int = MAX_UPLOAD_MB
     max_images: int = MAX_IMAGES
+    eval_root: Path | None = None
+    """Folder under which the Evaluate tab may read server-side image folders (None: that input is off)."""
 
 
 @dataclass
@@ -177,6 +190,7 @@ class Studio:
             self.store, self.library.register_trained, worker_command=worker_command, start=start
         )
         self.device_lock = threading.Lock()
+        self._submit_lock = threading.Lock()
         self._pipe: Any = None
         self._bank: tuple[tuple[str, ...], Any] | None = None
 
@@ -221,7 +235,8 @@ class Studio:
 
     def start_training(self, files: Sequence[str | Path] | None, request: TrainRequest) -> JobRecord:
         """Queue a training job; every upload must pass ``check_uploads`` and the base model must be one the server
-        offers (``app.base_models``); nothing is stored otherwise."""
+        offers (``app.base_models``); nothing is stored otherwise. A job identical to one already queued or
+        running is refused with ``DuplicateJobError``."""
         from training.config import ConfigError
 
         check = self.check_uploads(files)
@@ -236,9 +251,13 @@ class Studio:
             config = dataclasses.replace(request, base_model=base_model).to_config(
                 self.settings.base_model, self.profile(base_model)
             )
-            return self.runner.submit(
-                config, name=request.name.strip() or config.trigger_phrase, images=check.accepted
-            )
+            with self._submit_lock:
+                duplicate = self.runner.active_duplicate(config, check.accepted)
+                if duplicate is not None:
+                    raise DuplicateJobError(duplicate)
+                return self.runner.submit(
+                    config, name=request.name.strip() or config.trigger_phrase, images=check.accepted
+                )
         except ConfigError as exc:
             raise RequestError(str(exc)) from exc
 

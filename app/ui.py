@@ -39,6 +39,7 @@ def build_app(studio: Studio) -> gr.Blocks:
         train_tab.select(
             lambda: gr.update(choices=train.job_choices(studio)), None, job_select, api_visibility="private"
         )
+        demo.load(lambda: train.current_job(studio), None, job_select, api_visibility="private")
         library_tab.select(
             lambda: (library.table(studio), gr.update(choices=library.adapter_choices(studio))),
             None,

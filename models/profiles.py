@@ -77,6 +77,10 @@ class AppHints:
     trigger_word: str
     class_word: str
     seconds_per_step: str
+    min_images: int
+    """Fewer accepted subject images than this get a warning in the Train tab (the run still starts)."""
+    class_example: str
+    """The class-word box's placeholder: a class word this base model knows."""
 
 
 @dataclass(frozen=True)
@@ -150,6 +154,10 @@ TOYWORLD = Profile(
         "(docs/training_quality.md)",
         class_word="a shape or object word the toy world knows (circle, square, heart, ...)",
         seconds_per_step="about 0.03 s per step at batch 1 on one CPU core (docs/benchmarks.md)",
+        # docs/training_quality.md: every measured run trained on five renders; fewer are untested here.
+        min_images=5,
+        # one of the shapes the toy world draws (class_word above; the browser test's held-out heart)
+        class_example="heart",
     ),
 )
 
@@ -239,6 +247,8 @@ _SD_HINTS = AppHints(
     "preservation ('a photo of a dog')",
     seconds_per_step="not measured on a GPU yet: run `python -m benchmarks.gpu_check` (SD 1.5 LoRA at 512 px is "
     "commonly well under a second per step on a current GPU)",
+    min_images=3,  # DreamBooth (Ruiz et al. 2023) fine-tunes on 3-5 images of the subject
+    class_example="dog",  # DreamBooth's and diffusers' README example class ("a photo of sks dog")
 )
 
 SD1 = Profile(

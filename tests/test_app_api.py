@@ -7,7 +7,9 @@ the file-serving rules hold.
 
 from __future__ import annotations
 
+import io
 import socket
+import zipfile
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -18,11 +20,14 @@ from gradio_client import Client, handle_file
 from gradio_client.exceptions import AppError
 from PIL import Image
 
+from app.library import download_stem
 from app.studio import Settings, Studio
 from app.tabs.compose import TABLE_COLUMNS
 from app.ui import serve
 from tests.test_app_jobs import make_subject_images
 
+UNCHANGED = {"__type__": "update"}
+"""What ``gr.skip()`` looks like to an API client: the output is left as it was."""
 TRAIN_ARGS = dict(n=3, val=2, n_val_images=1, val_steps=2, tgt="vo", fam="lora")
 
 
@@ -97,8 +102,9 @@ def test_upload_train_library_compose_and_score_through_the_api(running_app: Run
     assert progress == "Step 3/3"
     assert "**completed**" in status and "is in the Library" in status, status
     assert log.strip(), "the log tail shows the worker's output"
-    assert [row[0] for row in losses["data"]] == [1, 2, 3]
+    assert [row[0] for row in losses["data"]] == [1, 2, 3, 1, 2, 3]  # per-step loss, then smoothed
     assert len(validation) == 2 and all(Path(item["image"]).is_file() for item in validation)
+    assert [item["caption"] for item in validation] == ["step 3 (final)", "step 2"]
     _, status, *_ = client.predict(job_id=cat, api_name="/follow_job")
     assert "**completed**" in status, status
 
@@ -108,7 +114,7 @@ def test_upload_train_library_compose_and_score_through_the_api(running_app: Run
     assert all(row[1] == "lora" and row[2] > 0 for row in rows.values())
     details, sample, downloads = client.predict(adapter_id=rows["sks dog"][7], api_name="/adapter_details")
     assert "sks dog" in details and Path(sample).is_file()
-    assert {Path(d).name for d in downloads} >= {"adapter.safetensors", "kohya_lora.safetensors"}
+    assert {Path(d).name for d in downloads} >= {"sks-dog-lora.safetensors", "sks-dog-kohya_lora.safetensors"}
     assert "`kohya_lora.safetensors` (lora → lora, exact)" in details, details
 
     binding = {
@@ -122,7 +128,6 @@ def test_upload_train_library_compose_and_score_through_the_api(running_app: Run
         table=binding,
         prompt="a photo of sks dog and zwx cat",
         method="merge",
-        options="{}",
         negative="",
         seed=3,
         steps=2,
@@ -136,35 +141,78 @@ def test_upload_train_library_compose_and_score_through_the_api(running_app: Run
             assert image.size == (32, 32)
     assert [item["caption"].split(" · ")[0] for item in gallery] == ["seed 3", "seed 4"]
 
-    summary, _, scores, csv_file = client.predict(
+    summary, _, scores, thumbs, explained, csv_file = client.predict(
         uploaded=[], from_gallery=True, text="a photo of sks dog and zwx cat", refs=[], api_name="/evaluate"
     )
     assert len(scores["data"]) == 2 and "clipscore_100" in scores["headers"]
     assert "2 image(s)" in summary and "clipscore_100: mean" in summary
     assert Path(csv_file).read_text().count("\n") == 3
+    column = scores["headers"].index("clipscore_100")
+    assert all(row[column] == round(row[column], 3) for row in scores["data"])
+    assert [item["caption"].split(" · ")[0] for item in thumbs] == ["#1", "#2"]
+    shown = running_app.studio.public.shown
+    assert len(list(shown.rglob("*-thumb.png"))) >= 2, "thumbnails are published copies under public/"
+    assert "**clipscore_100**" in explained and "Hessel" in explained
+
+    # The same images as a zip upload and as a server folder under the evaluation root score the same.
+    (folder,) = running_app.studio.public.folder("outputs").iterdir()  # the gallery's files, in order
+    with zipfile.ZipFile(folder.parent / "gallery.zip", "w") as bundle:
+        for image in sorted(folder.glob("*.png")):
+            bundle.write(image, image.name)
+    running_app.studio.settings.eval_root = folder.parent
+    for source in (
+        dict(zipped=handle_file(str(folder.parent / "gallery.zip"))),
+        dict(server_folder=folder.name),
+    ):
+        _, _, again, _, _, _ = client.predict(
+            uploaded=[],
+            from_gallery=False,
+            text="a photo of sks dog and zwx cat",
+            refs=[],
+            api_name="/evaluate",
+            **source,
+        )
+        assert [row[column] for row in again["data"]] == [row[column] for row in scores["data"]], source
+    refused = client.predict(
+        uploaded=[], from_gallery=False, text="x", refs=[], server_folder="../../", api_name="/evaluate"
+    )
+    assert refused == (UNCHANGED,) * 6
 
 
 def test_import_rename_and_delete_through_the_api(running_app: RunningApp, tmp_path: Path) -> None:
     library = running_app.studio.library
     if not library.records():
         pytest.skip("needs the adapters trained by the flow test")
-    source = tmp_path / "shared.safetensors"
-    source.write_bytes(library.path(library.records()[0]).read_bytes())
+    trained = library.records()[0]
+    duplicate = tmp_path / "shared.safetensors"
+    duplicate.write_bytes(library.path(trained).read_bytes())
     client = Client(running_app.url, verbose=False)
+    table, selected, message = client.predict(
+        path=handle_file(str(duplicate)), name="dog copy", trigger="sks dog", api_name="/import_adapter"
+    )
+    assert (table, selected, message) == (UNCHANGED,) * 3, "a refusal is a toast and changes no output"
+    assert len(library.records()) == 2, "the same file is not added twice"
 
+    source = tmp_path / "dog-kohya.safetensors"  # another file: the trained adapter's kohya export
+    kohya = next(p for p in library.export_paths(trained) if p.name == "kohya_lora.safetensors")
+    source.write_bytes(kohya.read_bytes())
     table, selected, message = client.predict(
         path=handle_file(str(source)), name="dog copy", trigger="sks dog", api_name="/import_adapter"
     )
     new_id = selected["value"]
     assert "Imported **dog copy** (lora" in message
     assert [row[0] for row in table["data"] if row[7] == new_id] == ["dog copy"]
-    assert library.get(new_id).source == "imported"
+    assert library.get(new_id).source == "imported-kohya"
     assert library.path(library.get(new_id)).read_bytes() == source.read_bytes()
 
-    table, _, message = client.predict(adapter_id=new_id, name="  renamed dog ", api_name="/rename_adapter")
+    table, _, message, details, downloads = client.predict(
+        adapter_id=new_id, name="  renamed dog ", api_name="/rename_adapter"
+    )
     assert [row[0] for row in table["data"] if row[7] == new_id] == ["renamed dog"]
-    with pytest.raises(AppError, match="name is empty"):
-        client.predict(adapter_id=new_id, name="   ", api_name="/rename_adapter")
+    assert details.startswith("### renamed dog")
+    assert [Path(d).name for d in downloads] == ["renamed-dog-lora.safetensors"]
+    unchanged = client.predict(adapter_id=new_id, name="   ", api_name="/rename_adapter")
+    assert unchanged == (UNCHANGED,) * 5 and library.get(new_id).name == "renamed dog"
 
     folder = library.path(library.get(new_id)).parent
     table, selected, message = client.predict(adapter_id=new_id, api_name="/delete_adapter")
@@ -188,16 +236,17 @@ def test_bad_uploads_show_their_message_and_start_nothing(running_app: RunningAp
     assert "✗ holiday.png" in report and "not a readable image" in report
     assert "✗ huge.png" in report and "decompression bomb" in report
     assert thumbs == []
-    for files, message in (([fake], "holiday.png"), ([huge], "huge.png"), ([], "No images uploaded")):
-        with pytest.raises(AppError, match="Nothing was started") as caught:
-            client.predict(
-                paths=[handle_file(str(p)) for p in files],
-                trig="sks",
-                cls="dog",
-                api_name="/start_training",
-                **TRAIN_ARGS,
-            )
-        assert message in str(caught.value)
+    for files in ([fake], [huge], []):
+        refused = client.predict(
+            paths=[handle_file(str(p)) for p in files],
+            trig="sks",
+            cls="dog",
+            api_name="/start_training",
+            **TRAIN_ARGS,
+        )
+        assert refused == (UNCHANGED,) * 2, (
+            "a refusal is a toast; the job selector and status stay as they were"
+        )
     notes = tmp_path / "notes.txt"
     notes.write_text("a text file with its real name")
     with pytest.raises(AppError, match="Invalid file type"):
@@ -242,15 +291,20 @@ def test_only_what_the_page_shows_is_served(running_app: RunningApp, tmp_path: P
     client = Client(running_app.url, verbose=False)
     client.predict(api_name="/library")  # the Library tab's refresh: the adapter becomes a choice
     _, sample, downloads = client.predict(adapter_id=record.id, api_name="/adapter_details")
-    originals = {"adapter.safetensors": library.path(record), "sample.png": library.sample_path(record)}
-    assert {Path(d).name: Path(d).read_bytes() for d in downloads}["adapter.safetensors"] == originals[
-        "adapter.safetensors"
-    ].read_bytes()
-    assert Path(sample).read_bytes() == originals["sample.png"].read_bytes()
+    named = f"{download_stem(record.name)}-{record.family}.safetensors"  # downloads carry the adapter's name
+    assert {Path(d).name: Path(d).read_bytes() for d in downloads}[named] == library.path(record).read_bytes()
+    with Image.open(library.sample_path(record)) as original, Image.open(sample) as enlarged:
+        factor = enlarged.width // original.width  # the grid is shown enlarged, from a copy made for the page
+        assert factor >= 1 and enlarged.size == (original.width * factor, original.height * factor)
+        assert enlarged.resize(original.size, Image.Resampling.NEAREST).tobytes() == original.tobytes()
+        shown_sample = enlarged.tobytes()
     published = {p.name: p for p in (data_dir / "public" / "shown").rglob("*") if p.is_file()}
-    for name, original in originals.items():
-        response = get(published[name])
-        assert response.status_code == 200 and response.content == original.read_bytes(), name
+    response = get(published[named])
+    assert response.status_code == 200 and response.content == library.path(record).read_bytes()
+    response = get(published["sample.png"])
+    assert response.status_code == 200
+    with Image.open(io.BytesIO(response.content)) as served:
+        assert served.tobytes() == shown_sample
     generated = sorted((data_dir / "public" / "outputs").rglob("*.png"))
     assert generated and get(generated[0]).status_code == 200
 

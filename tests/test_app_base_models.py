@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from app.studio import RequestError, Settings, Studio
+from app.studio import DuplicateJobError, RequestError, Settings, Studio
 from tests.test_app_jobs import make_subject_images, quick_request
 
 
@@ -63,7 +63,10 @@ def test_the_default_and_the_models_folder_are_accepted(
 ) -> None:
     images = make_subject_images(tmp_path / "subject")
     default = studio.start_training(images, quick_request(2))
-    same = studio.start_training(images, quick_request(2, base_model=f" {tiny_sd_path} "))
+    # The default named in full is the same job: refused, not queued twice.
+    with pytest.raises(DuplicateJobError):
+        studio.start_training(images, quick_request(2, base_model=f" {tiny_sd_path} "))
+    same = studio.start_training(images, quick_request(3, base_model=f" {tiny_sd_path} "))
     named = studio.start_training(images, quick_request(2, base_model="tiny-sd"))
     assert _job_base_model(studio, default.id) == str(tiny_sd_path)
     assert _job_base_model(studio, same.id) == str(tiny_sd_path)

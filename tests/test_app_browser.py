@@ -119,6 +119,7 @@ def test_click_through_train_library_compose_evaluate(
 
     def shot(name: str) -> None:
         if world.screenshots:
+            page.wait_for_timeout(3_000)  # let the last updates (loss plot, button states) finish drawing
             save_screenshot(page, name, tmp_path)
 
     with sync_playwright() as playwright:
@@ -143,6 +144,8 @@ def test_click_through_train_library_compose_evaluate(
             expect(page.locator("#job-status")).to_contain_text(
                 f"Step {world.train_steps}/{world.train_steps}"
             )
+            expect(page.locator("#cancel-job")).to_have_text("Cancel")
+            expect(page.locator("#loss-plot")).to_contain_text("loss (smoothed)", timeout=30_000)
             shot("train")
 
             # Library: the new adapter is listed; its details and sample grid open.
@@ -165,12 +168,20 @@ def test_click_through_train_library_compose_evaluate(
             expect(page.locator("#compose-info")).to_contain_text("4 image(s)", timeout=120_000)
             expect(page.locator("#compose-gallery img")).to_have_count(4, timeout=30_000)
             shot("compose")
+            # The method options are a form (advanced options collapsed), not a JSON editor.
+            page.locator("#compose-method input").click()
+            page.get_by_role("option", name="clora", exact=True).click()
+            expect(page.get_by_text("Advanced clora options")).to_be_visible(timeout=30_000)
+            expect(page.get_by_text("Fraction of the steps that get latent updates")).to_be_hidden()
+            expect(page.locator("#tab-compose .cm-editor")).to_have_count(0)
 
             # Evaluate: score the gallery against the prompt.
             page.get_by_role("tab", name="Evaluate").click()
             page.locator("#evaluate-prompts textarea").fill(world.prompt)
             page.locator("#evaluate-score").click()
             expect(page.locator("#evaluate-summary")).to_contain_text("clipscore_100: mean", timeout=120_000)
+            expect(page.locator("#evaluate-thumbs img")).to_have_count(4, timeout=30_000)
+            expect(page.locator("#evaluate-glossary")).to_contain_text("Hessel")
             shot("evaluate")
         finally:
             browser.close()

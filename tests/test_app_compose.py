@@ -14,7 +14,7 @@ from gradio_client import Client
 from PIL import Image
 
 from app.studio import Settings, Studio
-from app.tabs.compose import TABLE_COLUMNS
+from app.tabs.compose import COMPARISON_COLUMNS, TABLE_COLUMNS
 from app.ui import serve
 from tests.test_app_api import free_port, tiny_clip  # noqa: F401  (fixture)
 from tests.test_app_load import make_adapter_library
@@ -48,7 +48,6 @@ def compose(client: Client, binding: dict, method: str, api_name: str = "/compos
         table=binding,
         prompt=PROMPT,
         method=method,
-        options="{}",
         negative="",
         seed=7,
         steps=2,
@@ -75,6 +74,8 @@ def test_compare_methods_scores_every_method_on_the_same_seed(composing_app: tup
     gallery, info, table, masks = compose(client, binding, "merge", api_name="/compare_methods")
     rows = table["value"]["data"]
     assert [row[0] for row in rows] == list(METHODS) and "Compared 5 methods" in info
+    assert table["value"]["headers"] == COMPARISON_COLUMNS  # full and shallow rows apart, each vs composite
+    assert all(f"**{column}**" in info for column in COMPARISON_COLUMNS[3:]), "every cost column is explained"
     assert all(row[1] == 7 and 0.0 <= row[2] <= 100.0 for row in rows)
     evals = {row[0]: row[3] for row in rows}
     assert (
@@ -84,10 +85,12 @@ def test_compare_methods_scores_every_method_on_the_same_seed(composing_app: tup
     assert [item["caption"].split(" · ")[0] for item in gallery] == list(METHODS)
     assert np.array_equal(pixels(gallery[0]["image"]), pixels(merge_gallery[0]["image"]))
     assert masks["visible"] is True
-    assert [item["caption"] for item in masks["value"]] == [
-        "seed 7: base",
-        "seed 7: sks dog",
-        "seed 7: zwx cat",
+    assert [item["caption"] for item in masks["value"]] == [  # each method's masks, labelled by method
+        "cmlora · seed 7: sks dog",
+        "cmlora · seed 7: zwx cat",
+        "clora · seed 7: base",
+        "clora · seed 7: sks dog",
+        "clora · seed 7: zwx cat",
     ]
 
 

@@ -241,23 +241,49 @@ def test_a_request_without_steps_leaves_them_to_the_profile(family: str) -> None
 def test_picking_a_family_in_the_train_tab_fills_the_profiles_values(
     tmp_path: Path, tiny_sd_path: Path
 ) -> None:
+    from app.guidance import guidance_for
     from app.ui import build_app
     from models.profiles import SD1, TOYWORLD
 
-    studio = Studio(Settings(data_dir=tmp_path, base_model=None, device="cpu"))
+    studio = Studio(
+        Settings(data_dir=tmp_path, base_model=None, models_dir=tiny_sd_path.parent, device="cpu")
+    )
     try:
         demo = build_app(studio)
         (pick,) = [f.fn for f in demo.fns.values() if getattr(f.fn, "__name__", "") == "pick_family"]
-        for base, profile in (("", TOYWORLD), (str(tiny_sd_path), SD1)):
+        for base, profile in (("", TOYWORLD), (tiny_sd_path.name, SD1)):
             for family, defaults in profile.families.items():
-                *groups, text, steps, lr, targets, n_class = pick(family, base)
+                *groups, text, trigger, class_word, steps, lr, targets, n_class = pick(family, base)
                 assert [g["visible"] for g in groups].count(True) == 1
                 assert f"`{profile.name}`" in text
+                guidance = guidance_for(profile)  # the words' advice follows the base model's profile
+                assert trigger["info"] == guidance.trigger and class_word["info"] == guidance.class_word
+                assert class_word["placeholder"] == profile.hints.class_example
                 assert (steps["value"], lr["value"], targets["value"], n_class["value"]) == (
                     defaults.max_train_steps,
                     defaults.learning_rate,
                     defaults.targets,
                     defaults.num_class_images,
                 )
+    finally:
+        studio.close()
+
+
+def test_the_same_job_twice_is_refused_while_the_first_is_queued(tmp_path: Path, images: list[Path]) -> None:
+    from app.studio import DuplicateJobError
+
+    studio = Studio(Settings(data_dir=tmp_path, base_model=None, device="cpu"), start=False)
+    try:
+        first = studio.start_training(images, quick_request(4))
+        with pytest.raises(DuplicateJobError, match=f"already queued as `{first.id}`") as caught:
+            studio.start_training(list(reversed(images)), quick_request(4))
+        assert caught.value.job.id == first.id
+        assert [job.id for job in studio.store.list_jobs()] == [first.id]
+        other_steps = studio.start_training(images, quick_request(5))
+        fewer_images = studio.start_training(images[:2], quick_request(4))
+        assert len({first.id, other_steps.id, fewer_images.id}) == 3
+        studio.runner.cancel(first.id)
+        again = studio.start_training(images, quick_request(4))
+        assert again.id != first.id, "a cancelled job no longer blocks the same settings"
     finally:
         studio.close()

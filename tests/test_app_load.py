@@ -106,7 +106,6 @@ def test_twenty_concurrent_generations_complete_in_queue_order_with_bounded_memo
         form = dict(
             prompt="a photo of sks dog and zwx cat",
             method="merge",
-            options="{}",
             negative="",
             steps=2,
             guidance=5.0,

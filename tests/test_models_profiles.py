@@ -186,8 +186,8 @@ def test_show_defaults_for_sdxl_and_the_toy_world(tiny_sdxl_path: Path) -> None:
 
 
 def test_the_app_fields_agree_with_the_profile(tiny_sd_path: Path, tmp_path: Path) -> None:
+    from app.method_form import option_defaults
     from app.studio import Settings, Studio
-    from app.tabs.compose import default_options
     from app.tabs.train import PROFILE_FIELDS, profile_defaults
 
     studio = Studio(Settings(data_dir=tmp_path, base_model=str(tiny_sd_path), device="cpu"), start=False)
@@ -201,9 +201,11 @@ def test_the_app_fields_agree_with_the_profile(tiny_sd_path: Path, tmp_path: Pat
         assert profile_defaults(studio, "", "lora")["learning_rate"] == SD1.family("lora").learning_rate
         toy = profile_defaults(studio, str(default_base_model()), "hra")
         assert "`toyworld`" in toy["text"] and toy["learning_rate"] == TOYWORLD.family("hra").learning_rate
-        shown = json.loads(default_options("cmlora", studio.profile()))
+        assert "rare token" in fields["guidance"].trigger and "`toyworld`" not in fields["text"]
+        assert "own name" in toy["guidance"].trigger and toy["guidance"].class_placeholder == "heart"
+        shown = option_defaults("cmlora", studio.profile())
         assert {k: shown[k] for k in SD1.method_options("cmlora")} == SD1.method_options("cmlora")
-        assert json.loads(default_options("clora", TOYWORLD))["preset"] == "partition"
+        assert option_defaults("clora", TOYWORLD)["preset"] == "partition"
     finally:
         studio.close()
 

@@ -1,5 +1,7 @@
 """The Train tab: subject images, trigger, adapter family and hyperparameters → a queued training job,
-followed live (progress bar with step/ETA, loss plot, validation grids, log tail), cancelled or resumed.
+followed live (progress bar with step/ETA, loss plot with a smoothed curve, validation grids newest first,
+log tail), cancelled or resumed. Advice on words and image counts comes from ``app.guidance``; a second
+click on Start training (or the same job started again while it runs) is refused, not queued twice.
 
 The hyperparameter inputs are generated from each family's config dataclass (``models.adapters.FAMILIES``),
 so a new family appears here without UI code: the first two fields are shown, the rest sit in an accordion.
@@ -15,8 +17,12 @@ from typing import Any
 import gradio as gr
 import pandas as pd
 
+from app import job_display
+from app.base_models import BaseModelRefused
+from app.feedback import refuse
+from app.guidance import Guidance, guidance_for, image_count_advice
 from app.jobs import JobError, JobView
-from app.studio import RequestError, Studio, TrainRequest
+from app.studio import DuplicateJobError, RequestError, Studio, TrainRequest
 
 MAIN_FIELDS = 2
 _SCALARS = {"int": int, "float": float, "str": str, "bool": bool}
@@ -47,28 +53,34 @@ PROFILE_FIELDS = ("max_train_steps", "learning_rate", "targets", "num_class_imag
 
 
 def profile_defaults(studio: Studio, base_model: str | None, family: str) -> dict[str, Any]:
-    """What the Train tab shows for this base model and family: the profile's text and its values of
-    `PROFILE_FIELDS` (None where the profile is known only once the job loads the model)."""
+    """What the Train tab shows for this base model and family: the profile's text, its values of
+    `PROFILE_FIELDS` (None where the profile is known only once the job loads the model) and the advice on
+    words and images (`guidance`, from the profile's hints: `app.guidance.guidance_for`)."""
     profile = studio.profile(base_model)
+    guidance = guidance_for(profile)
     if profile is None:
         text = "**Profile**: picked when the job loads this model (a hub id or single file)."
-        return {"text": text, **dict.fromkeys(PROFILE_FIELDS)}
+        return {"text": text, "guidance": guidance, **dict.fromkeys(PROFILE_FIELDS)}
     defaults = profile.family(family)
     hints = profile.hints
     text = (
         f"**Profile `{profile.name}`** — {profile.title}. Subject images: {hints.subject_images}. "
-        f"Trigger word: {hints.trigger_word}. Class word: {hints.class_word}. Time: {hints.seconds_per_step}."
+        f"Time: {hints.seconds_per_step}. Advice on the words is under their boxes."
     )
-    return {"text": text, **{name: getattr(defaults, name) for name in PROFILE_FIELDS}}
+    return {"text": text, "guidance": guidance, **{name: getattr(defaults, name) for name in PROFILE_FIELDS}}
 
 
 def job_choices(studio: Studio) -> list[tuple[str, str]]:
-    jobs = studio.store.list_jobs()
-    return [(f"{job.name} · {job.id}", job.id) for job in reversed(jobs)]
+    return job_display.job_choices(studio.store)
 
 
-def render(view: JobView) -> tuple[str, str, pd.DataFrame, list[str], str]:
-    """Progress line, status text, loss-curve frame, validation images and log tail of one job."""
+def current_job(studio: Studio) -> dict:
+    """The job dropdown on page load: fresh entries, and the running (or next queued) job selected."""
+    return gr.update(choices=job_choices(studio), value=job_display.active_job_id(studio.store))
+
+
+def render(view: JobView) -> tuple[str, str, pd.DataFrame, list[tuple[str, str]], str, dict, dict]:
+    """Progress line, status text, loss curves, validation gallery, log tail and the Cancel/Resume states."""
     job = view.job
     progress_line = f"Step {job.step}/{job.total}" if job.total else ""
     lines = [f"**{job.name}** — `{job.id}` — **{job.status}**"]
@@ -88,13 +100,15 @@ def render(view: JobView) -> tuple[str, str, pd.DataFrame, list[str], str]:
         lines.append("This job can be resumed from its latest checkpoint.")
     if job.adapter_id:
         lines.append(f"Adapter `{job.adapter_id}` is in the Library.")
-    frame = pd.DataFrame(
-        {
-            "step": pd.Series([s for s, _ in view.losses], dtype="int64"),
-            "loss": pd.Series([v for _, v in view.losses], dtype="float64"),
-        }
+    return (
+        progress_line,
+        "\n\n".join(lines),
+        # None until there is a loss: a plot first given an empty frame draws no lines after (Gradio 6.31)
+        job_display.loss_frame(view.losses) if view.losses else None,
+        job_display.gallery_for(view),
+        "\n".join(view.log_tail),
+        *job_display.button_states(job),
     )
-    return progress_line, "\n\n".join(lines), frame, view.validation_images, "\n".join(view.log_tail)
 
 
 def build(studio: Studio) -> gr.Dropdown:
@@ -107,6 +121,7 @@ def build(studio: Studio) -> gr.Dropdown:
     hyper_inputs: list[tuple[str, str, gr.components.Component]] = []
     groups: dict[str, gr.Group] = {}
     watching: dict[str, str] = {}
+    guidance = initial["guidance"]
 
     with gr.Row():
         with gr.Column(scale=1):
@@ -116,17 +131,19 @@ def build(studio: Studio) -> gr.Dropdown:
                 file_types=["image"],
                 elem_id="train-files",
             )
-            upload_report = gr.Markdown(elem_id="upload-report")
+            upload_report = gr.Markdown(f"Upload {guidance.recommended_images}.", elem_id="upload-report")
             profile_text = gr.Markdown(initial["text"], elem_id="train-profile")
             thumbs = gr.Gallery(label="Accepted images", columns=6, height=140, interactive=False)
             with gr.Row():
-                trigger = gr.Textbox("sks", label="Trigger word", info="a rare word that names your subject")
+                trigger = gr.Textbox(
+                    "sks", label="Trigger word", info=guidance.trigger, elem_id="train-trigger"
+                )
                 class_word = gr.Textbox(
                     "",
                     label="Class word",
                     elem_id="train-class-word",
-                    placeholder="dog",
-                    info="what the subject is",
+                    placeholder=guidance.class_placeholder,
+                    info=guidance.class_word,
                 )
             family = gr.Radio(list(FAMILIES), value="lora", label="Adapter family")
             for name, family_spec in FAMILIES.items():
@@ -205,20 +222,50 @@ def build(studio: Studio) -> gr.Dropdown:
             progress_line = gr.Markdown(elem_id="job-progress", min_height=40)
             status = gr.Markdown("Start a job, or pick one to watch.", elem_id="job-status")
             with gr.Row():
-                cancel = gr.Button("Cancel", variant="stop", elem_id="cancel-job")
-                resume = gr.Button("Resume", elem_id="resume-job")
-            loss_plot = gr.LinePlot(x="step", y="loss", title="Training loss", height=260)
-            validation = gr.Gallery(label="Validation images", columns=2, height=260)
+                cancel = gr.Button("Cancel", variant="secondary", interactive=False, elem_id="cancel-job")
+                resume = gr.Button("Resume", interactive=False, elem_id="resume-job")
+            loss_plot = gr.LinePlot(
+                x="step",
+                y="loss",
+                color="series",
+                color_map=job_display.LOSS_COLORS,
+                title="Training loss (faint: per step; dark: smoothed)",
+                height=260,
+                elem_id="loss-plot",
+            )
+            validation = gr.Gallery(
+                label="Validation images (newest first)",
+                columns=2,
+                height=300,
+                object_fit="contain",
+                elem_id="validation-gallery",
+            )
             log = gr.Textbox(label="Log tail", lines=8, max_lines=8, autoscroll=True)
 
-    def check(paths: list[str] | None) -> tuple[str, list[str]]:
+    def guidance_of(base: str | None) -> Guidance:
+        try:
+            return guidance_for(studio.profile(studio.base_models.resolve(base)))
+        except (BaseModelRefused, RequestError):
+            return guidance  # start_training refuses that base model itself, in one line
+
+    def check(paths: list[str] | None, base: str | None = None) -> tuple[str, list[str]]:
         result = studio.check_uploads(paths)
-        return "\n".join(f"- {m}" for m in result.messages), [str(p) for p in result.accepted]
+        lines = [f"- {m}" for m in result.messages]
+        advice = image_count_advice(len(result.accepted), guidance_of(base)) if paths else None
+        if advice:
+            lines.append(f"\n**{advice}**")
+        return "\n".join(lines), [str(p) for p in result.accepted]
 
     def fill_from_profile(base: str, choice: str) -> list[Any]:
-        found = profile_defaults(studio, base or None, choice)
+        try:
+            found = profile_defaults(studio, studio.base_models.resolve(base), choice)
+        except (BaseModelRefused, RequestError) as exc:
+            return refuse(str(exc), len(profile_outputs))
+        advice: Guidance = found["guidance"]
         return [
             found["text"],
+            gr.update(info=advice.trigger),
+            gr.update(info=advice.class_word, placeholder=advice.class_placeholder),
             gr.update(value=found["max_train_steps"] or 0),
             gr.update(value=found["learning_rate"] or 0),
             gr.update(value=found["targets"] or "vo"),
@@ -271,14 +318,21 @@ def build(studio: Studio) -> gr.Dropdown:
         )
         try:
             record = studio.start_training(paths, request)
+        except DuplicateJobError as exc:
+            gr.Warning(str(exc))
+            return gr.update(choices=job_choices(studio), value=exc.job.id), gr.skip()
         except RequestError as exc:
-            raise gr.Error(str(exc)) from None
+            return refuse(str(exc), 2)
+        advice = image_count_advice(len(paths or []), guidance_of(base))
+        if advice:
+            gr.Warning(advice)
         return gr.update(choices=job_choices(studio), value=record.id), f"Queued job `{record.id}`."
 
     def follow(
         job_id: str | None, request: gr.Request, progress: gr.Progress = gr.Progress()
     ) -> Iterator[tuple]:
-        if not job_id:
+        if not job_id:  # yield, not just return: a generator that yields nothing blanks every output
+            yield tuple(gr.skip() for _ in view_outputs)  # (the Cancel/Resume labels, the loss plot)
             return
         session = request.session_hash or "anonymous"
         watching[session] = job_id
@@ -286,7 +340,8 @@ def build(studio: Studio) -> gr.Dropdown:
             try:
                 view = studio.job_view(job_id)
             except JobError as exc:
-                raise gr.Error(str(exc)) from None
+                yield refuse(str(exc), len(view_outputs))
+                return
             shown = view.job
             if view.position is not None:
                 progress(0, desc=f"queued, position {view.position}")
@@ -300,23 +355,29 @@ def build(studio: Studio) -> gr.Dropdown:
                 return
             time.sleep(0.5)
 
-    def act(action: str, job_id: str | None) -> tuple[Any, str]:
+    def act(action: str, job_id: str | None) -> tuple[Any, ...]:
         if not job_id:
-            raise gr.Error("Pick a job first.")
+            return refuse("Pick a job first.", 4)
         try:
             record = studio.runner.cancel(job_id) if action == "cancel" else studio.runner.resume(job_id)
         except JobError as exc:
-            raise gr.Error(str(exc)) from None
-        return gr.update(choices=job_choices(studio)), f"Job `{record.id}` is {record.status}."
+            return refuse(str(exc), 4)
+        return (
+            gr.update(choices=job_choices(studio)),
+            f"Job `{record.id}` is {record.status}.",
+            *job_display.button_states(record),
+        )
 
-    view_outputs = [progress_line, status, loss_plot, validation, log]
-    files.change(check, files, [upload_report, thumbs], api_name="check_uploads")
-    profile_outputs = [profile_text, steps, learning_rate, targets, num_class_images]
+    view_outputs = [progress_line, status, loss_plot, validation, log, cancel, resume]
+    files.change(check, [files, base_model], [upload_report, thumbs], api_name="check_uploads")
+    profile_outputs = [profile_text, trigger, class_word, steps, learning_rate, targets, num_class_images]
     family.change(
         pick_family, [family, base_model], [*groups.values(), *profile_outputs], api_visibility="private"
     )
     base_model.blur(fill_from_profile, [base_model, family], profile_outputs, api_name="profile_defaults")
     start.click(
+        lambda: gr.update(interactive=False), None, start, queue=False, api_visibility="private"
+    ).then(
         start_job,
         [
             files,
@@ -338,7 +399,7 @@ def build(studio: Studio) -> gr.Dropdown:
         ],
         [job, status],
         api_name="start_training",
-    )
+    ).then(lambda: gr.update(interactive=True), None, start, queue=False, api_visibility="private")
     job.change(
         follow,
         job,
@@ -347,12 +408,20 @@ def build(studio: Studio) -> gr.Dropdown:
         trigger_mode="multiple",
         concurrency_limit=None,
         show_progress_on=progress_line,
-    )
+    ).then(lambda: gr.update(choices=job_choices(studio)), None, job, api_visibility="private")
     cancel.click(
-        lambda j: act("cancel", j), job, [job, status], api_name="cancel_job", concurrency_limit=None
+        lambda j: act("cancel", j),
+        job,
+        [job, status, cancel, resume],
+        api_name="cancel_job",
+        concurrency_limit=None,
     )
     resume.click(
-        lambda j: act("resume", j), job, [job, status], api_name="resume_job", concurrency_limit=None
+        lambda j: act("resume", j),
+        job,
+        [job, status, cancel, resume],
+        api_name="resume_job",
+        concurrency_limit=None,
     ).then(
         follow,
         job,
