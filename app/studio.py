@@ -107,7 +107,8 @@ class TrainRequest:
 
         trigger, class_word = self.trigger.strip(), self.class_word.strip()
         if not trigger:
-            raise RequestError("the trigger phrase is empty; type a rare word such as 'sks'")
+            wanted = profile.hints.trigger_placeholder if profile is not None else ""
+            raise RequestError(f"the trigger phrase is empty; type {wanted or 'a rare word such as sks'}")
         phrase = f"{trigger} {class_word}".strip()
         steps = int(self.steps or 0)
         planned = steps or (profile.family(self.family).max_train_steps if profile is not None else 2000)

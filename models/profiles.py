@@ -81,6 +81,10 @@ class AppHints:
     """Fewer accepted subject images than this get a warning in the Train tab (the run still starts)."""
     class_example: str
     """The class-word box's placeholder: a class word this base model knows."""
+    default_trigger: str = ""
+    """What the Train tab's trigger box is prefilled with ("": left empty, `trigger_placeholder` shown)."""
+    trigger_placeholder: str = ""
+    """The trigger box's placeholder, seen while it is empty."""
 
 
 @dataclass(frozen=True)
@@ -158,6 +162,10 @@ TOYWORLD = Profile(
         min_images=5,
         # one of the shapes the toy world draws (class_word above; the browser test's held-out heart)
         class_example="heart",
+        # no prefill: the toy world's trigger is the concept's own name, which only the user knows; 'sks' sits
+        # next to 'yellow' in the toy text encoder (docs/training_quality.md, "Trigger word")
+        default_trigger="",
+        trigger_placeholder="the concept's own name, e.g. purple",
     ),
 )
 
@@ -249,6 +257,10 @@ _SD_HINTS = AppHints(
     "commonly well under a second per step on a current GPU)",
     min_images=3,  # DreamBooth (Ruiz et al. 2023) fine-tunes on 3-5 images of the subject
     class_example="dog",  # DreamBooth's and diffusers' README example class ("a photo of sks dog")
+    # DreamBooth's rare-token identifier (Ruiz et al. 2023) and the diffusers DreamBooth README's
+    # --instance_prompt "a photo of sks dog"
+    default_trigger="sks",
+    trigger_placeholder="a rare token, e.g. sks",
 )
 
 SD1 = Profile(

@@ -43,6 +43,10 @@ class World:
     """What the click-through uses on one base model."""
 
     name: str
+    prefill: str
+    """What the trigger field shows on page load (the base model's profile)."""
+    trigger: str
+    """What the test types there (the profile's advice)."""
     class_word: str
     train_steps: int
     prompt: str
@@ -50,15 +54,31 @@ class World:
     upload_report: str
     screenshots: bool
 
+    @property
+    def phrase(self) -> str:
+        return f"{self.trigger} {self.class_word}".strip()
 
-TINY = World("tiny", "dog", 3, "a photo of sks dog on grass", 4, "subject-2.png: 64x48", screenshots=False)
+
+TINY = World(
+    name="tiny",
+    prefill="sks",  # the SD profile's prefill, kept
+    trigger="sks",
+    class_word="dog",
+    train_steps=3,
+    prompt="a photo of sks dog on grass",
+    denoise_steps=4,
+    upload_report="subject-2.png: 64x48",
+    screenshots=False,
+)
 TOY = World(
-    "toyworld",
-    "heart",
-    120,
-    "a red sks heart on a white background",
-    25,
-    "subject-2.png: 32x32",
+    name="toyworld",
+    prefill="",  # the toy world's profile prefills nothing and asks for the concept's own name
+    trigger="heart",
+    class_word="",
+    train_steps=120,
+    prompt="a red heart on a white background",
+    denoise_steps=25,
+    upload_report="subject-2.png: 32x32",
     screenshots=True,
 )
 
@@ -128,7 +148,10 @@ def test_click_through_train_library_compose_evaluate(
             page = browser.new_page(viewport={"width": 1400, "height": 1000})
             page.goto(running_app.url)
 
-            # Train: upload, fill the form, start, watch the job finish.
+            # Train: the trigger prefilled from the profile; upload, fill the form, start, watch the job finish.
+            trigger = page.locator("#train-trigger textarea, #train-trigger input").first
+            expect(trigger).to_have_value(world.prefill)
+            trigger.fill(world.trigger)
             page.locator("#train-files input[type=file]").set_input_files(
                 [str(p) for p in running_app.images]
             )
@@ -150,7 +173,7 @@ def test_click_through_train_library_compose_evaluate(
 
             # Library: the new adapter is listed; its details and sample grid open.
             page.get_by_role("tab", name="Library").click()
-            expect(page.locator("#library-table")).to_contain_text(f"sks {world.class_word}", timeout=30_000)
+            expect(page.locator("#library-table")).to_contain_text(world.phrase, timeout=30_000)
             page.locator("#library-select input").click()
             page.get_by_role("option").first.click()
             expect(page.locator("#library-details")).to_contain_text("parameters", timeout=30_000)
@@ -160,7 +183,7 @@ def test_click_through_train_library_compose_evaluate(
             page.get_by_role("tab", name="Compose").click()
             page.locator("#compose-adapters input").click()
             page.get_by_role("option").first.click()
-            expect(page.locator("#compose-table")).to_contain_text(f"sks {world.class_word}", timeout=30_000)
+            expect(page.locator("#compose-table")).to_contain_text(world.phrase, timeout=30_000)
             page.locator("#compose-prompt textarea, #compose-prompt input").first.fill(world.prompt)
             page.locator("#compose-steps input").fill(str(world.denoise_steps))
             page.locator("#compose-images input").fill("4")

@@ -1,6 +1,7 @@
 """The app's display helpers without a browser: job labels and the job shown after a reload, the smoothed
-loss curve, the validation gallery's order and captions, Cancel/Resume states, image-count and word advice from the base model's profile, toasts
-without temporary paths, and the fingerprints that recognise a job or a file seen before."""
+loss curve, the validation gallery's order and captions, Cancel/Resume states, image-count and word advice and
+the trigger prefill from the base model's profile, toasts without temporary paths, and the fingerprints that
+recognise a job or a file seen before."""
 
 from __future__ import annotations
 
@@ -12,7 +13,13 @@ import pytest
 from app import job_display
 from app.feedback import without_paths
 from app.fingerprints import file_sha256, job_fingerprint
-from app.guidance import DEFAULT_GUIDANCE, guidance_for, image_count_advice
+from app.guidance import (
+    DEFAULT_GUIDANCE,
+    guidance_for,
+    image_count_advice,
+    trigger_after_change,
+    upload_prompt,
+)
 from app.store import Store, new_id
 from models.profiles import SD1, TOYWORLD
 
@@ -123,6 +130,20 @@ def test_the_toy_world_and_sd_get_their_own_advice_from_their_profiles() -> None
     assert "5 renders" in image_count_advice(4, toy) and image_count_advice(4, sd) is None
     assert "3-5 photos" in image_count_advice(2, sd)
     assert all(line.endswith(".") and line[0].isupper() for line in (toy.trigger, sd.trigger, sd.class_word))
+
+
+def test_the_trigger_prefill_comes_from_the_profile_and_never_overwrites_a_typed_word() -> None:
+    """SD prefills DreamBooth's 'sks'; the toy world leaves the field empty and asks for the concept's own name
+    (docs/training_quality.md); a change of base model replaces only an empty field or an untouched prefill."""
+    toy, sd = guidance_for(TOYWORLD), guidance_for(SD1)
+    assert (toy.default_trigger, sd.default_trigger, DEFAULT_GUIDANCE.default_trigger) == ("", "sks", "")
+    assert "own name" in toy.trigger_placeholder and "sks" in sd.trigger_placeholder
+    assert "sks" not in toy.trigger_placeholder
+    assert trigger_after_change("", "", sd) == "sks" and trigger_after_change(None, None, sd) == "sks"
+    assert trigger_after_change("sks", "sks", toy) == "" and trigger_after_change(" sks ", "sks", toy) == ""
+    assert trigger_after_change("purple", "", sd) is None and trigger_after_change("zwx", "sks", toy) is None
+    assert trigger_after_change("sks", "", sd) is None  # typed, even if it equals the new default
+    assert upload_prompt(toy) == f"Upload {TOYWORLD.hints.subject_images}." != upload_prompt(sd)
 
 
 def test_toasts_name_files_without_their_temporary_folders() -> None:

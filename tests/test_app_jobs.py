@@ -253,7 +253,9 @@ def test_picking_a_family_in_the_train_tab_fills_the_profiles_values(
         (pick,) = [f.fn for f in demo.fns.values() if getattr(f.fn, "__name__", "") == "pick_family"]
         for base, profile in (("", TOYWORLD), (tiny_sd_path.name, SD1)):
             for family, defaults in profile.families.items():
-                *groups, text, trigger, class_word, steps, lr, targets, n_class = pick(family, base)
+                *groups, text, trigger, class_word, steps, lr, targets, n_class, _, _ = pick(
+                    family, base, "", "", None
+                )
                 assert [g["visible"] for g in groups].count(True) == 1
                 assert f"`{profile.name}`" in text
                 guidance = guidance_for(profile)  # the words' advice follows the base model's profile
@@ -265,6 +267,93 @@ def test_picking_a_family_in_the_train_tab_fills_the_profiles_values(
                     defaults.targets,
                     defaults.num_class_images,
                 )
+    finally:
+        studio.close()
+
+
+def _event(demo, name: str):
+    (found,) = [f for f in demo.fns.values() if getattr(f.fn, "__name__", "") == name]
+    return found
+
+
+def _component(demo, elem_id: str):
+    (found,) = [b for b in demo.blocks.values() if getattr(b, "elem_id", None) == elem_id]
+    return found
+
+
+def test_the_trigger_prefill_and_the_upload_line_follow_the_base_models_profile(
+    tmp_path: Path, tiny_sd_path: Path, images: list[Path]
+) -> None:
+    """On page load and on a base-model change the trigger field gets the profile's prefill and placeholder
+    (the toy world: empty, asking for the concept's own name; SD: 'sks'), the line under the upload box the
+    profile's image advice; a trigger the user typed survives the change."""
+    from app.guidance import guidance_for
+    from app.ui import build_app
+    from models.profiles import SD1, TOYWORLD
+
+    assert (TOYWORLD.hints.default_trigger, SD1.hints.default_trigger) == ("", "sks")
+    tiny = tiny_sd_path.name
+    for default_base, profile in ((None, TOYWORLD), (str(tiny_sd_path), SD1)):
+        studio = Studio(
+            Settings(
+                data_dir=tmp_path / profile.name,
+                base_model=default_base,
+                models_dir=tiny_sd_path.parent,
+                device="cpu",
+            ),
+            start=False,
+        )
+        try:
+            demo = build_app(studio)
+            trigger = _component(demo, "train-trigger")
+            assert (trigger.value, trigger.placeholder) == (
+                profile.hints.default_trigger,
+                profile.hints.trigger_placeholder,
+            )
+            assert _component(demo, "upload-report").value == f"Upload {profile.hints.subject_images}."
+        finally:
+            studio.close()
+
+    # The toy world's app (the server default), the tiny SD model typed into the base-model box.
+    studio = Studio(
+        Settings(data_dir=tmp_path / "both", base_model=None, models_dir=tiny_sd_path.parent, device="cpu"),
+        start=False,
+    )
+    try:
+        demo = build_app(studio)
+        fill = _event(demo, "fill_from_profile").fn
+        for base, typed, before, profile, value in (
+            (tiny, "", "", SD1, "sks"),  # empty toy-world field: SD's prefill
+            ("", "sks", "sks", TOYWORLD, ""),  # SD's untouched prefill: back to empty on the toy world
+            (tiny, "purple", "", SD1, None),  # typed on the toy world: kept
+            ("", "zwx", "sks", TOYWORLD, None),  # typed over SD's prefill: kept
+            (tiny, "sks", "", SD1, None),  # typed on the toy world although advised against: kept
+        ):
+            advice = guidance_for(profile)
+            text, trigger, *_, prefilled, report = fill(base, "lora", typed, before, None)
+            assert f"`{profile.name}`" in text
+            assert trigger.get("value") == value, (base, typed, before)
+            assert (trigger["info"], trigger["placeholder"]) == (advice.trigger, advice.trigger_placeholder)
+            assert prefilled == advice.default_trigger
+            assert report == f"Upload {advice.recommended_images}."
+        # With images uploaded the line is the upload check, warned by the profile now chosen (toy world: 5).
+        paths = [str(p) for p in images]
+        *_, toy_report = fill("", "lora", "", "", paths)
+        *_, sd_report = fill(tiny, "lora", "", "", paths)
+        assert "✓ subject-2.png" in toy_report and f"Only {len(images)} images" in toy_report
+        assert "✓ subject-2.png" in sd_report and "Only" not in sd_report
+        # Picking a family goes through the same rules.
+        *_, trigger, _, _, _, _, _, _, _ = _event(demo, "pick_family").fn("hra", tiny, "purple", "", None)
+        assert "value" not in trigger
+
+        # Starting a job with an empty trigger: the one-line refusal as a toast, nothing queued, no traceback.
+        start = _event(demo, "start_job")
+        values = {id(c): c.value for c in start.inputs}
+        args = [values[id(c)] for c in start.inputs]
+        args[0], args[1] = paths, "  "
+        with pytest.warns(UserWarning, match="^the trigger phrase is empty; type the concept's own name"):
+            result = start.fn(*args)
+        assert len(result) == 2 and studio.store.list_jobs() == []
     finally:
         studio.close()
 

@@ -203,6 +203,9 @@ def test_the_app_fields_agree_with_the_profile(tiny_sd_path: Path, tmp_path: Pat
         assert "`toyworld`" in toy["text"] and toy["learning_rate"] == TOYWORLD.family("hra").learning_rate
         assert "rare token" in fields["guidance"].trigger and "`toyworld`" not in fields["text"]
         assert "own name" in toy["guidance"].trigger and toy["guidance"].class_placeholder == "heart"
+        # the trigger field's prefill: DreamBooth's 'sks' on SD, empty (the concept's own name asked) on the toy world
+        assert (fields["guidance"].default_trigger, toy["guidance"].default_trigger) == ("sks", "")
+        assert all(p.hints.trigger_placeholder for p in PROFILES.values())
         shown = option_defaults("cmlora", studio.profile())
         assert {k: shown[k] for k in SD1.method_options("cmlora")} == SD1.method_options("cmlora")
         assert option_defaults("clora", TOYWORLD)["preset"] == "partition"

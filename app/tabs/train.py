@@ -1,7 +1,8 @@
 """The Train tab: subject images, trigger, adapter family and hyperparameters → a queued training job,
 followed live (progress bar with step/ETA, loss plot with a smoothed curve, validation grids newest first,
-log tail), cancelled or resumed. Advice on words and image counts comes from ``app.guidance``; a second
-click on Start training (or the same job started again while it runs) is refused, not queued twice.
+log tail), cancelled or resumed. Advice on words and image counts, and the trigger field's prefill, come from
+the base model's profile (``app.guidance``) and follow the base-model box (a trigger the user typed is kept); a
+second click on Start training (or the same job started again while it runs) is refused, not queued twice.
 
 The hyperparameter inputs are generated from each family's config dataclass (``models.adapters.FAMILIES``),
 so a new family appears here without UI code: the first two fields are shown, the rest sit in an accordion.
@@ -20,7 +21,7 @@ import pandas as pd
 from app import job_display
 from app.base_models import BaseModelRefused
 from app.feedback import refuse
-from app.guidance import Guidance, guidance_for, image_count_advice
+from app.guidance import Guidance, guidance_for, image_count_advice, trigger_after_change, upload_prompt
 from app.jobs import JobError, JobView
 from app.studio import DuplicateJobError, RequestError, Studio, TrainRequest
 
@@ -131,13 +132,20 @@ def build(studio: Studio) -> gr.Dropdown:
                 file_types=["image"],
                 elem_id="train-files",
             )
-            upload_report = gr.Markdown(f"Upload {guidance.recommended_images}.", elem_id="upload-report")
+            upload_report = gr.Markdown(upload_prompt(guidance), elem_id="upload-report")
             profile_text = gr.Markdown(initial["text"], elem_id="train-profile")
             thumbs = gr.Gallery(label="Accepted images", columns=6, height=140, interactive=False)
             with gr.Row():
                 trigger = gr.Textbox(
-                    "sks", label="Trigger word", info=guidance.trigger, elem_id="train-trigger"
+                    guidance.default_trigger,
+                    label="Trigger word",
+                    info=guidance.trigger,
+                    placeholder=guidance.trigger_placeholder,
+                    elem_id="train-trigger",
                 )
+                # the prefill the field was last given, per session: a value still equal to it is replaced
+                # when the base model changes, anything else the user typed is kept
+                prefilled = gr.State(guidance.default_trigger)
                 class_word = gr.Textbox(
                     "",
                     label="Class word",
@@ -256,25 +264,33 @@ def build(studio: Studio) -> gr.Dropdown:
             lines.append(f"\n**{advice}**")
         return "\n".join(lines), [str(p) for p in result.accepted]
 
-    def fill_from_profile(base: str, choice: str) -> list[Any]:
+    def fill_from_profile(
+        base: str, choice: str, typed: str | None, prefilled_before: str | None, paths: list[str] | None
+    ) -> list[Any]:
         try:
             found = profile_defaults(studio, studio.base_models.resolve(base), choice)
         except (BaseModelRefused, RequestError) as exc:
             return refuse(str(exc), len(profile_outputs))
         advice: Guidance = found["guidance"]
+        new_trigger = trigger_after_change(typed, prefilled_before, advice)
+        kept = {} if new_trigger is None else {"value": new_trigger}
         return [
             found["text"],
-            gr.update(info=advice.trigger),
+            gr.update(info=advice.trigger, placeholder=advice.trigger_placeholder, **kept),
             gr.update(info=advice.class_word, placeholder=advice.class_placeholder),
             gr.update(value=found["max_train_steps"] or 0),
             gr.update(value=found["learning_rate"] or 0),
             gr.update(value=found["targets"] or "vo"),
             gr.update(value=found["num_class_images"] or 0),
+            advice.default_trigger,
+            check(paths, base)[0] if paths else upload_prompt(advice),
         ]
 
-    def pick_family(choice: str, base: str) -> list[Any]:
+    def pick_family(
+        choice: str, base: str, typed: str | None, prefilled_before: str | None, paths: list[str] | None
+    ) -> list[Any]:
         shown = [gr.update(visible=n == choice) for n in groups]
-        return [*shown, *fill_from_profile(base, choice)]
+        return [*shown, *fill_from_profile(base, choice, typed, prefilled_before, paths)]
 
     def start_job(
         paths: list[str] | None,
@@ -370,11 +386,29 @@ def build(studio: Studio) -> gr.Dropdown:
 
     view_outputs = [progress_line, status, loss_plot, validation, log, cancel, resume]
     files.change(check, [files, base_model], [upload_report, thumbs], api_name="check_uploads")
-    profile_outputs = [profile_text, trigger, class_word, steps, learning_rate, targets, num_class_images]
+    profile_outputs = [
+        profile_text,
+        trigger,
+        class_word,
+        steps,
+        learning_rate,
+        targets,
+        num_class_images,
+        prefilled,
+        upload_report,
+    ]
     family.change(
-        pick_family, [family, base_model], [*groups.values(), *profile_outputs], api_visibility="private"
+        pick_family,
+        [family, base_model, trigger, prefilled, files],
+        [*groups.values(), *profile_outputs],
+        api_visibility="private",
     )
-    base_model.blur(fill_from_profile, [base_model, family], profile_outputs, api_name="profile_defaults")
+    base_model.blur(
+        fill_from_profile,
+        [base_model, family, trigger, prefilled, files],
+        profile_outputs,
+        api_name="profile_defaults",
+    )
     start.click(
         lambda: gr.update(interactive=False), None, start, queue=False, api_visibility="private"
     ).then(
