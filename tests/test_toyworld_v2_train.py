@@ -63,3 +63,19 @@ def test_impossible_settings_are_refused(tmp_path: Path) -> None:
         _tiny_config(tmp_path, unet_steps=0)
     with pytest.raises(ValueError, match="stage"):
         _tiny_config(tmp_path, stage="everything")
+
+
+def test_a_snapshot_saves_the_ema_weights_of_the_last_unet_checkpoint(tmp_path: Path) -> None:
+    with pytest.raises(FileNotFoundError, match="--stage unet"):
+        train(_tiny_config(tmp_path, stage="snapshot"))
+    assert train(_tiny_config(tmp_path, stage="unet", unet_steps=3, ema_decay=0.5)) is None
+    pipeline_dir = train(_tiny_config(tmp_path, stage="snapshot", unet_steps=3))
+    unet = load_pipeline(pipeline_dir, device="cpu", dtype="fp32").unet
+    with safe_open(str(tmp_path / "work" / "unet_state.safetensors"), framework="pt") as handle:
+        names = [name for name, _ in unet.named_parameters()]
+        ema = {name: handle.get_tensor(f"extra.ema.{i}") for i, name in enumerate(names)}
+        raw = {name: handle.get_tensor(f"module.unet.{name}") for name in names}
+    differs = [name for name in names if not torch.equal(ema[name], raw[name])]
+    assert differs, "EMA equals the raw weights: the test cannot tell them apart"
+    for name, value in unet.named_parameters():  # saved in fp16, loaded in fp32
+        torch.testing.assert_close(value, ema[name].half().float(), rtol=0, atol=0)

@@ -88,7 +88,8 @@ class ToyWorldV2TrainConfig:
     stage: str = "all"
     """`clip`, `vae`, `scorer` (clip, then scorer) or `unet` (clip, vae, then unet) trains or resumes only
     that far; `all` (clip, vae, unet, scorer) also saves the pipeline. The scorer comes last: the UNet needs
-    only the CLIP's text tower and the VAE."""
+    only the CLIP's text tower and the VAE. `snapshot` saves a pipeline from the UNet's last checkpoint (its
+    EMA weights) while training goes on, so it can be evaluated midway; its CLIP is the scorer if trained."""
 
     def __post_init__(self) -> None:
         for name in (
@@ -102,8 +103,8 @@ class ToyWorldV2TrainConfig:
         ):
             if getattr(self, name) <= 0:
                 raise ValueError(f"{name} must be positive, got {getattr(self, name)}")
-        if self.stage not in ("all", "clip", "scorer", "vae", "unet"):
-            raise ValueError(f"stage must be all, clip, scorer, vae or unet, got {self.stage!r}")
+        if self.stage not in ("all", "clip", "scorer", "vae", "unet", "snapshot"):
+            raise ValueError(f"stage must be all, clip, scorer, vae, unet or snapshot, got {self.stage!r}")
 
 
 def scene_tensors(
@@ -283,10 +284,30 @@ def train_unet(
     return unet.eval()
 
 
+def snapshot(config: ToyWorldV2TrainConfig, vae: AutoencoderKL, text_encoder: CLIPTextModel) -> Path:
+    """Save `out/pipeline` with the EMA weights of the UNet's latest checkpoint (no training step)."""
+    state = config.work_dir / "unet_state.safetensors"
+    if not state.exists():
+        raise FileNotFoundError(f"no UNet checkpoint in {config.work_dir}: train with --stage unet first")
+    unet = build_unet(text_encoder.config.hidden_size)
+    with safe_open(str(state), framework="pt") as handle:
+        names = [name for name, _ in unet.named_parameters()]
+        ema = {name: handle.get_tensor(f"extra.ema.{i}") for i, name in enumerate(names)}
+        step = handle.metadata()["step"]
+    unet.load_state_dict(ema, strict=False)  # parameters from the EMA; buffers (none in this UNet) as built
+    scorer_final = config.work_dir / "scorer_final.safetensors"
+    clip_net = train_clip(config, "scorer") if scorer_final.exists() else train_clip(config)
+    save_assets(Path(config.out), clip_net, vae, text_encoder, unet.eval())
+    print(f"snapshot of UNet step {step}")
+    return Path(config.out) / "pipeline"
+
+
 def train(config: ToyWorldV2TrainConfig) -> Path | None:
     """Run (or resume) the stages and write the assets; returns the pipeline folder (None for one stage)."""
     torch.set_num_threads(config.threads)
     config.work_dir.mkdir(parents=True, exist_ok=True)
+    if config.stage == "snapshot" and not (config.work_dir / "unet_state.safetensors").exists():
+        raise FileNotFoundError(f"no UNet checkpoint in {config.work_dir}: train with --stage unet first")
     if config.stage == "vae":
         train_vae(config)
         return None
@@ -298,6 +319,8 @@ def train(config: ToyWorldV2TrainConfig) -> Path | None:
         return None
     text_encoder = clip_model.to_transformers_text_model(clip_net).requires_grad_(False)
     vae = train_vae(config)
+    if config.stage == "snapshot":
+        return snapshot(config, vae, text_encoder)
     tokenizer = CLIPTokenizer.from_pretrained(write_clip_tokenizer_files(config.work_dir / "tokenizer"))
     unet = train_unet(config, vae, text_encoder, tokenizer)
     if config.stage == "unet":
