@@ -11,6 +11,7 @@ import io
 import socket
 import zipfile
 from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -62,16 +63,25 @@ def tiny_clip(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return save_tiny_clip(tmp_path_factory.mktemp("clip"))[0]
 
 
-@pytest.fixture(scope="module")
-def running_app(
+@contextmanager
+def app_running(
     tiny_sd_path: Path, tiny_clip: Path, tmp_path_factory: pytest.TempPathFactory
 ) -> Iterator[RunningApp]:
+    """A served app on the tiny model with fresh data and subject folders, closed afterwards."""
     demo, studio, url = start_app(tmp_path_factory.mktemp("atelier-data"), tiny_sd_path, tiny_clip)
     try:
         yield RunningApp(url, studio, make_subject_images(tmp_path_factory.mktemp("subject")))
     finally:
         demo.close()
         studio.close()
+
+
+@pytest.fixture(scope="module")
+def running_app(
+    tiny_sd_path: Path, tiny_clip: Path, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[RunningApp]:
+    with app_running(tiny_sd_path, tiny_clip, tmp_path_factory) as app:
+        yield app
 
 
 def train_through_api(client: Client, images: list[Path], trigger: str, class_word: str) -> str:

@@ -15,9 +15,8 @@ from pathlib import Path
 
 import pytest
 
-from tests.test_app_api import RunningApp, start_app, tiny_clip  # noqa: F401  (fixture)
+from tests.test_app_api import RunningApp, app_running, tiny_clip  # noqa: F401  (fixture)
 from tests.test_app_browser import CHROMIUM, CHROMIUM_ARGS
-from tests.test_app_jobs import make_subject_images
 
 pytestmark = [
     pytest.mark.browser,
@@ -32,12 +31,8 @@ def app_on_tiny(
     tiny_clip: Path,  # noqa: F811
     tmp_path_factory: pytest.TempPathFactory,
 ) -> Iterator[RunningApp]:
-    demo, studio, url = start_app(tmp_path_factory.mktemp("atelier-data"), tiny_sd_path, tiny_clip)
-    try:
-        yield RunningApp(url, studio, make_subject_images(tmp_path_factory.mktemp("subject")))
-    finally:
-        demo.close()
-        studio.close()
+    with app_running(tiny_sd_path, tiny_clip, tmp_path_factory) as app:
+        yield app
 
 
 @pytest.fixture
