@@ -73,7 +73,7 @@ class ToyWorldV2TrainConfig:
     clip_batch: int = 64
     clip_lr: float = 1e-3
     scorer_steps: int = 1500
-    vae_steps: int = 5000
+    vae_steps: int = 10000
     vae_batch: int = 16
     vae_lr: float = 2e-3
     unet_steps: int = 30000
