@@ -3,7 +3,7 @@ the profile picked for each, every adapter family trained for 2 steps through th
 adapters composed with every method for 2 steps.
 
 Random weights measure wiring, shapes, memory and speed, never quality. CLoRA runs the profile's settings
-but without the 20 refinement rounds its `reference` preset adds at three points of the schedule (at 2 steps
+but without the 20 refinement rounds its `paper` preset adds at three points of the schedule (at 2 steps
 that is about 40 latent-update rounds, hours of SD-size forward and backward passes on two CPU cores); its
 latent updates themselves run. SD 1.5 is built at its real widths;
 SDXL with its real block structure at a quarter of its widths (`benchmarks._sdxl`, `width_divisor=4`), because

@@ -25,6 +25,11 @@ Trade-offs measured on this 2-core CPU (1 torch thread, other jobs sharing the m
   finest level (16x16, where a new shape's outline lives) inside the 3 s budget for 4 images.
 - Note that diffusers' `attention_head_dim` on `UNet2DConditionModel` is the number of heads: v1's "4" gave
   16-wide heads; (2, 4, 4) here gives 32-wide heads at every level.
+- VAE (32, 64, 64) channels, one layer per block, 4 latent channels, MSE + L1: session-long readbacks of its
+  reconstructions by the checks (docs/toyworld_v2.md) found steps the lever, not width or channels — 8 latent
+  channels read small shapes back no better than 4 (78% vs 77%), an image-gradient loss hurt textures, and
+  three-object shapes rose from 76% to 88% between 2500 and 4000 steps; hence 10000 steps. Textures repeat every
+  8 px (two latent cells): a 6 px period sat at the latent grid's limit and came back plain.
 - Text tower width 128 (two 64-wide heads) and 4 layers, 2x v1's width: captions now carry up to three
   objects with positions.
 """
