@@ -8,7 +8,8 @@ per-output scale. R starts at the identity and s at one, so the adapted UNet sta
 CPU caveat: PEFT builds butterfly factors > 1 with a CUDA extension (`fbd_cuda`, compiled with ninja). When
 that extension cannot be loaded PEFT silently trains with butterfly factor 1 instead (plain block-diagonal
 OFT). Atelier checks for the extension before attaching and refuses a factor > 1 it cannot honour, so a
-config never quietly means a different model.
+config never quietly means a different model. On a CPU with several threads the Cayley rotations are solved
+block by block (`models.adapters.boft_cpu_solve`: PEFT's batched solve fails there).
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ from peft.tuners.boft.layer import get_fbd_cuda
 from peft.tuners.tuners_utils import BaseTunerLayer
 from torch import nn
 
+from models.adapters.boft_cpu_solve import install as _install_cpu_solve
 from models.adapters.family import (
     ADAPTER_NAME,
     AdapterConfig,
@@ -33,6 +35,8 @@ from models.adapters.family import (
     inject_peft,
     require,
 )
+
+_install_cpu_solve()  # PEFT's batched Cayley solve breaks on multi-threaded CPUs (boft_cpu_solve)
 
 
 @dataclass
