@@ -61,3 +61,16 @@ def load_state(
         for index, value in enumerate(values):
             value.data.copy_(tensors[f"extra.{name}.{index}"])
     return int(metadata["step"])
+
+
+def read_module_weights(path: Path, name: str) -> dict[str, torch.Tensor]:
+    """The state dict `save_state` wrote for module `name` (empty if the file holds none)."""
+    prefix = f"module.{name}."
+    with safe_open(str(path), framework="pt") as handle:
+        return {key[len(prefix) :]: handle.get_tensor(key) for key in handle.keys() if key.startswith(prefix)}  # noqa: SIM118
+
+
+def read_extra(path: Path, name: str, count: int) -> list[torch.Tensor]:
+    """The first `count` tensors of the extra list `name` (e.g. the EMA weights, in parameter order)."""
+    with safe_open(str(path), framework="pt") as handle:
+        return [handle.get_tensor(f"extra.{name}.{index}") for index in range(count)]

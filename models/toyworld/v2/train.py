@@ -53,6 +53,7 @@ from models.clip_compat import clip
 from models.clip_tokenizer import write_clip_tokenizer_files
 from models.noise import training_noise
 from models.toyworld import clip_model
+from models.toyworld.checkpoint import read_extra
 from models.toyworld.train import SCHEDULER_CONFIG, _run_stage, clip_batch_loss, save_assets
 from models.toyworld.v2.world import IMAGE_SIZE, images_to_array, render_scene, sample_batch, twin_scene
 
@@ -295,9 +296,9 @@ def snapshot(config: ToyWorldV2TrainConfig, vae: AutoencoderKL, text_encoder: CL
     if not state.exists():
         raise FileNotFoundError(f"no UNet checkpoint in {config.work_dir}: train with --stage unet first")
     unet = build_unet(text_encoder.config.hidden_size)
+    names = [name for name, _ in unet.named_parameters()]
+    ema = dict(zip(names, read_extra(state, "ema", len(names)), strict=True))
     with safe_open(str(state), framework="pt") as handle:
-        names = [name for name, _ in unet.named_parameters()]
-        ema = {name: handle.get_tensor(f"extra.ema.{i}") for i, name in enumerate(names)}
         step = handle.metadata()["step"]
     unet.load_state_dict(ema, strict=False)  # parameters from the EMA; buffers (none in this UNet) as built
     scorer_final = config.work_dir / "scorer_final.safetensors"

@@ -18,6 +18,7 @@ from typing import Any
 import torch
 from safetensors.torch import load_file
 
+from models.toyworld.checkpoint import read_module_weights
 from models.toyworld.v2.checks import check_scene
 from models.toyworld.v2.world import images_to_array, render_scene, sample_batch
 
@@ -50,9 +51,7 @@ def load_vae(path: Path) -> torch.nn.Module:
     """`build_vae()` with the weights of a `vae_final` file or of a `vae_state` training checkpoint."""
     from models.toyworld.v2.train import build_vae
 
-    tensors = load_file(str(path))
-    prefix = "module.vae."
-    weights = {k[len(prefix) :]: v for k, v in tensors.items() if k.startswith(prefix)} or tensors
+    weights = read_module_weights(path, "vae") or load_file(str(path))
     vae = build_vae()
     vae.load_state_dict(weights)
     return vae.eval()
