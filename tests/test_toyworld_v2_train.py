@@ -9,9 +9,18 @@ import pytest
 import torch
 from diffusers import StableDiffusionPipeline
 from safetensors import safe_open
+from transformers import CLIPTokenizer
 
+from models.clip_tokenizer import write_clip_tokenizer_files
 from models.pipelines import load_pipeline
-from models.toyworld.v2.train import ToyWorldV2TrainConfig, train
+from models.toyworld import clip_model
+from models.toyworld.v2.train import (
+    ToyWorldV2TrainConfig,
+    build_tiny_clip,
+    forget_held_out_words,
+    tokens_only_in_held_out_captions,
+    train,
+)
 from models.toyworld.v2.world import IMAGE_SIZE
 
 
@@ -79,3 +88,26 @@ def test_a_snapshot_saves_the_ema_weights_of_the_last_unet_checkpoint(tmp_path: 
     assert differs, "EMA equals the raw weights: the test cannot tell them apart"
     for name, value in unet.named_parameters():  # saved in fp16, loaded in fp32
         torch.testing.assert_close(value, ema[name].half().float(), rtol=0, atol=0)
+
+
+def test_the_shipped_text_tower_forgets_only_the_words_the_unet_never_saw(tmp_path: Path) -> None:
+    tokenizer = CLIPTokenizer.from_pretrained(write_clip_tokenizer_files(tmp_path / "tokenizer"))
+    ids = tokens_only_in_held_out_captions(tokenizer)
+    assert sorted(tokenizer.decode([i]) for i in ids) == sorted(
+        ["an", "chec", "kered", "heart", "frame", "orange", "teal"]
+    )  # "an" too: no base colour or texture starts with a vowel, so only "orange" takes it
+    text_encoder = clip_model.to_transformers_text_model(build_tiny_clip(0))
+    with torch.no_grad():  # stand in for CLIP training: move every embedding away from its initial value
+        text_encoder.get_input_embeddings().weight.add_(0.05)
+
+    def encode(prompt: str) -> torch.Tensor:
+        return text_encoder(tokenizer(prompt, return_tensors="pt").input_ids)[0]
+
+    base = "a red dotted star on the left and a blue ring on the right on a grey background"
+    held_out = "an orange checkered heart on a white background"
+    before = encode(base), encode(held_out)
+    assert forget_held_out_words(text_encoder, tokenizer, seed=0) == ids
+    assert torch.equal(encode(base), before[0])
+    assert not torch.allclose(encode(held_out), before[1])
+    initial = build_tiny_clip(0).token_embedding.weight
+    assert torch.equal(text_encoder.get_input_embeddings().weight[ids], initial[ids])

@@ -290,6 +290,34 @@ def train_unet(
     return unet.eval()
 
 
+def tokens_only_in_held_out_captions(tokenizer: CLIPTokenizer, samples: int = 4000) -> list[int]:
+    """Token ids that occur in captions of the whole world but never in a base-world caption: the held-out
+    words, pieces of them ("checkered" is "check" + "ered") and the article "an", which only "orange" takes."""
+
+    def token_ids(held_out: bool) -> set[int]:
+        captions = [scene.caption() for scene in sample_batch(17, samples, held_out=held_out)]
+        return {i for ids in tokenizer(captions, add_special_tokens=False).input_ids for i in ids}
+
+    return sorted(token_ids(True) - token_ids(False))
+
+
+def forget_held_out_words(text_encoder: CLIPTextModel, tokenizer: CLIPTokenizer, seed: int) -> list[int]:
+    """Give every token of `tokens_only_in_held_out_captions` back the embedding it had before the CLIP
+    stage trained it; returns those ids.
+
+    The CLIP stage sees every concept (its image tower must), so its text tower learnt "teal" and "orange"
+    too, and a UNet that never saw them still renders the blend their embeddings sit between. The shipped
+    text tower keeps meaning only for words the UNet was trained on, as SD's DreamBooth subjects have no word
+    of their own; base captions are encoded exactly as before (none of them holds these tokens, and the
+    attention mask is causal)."""
+    ids = tokens_only_in_held_out_captions(tokenizer)
+    initial = build_tiny_clip(seed).token_embedding.weight
+    embedding = text_encoder.get_input_embeddings().weight
+    with torch.no_grad():
+        embedding[ids] = initial[ids].to(embedding.dtype)
+    return ids
+
+
 def snapshot(config: ToyWorldV2TrainConfig, vae: AutoencoderKL, text_encoder: CLIPTextModel) -> Path:
     """Save `out/pipeline` with the EMA weights of the UNet's latest checkpoint (no training step)."""
     state = config.work_dir / "unet_state.safetensors"
@@ -303,6 +331,8 @@ def snapshot(config: ToyWorldV2TrainConfig, vae: AutoencoderKL, text_encoder: CL
     unet.load_state_dict(ema, strict=False)  # parameters from the EMA; buffers (none in this UNet) as built
     scorer_final = config.work_dir / "scorer_final.safetensors"
     clip_net = train_clip(config, "scorer") if scorer_final.exists() else train_clip(config)
+    tokenizer = CLIPTokenizer.from_pretrained(write_clip_tokenizer_files(config.work_dir / "tokenizer"))
+    forget_held_out_words(text_encoder, tokenizer, config.seed)
     save_assets(Path(config.out), clip_net, vae, text_encoder, unet.eval())
     print(f"snapshot of UNet step {step}")
     return Path(config.out) / "pipeline"
@@ -332,6 +362,7 @@ def train(config: ToyWorldV2TrainConfig) -> Path | None:
     if config.stage == "unet":
         return None
     scorer = train_clip(config, "scorer", clip_net)
+    forget_held_out_words(text_encoder, tokenizer, config.seed)
     save_assets(Path(config.out), scorer, vae, text_encoder, unet)
     return Path(config.out) / "pipeline"
 
