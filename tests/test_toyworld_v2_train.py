@@ -3,25 +3,33 @@ and a stopped stage resumes from its checkpoint instead of starting over."""
 
 from __future__ import annotations
 
+import math
+import random
 from pathlib import Path
 
 import pytest
 import torch
 from diffusers import StableDiffusionPipeline
 from safetensors import safe_open
+from safetensors.torch import load_file
 from transformers import CLIPTokenizer
 
 from models.clip_tokenizer import write_clip_tokenizer_files
 from models.pipelines import load_pipeline
 from models.toyworld import clip_model
+from models.toyworld.v2.evaluate import load_scorer
 from models.toyworld.v2.train import (
+    ATTRIBUTES,
     ToyWorldV2TrainConfig,
+    attribute_heads,
+    attribute_loss,
     build_tiny_clip,
+    caption_variants,
     forget_held_out_words,
     tokens_only_in_held_out_captions,
     train,
 )
-from models.toyworld.v2.world import IMAGE_SIZE
+from models.toyworld.v2.world import IMAGE_SIZE, sample_batch
 
 
 def _tiny_config(tmp_path: Path, **overrides: object) -> ToyWorldV2TrainConfig:
@@ -29,7 +37,7 @@ def _tiny_config(tmp_path: Path, **overrides: object) -> ToyWorldV2TrainConfig:
         "out": tmp_path / "assets",
         "work_dir": tmp_path / "work",
         "clip_steps": 2,
-        "scorer_steps": 1,
+        "clip_pretrain_steps": 1,
         "vae_steps": 1,
         "unet_steps": 2,
         "clip_batch": 4,
@@ -59,7 +67,12 @@ def test_a_short_run_writes_a_64px_pipeline_with_attention_at_every_level(tmp_pa
     assert pipe.text_encoder.config.hidden_size == pipe.unet.config.cross_attention_dim == 128
     image = pipe("an orange heart on the left and a blue ring on the right", num_inference_steps=2).images[0]
     assert image.size == (IMAGE_SIZE, IMAGE_SIZE)
-    assert (config.out / "clip" / "toyworld_clip.safetensors").is_file()
+    scorer = load_scorer(config.out / "clip" / "toyworld_clip.safetensors")  # as the evaluation reads it
+    trained = load_file(str(config.work_dir / "clip_final.safetensors"))
+    assert scorer.visual.__class__.__name__ == "ModifiedResNet"
+    for key, value in scorer.state_dict().items():  # fp16 on disk, BatchNorm step counters kept as integers
+        assert value.dtype == (torch.float32 if trained[key].is_floating_point() else trained[key].dtype)
+        torch.testing.assert_close(value, trained[key].half().to(value.dtype), rtol=0, atol=0)
     plain = StableDiffusionPipeline.from_pretrained(
         pipeline_dir
     )  # no torch_dtype: one dtype, as in diffusers
@@ -111,3 +124,46 @@ def test_the_shipped_text_tower_forgets_only_the_words_the_unet_never_saw(tmp_pa
     assert not torch.allclose(encode(held_out), before[1])
     initial = build_tiny_clip(0).token_embedding.weight
     assert torch.equal(text_encoder.get_input_embeddings().weight[ids], initial[ids])
+
+
+def test_caption_hard_negatives_change_exactly_one_attribute_and_point_at_the_true_caption() -> None:
+    rng = random.Random(3)
+    kinds = set()
+    for scene in sample_batch(5, 60, held_out=True):
+        captions, truth = caption_variants(scene, rng)
+        assert captions[truth] == scene.caption()
+        assert len(set(captions)) == len(captions)
+        assert len(captions) in {len(values) for values in ATTRIBUTES.values()}
+        words = [set(caption.split()) for caption in captions]
+        for (
+            other
+        ) in words:  # each variant swaps one word (an article may change with it: "a red" / "an orange")
+            assert len(words[truth] - other - {"a", "an"}) <= 1
+        kinds.add(len(captions))
+    assert kinds == {len(values) for values in ATTRIBUTES.values()}
+
+
+def test_the_attribute_heads_read_every_slot_and_say_none_where_a_slot_is_empty() -> None:
+    heads = attribute_heads(8)
+    assert sorted(heads) == sorted(
+        ["background", "count"]
+        + [
+            f"{slot}_{kind}"
+            for slot in ("lone", "left", "middle", "right")
+            for kind in ("shape", "colour", "texture")
+        ]
+    )
+    scenes = sample_batch(2, 16, held_out=True)
+    # zero features: every head outputs its bias; with zero biases each cross-entropy is log(classes)
+    for head in heads.values():
+        torch.nn.init.zeros_(head.bias)
+    uniform = attribute_loss(heads, torch.zeros(len(scenes), 8), scenes).item()
+    classes = [3, 3] + [len(ATTRIBUTES[k]) + 1 for _ in range(4) for k in ("shape", "colour", "texture")]
+    assert uniform == pytest.approx(sum(math.log(n) for n in classes), rel=1e-5)
+    # and the labels are the scenes' own: a head biased towards the truth lowers the loss to near zero
+    for head in heads.values():
+        torch.nn.init.zeros_(head.weight)
+    lone = [s for s in scenes if len(s.objects) == 1]
+    heads["lone_shape"].bias.data[ATTRIBUTES["shape"].index(lone[0].objects[0].shape)] = 50.0
+    single = attribute_loss(heads, torch.zeros(1, 8), lone[:1]).item()
+    assert single == pytest.approx(sum(math.log(n) for n in classes) - math.log(12), abs=1e-4)

@@ -68,7 +68,10 @@ def contrastive_loss(model: clip.model.CLIP, images: torch.Tensor, tokens: torch
 def save_tiny_clip(model: clip.model.CLIP, pt_path: str | Path) -> tuple[Path, Path]:
     """Write the fp16 state dict as `<name>.pt` (for `clip.load`) and `<name>.safetensors`; returns both."""
     pt_path = Path(pt_path)
-    state = {key: value.detach().to(torch.float16).contiguous() for key, value in model.state_dict().items()}
+    state = {  # floating tensors only: a ResNet tower's BatchNorm step counters stay integers
+        key: (value.detach().to(torch.float16) if value.is_floating_point() else value.detach()).contiguous()
+        for key, value in model.state_dict().items()
+    }
     st_path = pt_path.with_suffix(".safetensors")
     atomic_write(pt_path, lambda tmp: torch.save(state, tmp))
     write_safetensors(st_path, state, {"format": "pt", "model": "atelier-toyworld-clip"})

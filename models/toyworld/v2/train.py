@@ -1,4 +1,4 @@
-"""Train toy world v2 end to end: tiny CLIP, VAE, UNet, then the CLIP scorer; save a diffusers folder.
+"""Train toy world v2 end to end: tiny CLIP, VAE, then UNet; save a diffusers folder and the CLIP scorer.
 
 Latent diffusion as in Rombach et al. 2022 ("High-Resolution Image Synthesis with Latent Diffusion Models"):
 an `AutoencoderKL` compresses 64 px scenes 4x to 16x16x4 latents, a `UNet2DConditionModel` learns to denoise
@@ -6,6 +6,14 @@ them (epsilon prediction, DDPM noising, Ho et al. 2020, with offset noise) condi
 at every latent level, on the frozen text tower of a tiny CLIP (Radford et al. 2021), with 10% caption
 dropout for classifier-free guidance (Ho & Salimans 2022) and an EMA of the weights. The CLIP and the VAE see
 every concept; the UNet never sees the held-out ones (`world.HELD_OUT`).
+
+The CLIP is trained in two steps: its ResNet image tower first learns the scenes' attributes with supervised
+heads (then dropped), as LiT starts from a pretrained image tower (Zhai et al. 2022, "LiT: Zero-Shot Transfer
+with Locked-image text Tuning"; here the tower stays unlocked); then image and text train contrastively on
+scenes with one-change twins and, as in NegCLIP (Yuksekgonul et al. 2023, "When and why vision-language models
+behave like bags-of-words"), each image also picks its caption among copies with one attribute changed. The
+same CLIP is the shipped CLIPScore model; its text tower, less the words only held-out captions use, is the
+pipeline's text encoder.
 
     python -m models.toyworld.v2.train --work-dir /path/to/checkpoints --out /path/to/out
 
@@ -32,6 +40,13 @@ Trade-offs measured on this 2-core CPU (1 torch thread, other jobs sharing the m
   8 px (two latent cells): a 6 px period sat at the latent grid's limit and came back plain.
 - Text tower width 128 (two 64-wide heads) and 4 layers, 2x v1's width: captions now carry up to three
   objects with positions.
+- CLIP: trained contrastively alone (batches of scenes and twins), the text tower stopped telling shapes apart
+  (captions that differ only in the shape word: cosine 0.9997 between their features) and zero-shot shape
+  stayed at chance, for a ViT or a ResNet image tower, with or without caption hard negatives, while the same
+  ResNet learns the shapes of single objects in 200 supervised steps. Supervised heads first, then the
+  contrastive stage with caption hard negatives, reach the zero-shot bar (docs/toyworld_v2.md). The ResNet
+  (clip-anytorch's `ModifiedResNet`, one block per stage, width 16) learnt shape where the 8 px-patch ViT did
+  not.
 """
 
 from __future__ import annotations
@@ -54,12 +69,34 @@ from models.clip_tokenizer import write_clip_tokenizer_files
 from models.noise import training_noise
 from models.toyworld import clip_model
 from models.toyworld.checkpoint import read_extra
-from models.toyworld.train import SCHEDULER_CONFIG, _run_stage, clip_batch_loss, save_assets
-from models.toyworld.v2.world import IMAGE_SIZE, images_to_array, render_scene, sample_batch, twin_scene
+from models.toyworld.train import (
+    SCHEDULER_CONFIG,
+    _run_stage,
+    clip_batch_loss,
+    encode_text_truncated,
+    save_assets,
+)
+from models.toyworld.v2.world import (
+    BACKGROUNDS,
+    COLOURS,
+    IMAGE_SIZE,
+    SHAPES,
+    TEXTURES,
+    Scene,
+    SceneObject,
+    images_to_array,
+    render_scene,
+    sample_batch,
+    twin_scene,
+)
 
 CLIP_WIDTH = 128
 CLIP_LAYERS = 4
-CLIP_PATCH = 8
+CLIP_VISION_WIDTH = 16
+"""Stem width of the CLIP's ResNet image tower (1.4 M parameters)."""
+CLIP_ATTRIBUTE_SLOTS = ("", "left", "middle", "right")
+"""Where the supervised heads read an object's attributes: a lone object, or a slot of a two- or three-object
+scene."""
 LATENT_SCALE = 4
 """VAE downsampling factor: 64 px scenes <-> 16x16 latents."""
 LATENT_CHANNELS = 4
@@ -75,10 +112,10 @@ class ToyWorldV2TrainConfig:
     work_dir: Path = Path(".cache/toyworld-v2/work")
     """Checkpoints for resuming."""
     seed: int = 0
+    clip_pretrain_steps: int = 500
     clip_steps: int = 1000
     clip_batch: int = 64
     clip_lr: float = 1e-3
-    scorer_steps: int = 1500
     vae_steps: int = 10000
     vae_batch: int = 16
     vae_lr: float = 2e-3
@@ -92,15 +129,14 @@ class ToyWorldV2TrainConfig:
     checkpoint_every: int = 100
     threads: int = 1
     stage: str = "all"
-    """`clip`, `vae`, `scorer` (clip, then scorer) or `unet` (clip, vae, then unet) trains or resumes only
-    that far; `all` (clip, vae, unet, scorer) also saves the pipeline. The scorer comes last: the UNet needs
-    only the CLIP's text tower and the VAE. `snapshot` saves a pipeline from the UNet's last checkpoint (its
-    EMA weights) while training goes on, so it can be evaluated midway; its CLIP is the scorer if trained."""
+    """`clip`, `vae` or `unet` (clip, vae, then unet) trains or resumes only that far; `all` also saves the
+    pipeline and the CLIP. `snapshot` saves them from the UNet's last checkpoint (its EMA weights) while
+    training goes on, so it can be evaluated midway."""
 
     def __post_init__(self) -> None:
         for name in (
+            "clip_pretrain_steps",
             "clip_steps",
-            "scorer_steps",
             "vae_steps",
             "unet_steps",
             "clip_batch",
@@ -109,8 +145,8 @@ class ToyWorldV2TrainConfig:
         ):
             if getattr(self, name) <= 0:
                 raise ValueError(f"{name} must be positive, got {getattr(self, name)}")
-        if self.stage not in ("all", "clip", "scorer", "vae", "unet", "snapshot"):
-            raise ValueError(f"stage must be all, clip, scorer, vae, unet or snapshot, got {self.stage!r}")
+        if self.stage not in ("all", "clip", "vae", "unet", "snapshot"):
+            raise ValueError(f"stage must be all, clip, vae, unet or snapshot, got {self.stage!r}")
 
 
 def scene_tensors(
@@ -123,30 +159,107 @@ def scene_tensors(
     return images, ["" if drop.random() < dropout else scene.caption() for scene in scenes]
 
 
-def twin_tensors(
-    seed: int, count: int, twins: int, shape_rate: float = 0.0
-) -> tuple[torch.Tensor, list[str]]:
-    """`count - twins` random scenes (all concepts), then one-change twins of the first `twins` of them; a
-    `shape_rate` share of the twins changes a shape (on top of `twin_scene`'s own mix)."""
+def twin_scenes(seed: int, count: int, shape_rate: float = 0.5) -> list[Scene]:
+    """`count // 2` random scenes (all concepts), then a one-change twin of each; a `shape_rate` share of the
+    twins changes a shape (the rest follow `twin_scene`'s own mix)."""
     rng = random.Random(seed)
-    scenes = sample_batch(seed, count - twins, held_out=True)
-    scenes += [
-        twin_scene(scene, rng, "shape" if shape_rate and rng.random() < shape_rate else None)
-        for scene in scenes[:twins]
-    ]
-    images = torch.from_numpy(images_to_array([render_scene(scene) for scene in scenes]))
-    return images, [scene.caption() for scene in scenes]
+    scenes = sample_batch(seed, count // 2, held_out=True)
+    return scenes + [twin_scene(s, rng, "shape" if rng.random() < shape_rate else None) for s in scenes]
+
+
+ATTRIBUTES: dict[str, tuple[str, ...]] = {
+    "shape": SHAPES,
+    "colour": tuple(COLOURS),
+    "texture": TEXTURES,
+    "background": tuple(BACKGROUNDS),
+}
+HARD_NEGATIVE_KINDS = ("shape", "shape", "texture", "texture", "colour", "background")
+"""What a caption hard negative changes: shape and texture, the attributes contrast alone leaves at chance, twice
+as often as colour and background."""
+
+
+def caption_variants(scene: Scene, rng: random.Random) -> tuple[list[str], int]:
+    """The captions of `scene` with one attribute (of one object, or the background) set to each of its values,
+    and the index of the true caption among them (the background only where the caption names it)."""
+    kind = rng.choice([k for k in HARD_NEGATIVE_KINDS if scene.mention_background or k != "background"])
+    values = ATTRIBUTES[kind]
+    if kind == "background":
+        return [
+            Scene(scene.objects, v, True, scene.order, scene.mention_positions).caption() for v in values
+        ], values.index(scene.background)
+    index = rng.randrange(len(scene.objects))
+    obj = scene.objects[index]
+    captions = []
+    for value in values:
+        attributes = {"shape": obj.shape, "colour": obj.colour, "texture": obj.texture, kind: value}
+        objects = list(scene.objects)
+        objects[index] = SceneObject(
+            attributes["shape"], attributes["colour"], attributes["texture"], obj.box, obj.slot
+        )
+        changed = Scene(
+            tuple(objects), scene.background, scene.mention_background, scene.order, scene.mention_positions
+        )
+        captions.append(changed.caption())
+    return captions, values.index(getattr(obj, kind))
+
+
+def caption_hard_negative_loss(
+    model: clip.model.CLIP, images: torch.Tensor, scenes: list[Scene], rng: random.Random
+) -> torch.Tensor:
+    """Mean cross-entropy of each image over its caption and that caption's one-attribute variants."""
+    image_features = model.encode_image(clip_model.normalize_images(images))
+    image_features = image_features / image_features.norm(dim=-1, keepdim=True)
+    sets = [caption_variants(scene, rng) for scene in scenes]
+    text = encode_text_truncated(model, clip.tokenize([c for captions, _ in sets for c in captions]))
+    text = text / text.norm(dim=-1, keepdim=True)
+    scale = model.logit_scale.exp().clamp(max=100)
+    losses, start = [], 0
+    for index, (captions, truth) in enumerate(sets):
+        logits = scale * image_features[index] @ text[start : start + len(captions)].t()
+        start += len(captions)
+        losses.append(torch.nn.functional.cross_entropy(logits[None], torch.tensor([truth])))
+    return torch.stack(losses).mean()
+
+
+def attribute_heads(width: int) -> torch.nn.ModuleDict:
+    """Linear heads on the image feature: background, object count, and shape / colour / texture (or "none")
+    in each slot of `CLIP_ATTRIBUTE_SLOTS`."""
+    heads = torch.nn.ModuleDict({"background": torch.nn.Linear(width, len(BACKGROUNDS))})
+    heads["count"] = torch.nn.Linear(width, 3)
+    for slot in CLIP_ATTRIBUTE_SLOTS:
+        for kind in ("shape", "colour", "texture"):
+            heads[f"{slot or 'lone'}_{kind}"] = torch.nn.Linear(width, len(ATTRIBUTES[kind]) + 1)
+    return heads
+
+
+def attribute_loss(heads: torch.nn.ModuleDict, features: torch.Tensor, scenes: list[Scene]) -> torch.Tensor:
+    """Summed cross-entropy of every head of `attribute_heads` on a batch of scenes."""
+    ce = torch.nn.functional.cross_entropy
+    loss = ce(
+        heads["background"](features), torch.tensor([tuple(BACKGROUNDS).index(s.background) for s in scenes])
+    )
+    loss = loss + ce(heads["count"](features), torch.tensor([len(s.objects) - 1 for s in scenes]))
+    for slot in CLIP_ATTRIBUTE_SLOTS:
+        for kind in ("shape", "colour", "texture"):
+            values = ATTRIBUTES[kind]
+            labels = []
+            for scene in scenes:
+                found = [obj for obj in scene.objects if obj.slot == slot]
+                labels.append(values.index(getattr(found[0], kind)) if found else len(values))
+            loss = loss + ce(heads[f"{slot or 'lone'}_{kind}"](features), torch.tensor(labels))
+    return loss
 
 
 def build_tiny_clip(seed: int = 0) -> clip.model.CLIP:
-    """A freshly initialised tiny CLIP for 64 px scenes (fp32), clip-anytorch's own architecture."""
+    """A freshly initialised tiny CLIP for 64 px scenes (fp32), clip-anytorch's own architecture with its
+    ResNet image tower (one block per stage)."""
     torch.manual_seed(seed)
     return clip.model.CLIP(
         embed_dim=CLIP_WIDTH,
         image_resolution=IMAGE_SIZE,
-        vision_layers=CLIP_LAYERS,
-        vision_width=CLIP_WIDTH,
-        vision_patch_size=CLIP_PATCH,
+        vision_layers=(1, 1, 1, 1),
+        vision_width=CLIP_VISION_WIDTH,
+        vision_patch_size=None,  # type: ignore[arg-type]
         context_length=clip_model.CONTEXT_LENGTH,
         vocab_size=clip_model.VOCAB_SIZE,
         transformer_width=CLIP_WIDTH,
@@ -155,30 +268,54 @@ def build_tiny_clip(seed: int = 0) -> clip.model.CLIP:
     )
 
 
-def train_clip(
-    config: ToyWorldV2TrainConfig, stage: str = "clip", base: clip.model.CLIP | None = None
-) -> clip.model.CLIP:
-    """Contrastive CLIP. Stage `clip` (the UNet's text tower): batches of random scenes, a quarter of them
-    paired with one-change twins (hard negatives that teach binding and positions). Stage `scorer` (the shipped
-    CLIPScore model): continues `base` on batches that are half twins, half of those changing a shape (the
-    attribute the first stage leaves at chance), at half the learning rate."""
-    final = config.work_dir / f"{stage}_final.safetensors"
+def train_clip(config: ToyWorldV2TrainConfig) -> clip.model.CLIP:
+    """The tiny CLIP (see the module docstring): `clip_pretrain` trains the image tower with the supervised
+    `attribute_heads`, then `clip` trains both towers on batches of scenes and their twins with InfoNCE plus
+    the caption hard-negative loss."""
+    final = config.work_dir / "clip_final.safetensors"
     model = build_tiny_clip(config.seed)
-    if base is not None:
-        model.load_state_dict(base.state_dict())
     if not final.exists():
-        twins = config.clip_batch // 4 if stage == "clip" else config.clip_batch // 2
-        offset = 1_000_003 if stage == "clip" else 4_000_003
-        shape_rate = 0.0 if stage == "clip" else 0.5
+        pretrained = config.work_dir / "clip_pretrain_final.safetensors"
+        if not pretrained.exists():
+            heads = attribute_heads(CLIP_WIDTH)
+
+            def pretrain_loss(step: int) -> torch.Tensor:
+                scenes = sample_batch(config.seed * 7_000_003 + step, config.clip_batch, held_out=True)
+                images = torch.from_numpy(images_to_array([render_scene(s) for s in scenes]))
+                return attribute_loss(heads, model.visual(clip_model.normalize_images(images)), scenes)
+
+            model.visual.train()
+            params = list(model.visual.parameters()) + list(heads.parameters())
+            modules = {"visual": model.visual, "heads": heads}
+            _run_stage(
+                "clip_pretrain",
+                config,
+                modules,
+                params,
+                config.clip_lr,
+                config.clip_pretrain_steps,
+                pretrain_loss,
+            )  # type: ignore[arg-type]
+            write_safetensors(pretrained, model.visual.state_dict())
+        model.visual.load_state_dict(load_file(str(pretrained)))
 
         def loss_fn(step: int) -> torch.Tensor:
-            images, captions = twin_tensors(config.seed * offset + step, config.clip_batch, twins, shape_rate)
-            return clip_batch_loss(model, images, captions)
+            seed = config.seed * 1_000_003 + step
+            scenes = twin_scenes(seed, config.clip_batch)
+            images = torch.from_numpy(images_to_array([render_scene(s) for s in scenes]))
+            contrastive = clip_batch_loss(model, images, [s.caption() for s in scenes])
+            return contrastive + caption_hard_negative_loss(model, images, scenes, random.Random(seed + 1))
 
         model.train()
-        lr = config.clip_lr if stage == "clip" else config.clip_lr / 2
-        steps = config.clip_steps if stage == "clip" else config.scorer_steps
-        _run_stage(stage, config, {"clip": model}, list(model.parameters()), lr, steps, loss_fn)  # type: ignore[arg-type]
+        _run_stage(
+            "clip",
+            config,
+            {"clip": model},
+            list(model.parameters()),
+            config.clip_lr,
+            config.clip_steps,
+            loss_fn,
+        )  # type: ignore[arg-type]
         write_safetensors(final, model.state_dict())
     model.load_state_dict(load_file(str(final)))
     return model.eval()
@@ -329,8 +466,7 @@ def snapshot(config: ToyWorldV2TrainConfig, vae: AutoencoderKL, text_encoder: CL
     with safe_open(str(state), framework="pt") as handle:
         step = handle.metadata()["step"]
     unet.load_state_dict(ema, strict=False)  # parameters from the EMA; buffers (none in this UNet) as built
-    scorer_final = config.work_dir / "scorer_final.safetensors"
-    clip_net = train_clip(config, "scorer") if scorer_final.exists() else train_clip(config)
+    clip_net = train_clip(config)
     tokenizer = CLIPTokenizer.from_pretrained(write_clip_tokenizer_files(config.work_dir / "tokenizer"))
     forget_held_out_words(text_encoder, tokenizer, config.seed)
     save_assets(Path(config.out), clip_net, vae, text_encoder, unet.eval())
@@ -350,9 +486,6 @@ def train(config: ToyWorldV2TrainConfig) -> Path | None:
     clip_net = train_clip(config)
     if config.stage == "clip":
         return None
-    if config.stage == "scorer":
-        train_clip(config, "scorer", clip_net)
-        return None
     text_encoder = clip_model.to_transformers_text_model(clip_net).requires_grad_(False)
     vae = train_vae(config)
     if config.stage == "snapshot":
@@ -361,9 +494,8 @@ def train(config: ToyWorldV2TrainConfig) -> Path | None:
     unet = train_unet(config, vae, text_encoder, tokenizer)
     if config.stage == "unet":
         return None
-    scorer = train_clip(config, "scorer", clip_net)
     forget_held_out_words(text_encoder, tokenizer, config.seed)
-    save_assets(Path(config.out), scorer, vae, text_encoder, unet)
+    save_assets(Path(config.out), clip_net, vae, text_encoder, unet)
     return Path(config.out) / "pipeline"
 
 
