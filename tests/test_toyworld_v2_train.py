@@ -19,7 +19,6 @@ from models.pipelines import load_pipeline
 from models.toyworld import clip_model
 from models.toyworld.v2.evaluate import load_scorer
 from models.toyworld.v2.train import (
-    ATTRIBUTES,
     ToyWorldV2TrainConfig,
     attribute_heads,
     attribute_loss,
@@ -29,7 +28,7 @@ from models.toyworld.v2.train import (
     tokens_only_in_held_out_captions,
     train,
 )
-from models.toyworld.v2.world import IMAGE_SIZE, sample_batch
+from models.toyworld.v2.world import ATTRIBUTES, IMAGE_SIZE, sample_batch
 
 
 def _tiny_config(tmp_path: Path, **overrides: object) -> ToyWorldV2TrainConfig:

@@ -31,6 +31,7 @@ from models.toyworld import clip_model
 from models.toyworld.evaluate import Case, folder_size_mb, sample
 from models.toyworld.v2.checks import check_scene
 from models.toyworld.v2.world import (
+    ATTRIBUTES,
     BACKGROUNDS,
     BASE_COLOURS,
     BASE_SHAPES,
@@ -41,10 +42,10 @@ from models.toyworld.v2.world import (
     SHAPES,
     TEXTURES,
     Scene,
-    SceneObject,
     concept_scene,
     place_objects,
     render_scene,
+    with_attribute,
 )
 
 CONTACT_PROMPTS = (
@@ -148,26 +149,15 @@ def clip_zero_shot(clip_path: str | Path, count: int = 120) -> dict[str, float]:
         )
         for i in range(count)
     ]
-    options = {
-        "shape": SHAPES,
-        "colour": tuple(COLOURS),
-        "texture": TEXTURES,
-        "background": tuple(BACKGROUNDS),
-    }
-    correct = dict.fromkeys(options, 0)
+    correct = dict.fromkeys(ATTRIBUTES, 0)
     images = torch.from_numpy(np.stack([np.asarray(render_scene(s), dtype=np.float32) for s in scenes]))
     with torch.no_grad():
         features = model.encode_image(clip_model.normalize_images(images.permute(0, 3, 1, 2) / 127.5 - 1))
         features = features / features.norm(dim=-1, keepdim=True)
         for index, scene in enumerate(scenes):
             obj = scene.objects[0]
-            for kind, values in options.items():
-                captions = []
-                for value in values:
-                    changed = {"shape": obj.shape, "colour": obj.colour, "texture": obj.texture, kind: value}
-                    background = value if kind == "background" else scene.background
-                    variant = SceneObject(changed["shape"], changed["colour"], changed["texture"], obj.box)
-                    captions.append(Scene((variant,), background=background).caption())
+            for kind, values in ATTRIBUTES.items():
+                captions = [with_attribute(scene, kind, value).caption() for value in values]
                 text = model.encode_text(clip.tokenize(captions))
                 text = text / text.norm(dim=-1, keepdim=True)
                 truth = values.index(scene.background if kind == "background" else getattr(obj, kind))
@@ -194,8 +184,7 @@ def near_chance_bound(kind: str, samples: int) -> float:
     """The highest rate of a held-out concept drawn from text alone that still counts as chance: the checks'
     chance of reading that concept (one of the world's shapes, colours or textures) plus two binomial standard
     errors for `samples` images."""
-    pool = {"shape": SHAPES, "colour": tuple(COLOURS), "texture": TEXTURES}[kind]
-    chance = 1 / len(pool)
+    chance = 1 / len(ATTRIBUTES[kind])
     return chance + 2 * (chance * (1 - chance) / samples) ** 0.5
 
 

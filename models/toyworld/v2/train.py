@@ -77,17 +77,15 @@ from models.toyworld.train import (
     save_assets,
 )
 from models.toyworld.v2.world import (
+    ATTRIBUTES,
     BACKGROUNDS,
-    COLOURS,
     IMAGE_SIZE,
-    SHAPES,
-    TEXTURES,
     Scene,
-    SceneObject,
     images_to_array,
     render_scene,
     sample_batch,
     twin_scene,
+    with_attribute,
 )
 
 CLIP_WIDTH = 128
@@ -167,12 +165,6 @@ def twin_scenes(seed: int, count: int, shape_rate: float = 0.5) -> list[Scene]:
     return scenes + [twin_scene(s, rng, "shape" if rng.random() < shape_rate else None) for s in scenes]
 
 
-ATTRIBUTES: dict[str, tuple[str, ...]] = {
-    "shape": SHAPES,
-    "colour": tuple(COLOURS),
-    "texture": TEXTURES,
-    "background": tuple(BACKGROUNDS),
-}
 HARD_NEGATIVE_KINDS = ("shape", "shape", "texture", "texture", "colour", "background")
 """What a caption hard negative changes: shape and texture, the attributes contrast alone leaves at chance, twice
 as often as colour and background."""
@@ -182,25 +174,10 @@ def caption_variants(scene: Scene, rng: random.Random) -> tuple[list[str], int]:
     """The captions of `scene` with one attribute (of one object, or the background) set to each of its values,
     and the index of the true caption among them (the background only where the caption names it)."""
     kind = rng.choice([k for k in HARD_NEGATIVE_KINDS if scene.mention_background or k != "background"])
+    index = 0 if kind == "background" else rng.randrange(len(scene.objects))
+    current = scene.background if kind == "background" else getattr(scene.objects[index], kind)
     values = ATTRIBUTES[kind]
-    if kind == "background":
-        return [
-            Scene(scene.objects, v, True, scene.order, scene.mention_positions).caption() for v in values
-        ], values.index(scene.background)
-    index = rng.randrange(len(scene.objects))
-    obj = scene.objects[index]
-    captions = []
-    for value in values:
-        attributes = {"shape": obj.shape, "colour": obj.colour, "texture": obj.texture, kind: value}
-        objects = list(scene.objects)
-        objects[index] = SceneObject(
-            attributes["shape"], attributes["colour"], attributes["texture"], obj.box, obj.slot
-        )
-        changed = Scene(
-            tuple(objects), scene.background, scene.mention_background, scene.order, scene.mention_positions
-        )
-        captions.append(changed.caption())
-    return captions, values.index(getattr(obj, kind))
+    return [with_attribute(scene, kind, value, index).caption() for value in values], values.index(current)
 
 
 def caption_hard_negative_loss(

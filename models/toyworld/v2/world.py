@@ -66,6 +66,14 @@ TEXTURE_PHASE = {"dotted": 2}
 stars) carry marks; chosen by reading clean three-object renders (docs/toyworld_v2.md)."""
 """Texture marks are drawn in the object's colour scaled by this factor (a darker shade of the same hue)."""
 
+ATTRIBUTES: dict[str, tuple[str, ...]] = {
+    "shape": SHAPES,
+    "colour": tuple(COLOURS),
+    "texture": TEXTURES,
+    "background": tuple(BACKGROUNDS),
+}
+"""Every value of each attribute a scene can vary, held-out ones included."""
+
 HELD_OUT: dict[str, tuple[str, ...]] = {
     "shape": ("heart", "frame"),
     "colour": ("orange", "teal"),
@@ -347,6 +355,22 @@ def images_to_array(images: list[Image.Image]) -> np.ndarray:
     return stacked.transpose(0, 3, 1, 2) / 127.5 - 1.0
 
 
+def with_attribute(scene: Scene, kind: str, value: str, index: int = 0) -> Scene:
+    """`scene` with its background (`kind` "background", which the caption then names) or object `index`'s
+    shape, colour or texture set to `value`; everything else, the caption's order and positions included, kept."""
+    if kind == "background":
+        return Scene(scene.objects, value, True, scene.order, scene.mention_positions)
+    obj = scene.objects[index]
+    attributes = {"shape": obj.shape, "colour": obj.colour, "texture": obj.texture, kind: value}
+    objects = list(scene.objects)
+    objects[index] = SceneObject(
+        attributes["shape"], attributes["colour"], attributes["texture"], obj.box, obj.slot
+    )
+    return Scene(
+        tuple(objects), scene.background, scene.mention_background, scene.order, scene.mention_positions
+    )
+
+
 def twin_scene(scene: Scene, rng: random.Random, kind: str | None = None) -> Scene:
     """The same scene with one thing changed — an object's shape, colour or texture, the background, or (with
     several objects) two objects' attributes swapped between their places: a hard negative for contrastive
@@ -357,8 +381,9 @@ def twin_scene(scene: Scene, rng: random.Random, kind: str | None = None) -> Sce
         kinds += ["swap", "swap"]
     kind = kind or rng.choice(kinds)
     if kind == "background":
-        other = rng.choice([name for name in BACKGROUNDS if name != scene.background])
-        return Scene(scene.objects, other, True, scene.order, scene.mention_positions)
+        return with_attribute(
+            scene, kind, rng.choice([name for name in BACKGROUNDS if name != scene.background])
+        )
     objects = list(scene.objects)
     if kind == "swap":
         i, j = rng.sample(range(len(objects)), 2)
@@ -367,13 +392,7 @@ def twin_scene(scene: Scene, rng: random.Random, kind: str | None = None) -> Sce
         objects[j] = SceneObject(a.shape, a.colour, a.texture, b.box, b.slot)
         return Scene(tuple(objects), scene.background, scene.mention_background, scene.order, True)
     index = rng.randrange(len(objects))
-    obj = objects[index]
-    pool = {"shape": SHAPES, "colour": tuple(COLOURS), "texture": TEXTURES}[kind]
-    value = rng.choice([name for name in pool if name != getattr(obj, kind)])
-    attributes = {"shape": obj.shape, "colour": obj.colour, "texture": obj.texture, kind: value}
-    objects[index] = SceneObject(
-        attributes["shape"], attributes["colour"], attributes["texture"], obj.box, obj.slot
-    )
-    return Scene(
-        tuple(objects), scene.background, scene.mention_background, scene.order, scene.mention_positions
+    current = getattr(objects[index], kind)
+    return with_attribute(
+        scene, kind, rng.choice([name for name in ATTRIBUTES[kind] if name != current]), index
     )
