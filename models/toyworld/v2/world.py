@@ -58,13 +58,13 @@ SHAPES: tuple[str, ...] = (
 )
 TEXTURES: tuple[str, ...] = ("plain", "striped", "barred", "dotted", "checkered")
 TEXTURE_SHADE = 0.5
+"""Texture marks are drawn in the object's colour scaled by this factor (a darker shade of the same hue)."""
 TEXTURE_PERIOD = 8
 """Pixels per texture repeat: two 4x-VAE latent cells, so the pattern survives the latent grid."""
 DOT_SIDE = 3
 TEXTURE_PHASE = {"dotted": 2}
 """Where in the period the object's centre falls (default 5: inside a mark), so that thin shapes (crosses,
 stars) carry marks; chosen by reading clean three-object renders (docs/toyworld_v2.md)."""
-"""Texture marks are drawn in the object's colour scaled by this factor (a darker shade of the same hue)."""
 
 ATTRIBUTES: dict[str, tuple[str, ...]] = {
     "shape": SHAPES,
