@@ -42,6 +42,7 @@ from models.toyworld.v2.world import (
     SHAPES,
     TEXTURES,
     Scene,
+    attribute_value,
     concept_scene,
     place_objects,
     render_scene,
@@ -155,12 +156,11 @@ def clip_zero_shot(clip_path: str | Path, count: int = 120) -> dict[str, float]:
         features = model.encode_image(clip_model.normalize_images(images.permute(0, 3, 1, 2) / 127.5 - 1))
         features = features / features.norm(dim=-1, keepdim=True)
         for index, scene in enumerate(scenes):
-            obj = scene.objects[0]
             for kind, values in ATTRIBUTES.items():
                 captions = [with_attribute(scene, kind, value).caption() for value in values]
                 text = model.encode_text(clip.tokenize(captions))
                 text = text / text.norm(dim=-1, keepdim=True)
-                truth = values.index(scene.background if kind == "background" else getattr(obj, kind))
+                truth = values.index(attribute_value(scene, kind))
                 correct[kind] += int((features[index] @ text.t()).argmax()) == truth
     return {kind: hits / count for kind, hits in correct.items()}
 

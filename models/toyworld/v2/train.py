@@ -81,6 +81,7 @@ from models.toyworld.v2.world import (
     BACKGROUNDS,
     IMAGE_SIZE,
     Scene,
+    attribute_value,
     images_to_array,
     render_scene,
     sample_batch,
@@ -175,9 +176,9 @@ def caption_variants(scene: Scene, rng: random.Random) -> tuple[list[str], int]:
     and the index of the true caption among them (the background only where the caption names it)."""
     kind = rng.choice([k for k in HARD_NEGATIVE_KINDS if scene.mention_background or k != "background"])
     index = 0 if kind == "background" else rng.randrange(len(scene.objects))
-    current = scene.background if kind == "background" else getattr(scene.objects[index], kind)
     values = ATTRIBUTES[kind]
-    return [with_attribute(scene, kind, value, index).caption() for value in values], values.index(current)
+    captions = [with_attribute(scene, kind, value, index).caption() for value in values]
+    return captions, values.index(attribute_value(scene, kind, index))
 
 
 def caption_hard_negative_loss(

@@ -371,6 +371,11 @@ def with_attribute(scene: Scene, kind: str, value: str, index: int = 0) -> Scene
     )
 
 
+def attribute_value(scene: Scene, kind: str, index: int = 0) -> str:
+    """The scene's background (`kind` "background") or object `index`'s shape, colour or texture."""
+    return scene.background if kind == "background" else str(getattr(scene.objects[index], kind))
+
+
 def twin_scene(scene: Scene, rng: random.Random, kind: str | None = None) -> Scene:
     """The same scene with one thing changed — an object's shape, colour or texture, the background, or (with
     several objects) two objects' attributes swapped between their places: a hard negative for contrastive
@@ -380,10 +385,6 @@ def twin_scene(scene: Scene, rng: random.Random, kind: str | None = None) -> Sce
     if len(scene.objects) > 1:
         kinds += ["swap", "swap"]
     kind = kind or rng.choice(kinds)
-    if kind == "background":
-        return with_attribute(
-            scene, kind, rng.choice([name for name in BACKGROUNDS if name != scene.background])
-        )
     objects = list(scene.objects)
     if kind == "swap":
         i, j = rng.sample(range(len(objects)), 2)
@@ -391,8 +392,8 @@ def twin_scene(scene: Scene, rng: random.Random, kind: str | None = None) -> Sce
         objects[i] = SceneObject(b.shape, b.colour, b.texture, a.box, a.slot)
         objects[j] = SceneObject(a.shape, a.colour, a.texture, b.box, b.slot)
         return Scene(tuple(objects), scene.background, scene.mention_background, scene.order, True)
-    index = rng.randrange(len(objects))
-    current = getattr(objects[index], kind)
+    index = 0 if kind == "background" else rng.randrange(len(objects))
+    current = attribute_value(scene, kind, index)
     return with_attribute(
         scene, kind, rng.choice([name for name in ATTRIBUTES[kind] if name != current]), index
     )
