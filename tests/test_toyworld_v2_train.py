@@ -17,18 +17,20 @@ from transformers import CLIPTokenizer
 from models.clip_tokenizer import write_clip_tokenizer_files
 from models.pipelines import load_pipeline
 from models.toyworld import clip_model
-from models.toyworld.v2.evaluate import load_scorer
+from models.toyworld.v2.evaluate import load_scorer, multi_object_cases
 from models.toyworld.v2.train import (
     ToyWorldV2TrainConfig,
     attribute_heads,
     attribute_loss,
+    binding_variants,
     build_tiny_clip,
     caption_variants,
     forget_held_out_words,
+    place_variants,
     tokens_only_in_held_out_captions,
     train,
 )
-from models.toyworld.v2.world import ATTRIBUTES, IMAGE_SIZE, sample_batch
+from models.toyworld.v2.world import ATTRIBUTES, IMAGE_SIZE, Scene, SceneObject, sample_batch
 
 
 def _tiny_config(tmp_path: Path, **overrides: object) -> ToyWorldV2TrainConfig:
@@ -125,21 +127,63 @@ def test_the_shipped_text_tower_forgets_only_the_words_the_unet_never_saw(tmp_pa
     assert torch.equal(text_encoder.get_input_embeddings().weight[ids], initial[ids])
 
 
-def test_caption_hard_negatives_change_exactly_one_attribute_and_point_at_the_true_caption() -> None:
+def test_caption_hard_negatives_change_one_attribute_or_rebind_the_same_words_and_point_at_the_truth() -> (
+    None
+):
     rng = random.Random(3)
-    kinds = set()
-    for scene in sample_batch(5, 60, held_out=True):
+    seen = set()
+    for scene in sample_batch(5, 200, held_out=True):
         captions, truth = caption_variants(scene, rng)
         assert captions[truth] == scene.caption()
-        assert len(set(captions)) == len(captions)
+        assert len(set(captions)) == len(captions) > 1
+        words = [caption.replace(",", "").split() for caption in captions]
+        if all(sorted(other) == sorted(words[truth]) for other in words):  # the same words rebound
+            assert len(scene.objects) > 1
+            seen.add("places" if len(captions) == math.factorial(len(scene.objects)) else "binding")
+            continue
         assert len(captions) in {len(values) for values in ATTRIBUTES.values()}
-        words = [set(caption.split()) for caption in captions]
         for (
             other
         ) in words:  # each variant swaps one word (an article may change with it: "a red" / "an orange")
-            assert len(words[truth] - other - {"a", "an"}) <= 1
-        kinds.add(len(captions))
-    assert kinds == {len(values) for values in ATTRIBUTES.values()}
+            assert len(set(words[truth]) - set(other) - {"a", "an"}) <= 1
+        seen.add(f"attribute{len(captions)}")
+    assert seen == {"places", "binding"} | {f"attribute{len(values)}" for values in ATTRIBUTES.values()}
+
+
+def test_place_variants_name_the_same_objects_in_the_same_order_in_every_other_arrangement() -> None:
+    scene = multi_object_cases(3, 1)[0].scene  # three different shapes, places named
+    captions = place_variants(scene)
+    assert captions[0] == scene.caption()
+    assert len(captions) == len(set(captions)) == 6
+    places = {"left", "middle", "right"}
+    for caption in captions:
+        phrases = [obj.phrase() for obj in scene.named()]
+        assert [caption.index(phrase) for phrase in phrases] == sorted(caption.index(p) for p in phrases)
+        said = [word.strip(",") for word in caption.split() if word.strip(",") in places]
+        assert sorted(said) == sorted(places)
+    two = multi_object_cases(2, 1)[0].scene
+    swapped = place_variants(two)
+    assert len(swapped) == 2 and swapped[0] == two.caption()
+    assert swapped[1].replace("left", "?").replace("right", "left").replace("?", "right") == two.caption()
+
+
+def test_binding_variants_exchange_one_attribute_between_two_objects() -> None:
+    scene = Scene(
+        (
+            SceneObject("star", "red", "dotted", (4, 20, 24), "left"),
+            SceneObject("ring", "blue", "plain", (36, 20, 24), "right"),
+        )
+    )
+    assert binding_variants(scene, random.Random(0)) == [
+        "a red dotted star and a blue ring on a white background",
+        "a red dotted ring and a blue star on a white background",
+        "a blue dotted star and a red ring on a white background",
+        "a red star and a blue dotted ring on a white background",
+    ]
+    twins = Scene((scene.objects[0], SceneObject("star", "red", "dotted", (36, 20, 24), "right")))
+    assert binding_variants(twins, random.Random(0)) == [twins.caption()]  # nothing to exchange
+    captions, truth = caption_variants(twins, random.Random(0))  # falls back to a one-attribute variant
+    assert captions[truth] == twins.caption() and len(captions) > 1
 
 
 def test_the_attribute_heads_read_every_slot_and_say_none_where_a_slot_is_empty() -> None:

@@ -11,7 +11,9 @@ The CLIP is trained in two steps: its ResNet image tower first learns the scenes
 heads (then dropped), as LiT starts from a pretrained image tower (Zhai et al. 2022, "LiT: Zero-Shot Transfer
 with Locked-image text Tuning"; here the tower stays unlocked); then image and text train contrastively on
 scenes with one-change twins and, as in NegCLIP (Yuksekgonul et al. 2023, "When and why vision-language models
-behave like bags-of-words"), each image also picks its caption among copies with one attribute changed. The
+behave like bags-of-words"), each image also picks its caption among copies with one attribute changed or, as
+NegCLIP's word-order negatives do, the same words rebound: two objects' attributes exchanged, or the objects
+named in other places (without the place negatives the text tower all but ignored "left" and "right"). The
 same CLIP is the shipped CLIPScore model; its text tower, less the words only held-out captions use, is the
 pipeline's text encoder.
 
@@ -52,6 +54,7 @@ Trade-offs measured on this 2-core CPU (1 torch thread, other jobs sharing the m
 from __future__ import annotations
 
 import argparse
+import itertools
 import random
 from dataclasses import dataclass
 from pathlib import Path
@@ -72,7 +75,6 @@ from models.toyworld.checkpoint import read_extra
 from models.toyworld.train import (
     SCHEDULER_CONFIG,
     _run_stage,
-    clip_batch_loss,
     encode_text_truncated,
     save_assets,
 )
@@ -81,6 +83,7 @@ from models.toyworld.v2.world import (
     BACKGROUNDS,
     IMAGE_SIZE,
     Scene,
+    SceneObject,
     attribute_value,
     images_to_array,
     render_scene,
@@ -167,36 +170,93 @@ def twin_scenes(seed: int, count: int, shape_rate: float = 0.5) -> list[Scene]:
 
 
 HARD_NEGATIVE_KINDS = ("shape", "shape", "texture", "texture", "colour", "background")
-"""What a caption hard negative changes: shape and texture, the attributes contrast alone leaves at chance, twice
-as often as colour and background."""
+"""What a caption hard negative changes in any scene: shape and texture, the attributes contrast alone leaves at
+chance, twice as often as colour and background."""
+MULTI_OBJECT_NEGATIVE_KINDS = ("binding", "binding")
+"""Added for two or three objects: two objects exchange their shapes, colours or textures in the caption."""
+PLACED_NEGATIVE_KINDS = ("places", "places")
+"""Added where the caption names places: the same objects, named in the same order, in exchanged places."""
 
 
 def caption_variants(scene: Scene, rng: random.Random) -> tuple[list[str], int]:
-    """The captions of `scene` with one attribute (of one object, or the background) set to each of its values,
-    and the index of the true caption among them (the background only where the caption names it)."""
-    kind = rng.choice([k for k in HARD_NEGATIVE_KINDS if scene.mention_background or k != "background"])
+    """The captions of `scene` with one thing changed, and the index of the true caption among them: one
+    attribute (of one object, or the background where the caption names it) set to each of its values, two
+    objects' attributes exchanged (`binding_variants`) or the objects' places permuted (`place_variants`)."""
+    kinds = [k for k in HARD_NEGATIVE_KINDS if scene.mention_background or k != "background"]
+    if len(scene.objects) > 1:
+        kinds += MULTI_OBJECT_NEGATIVE_KINDS
+        if scene.mention_positions:
+            kinds += PLACED_NEGATIVE_KINDS
+    kind = rng.choice(kinds)
+    if kind == "places":
+        return place_variants(scene), 0
+    if kind == "binding":
+        variants = binding_variants(scene, rng)
+        if len(variants) > 1:
+            return variants, 0
+        kind = rng.choice([k for k in kinds if k not in ("binding", "places")])  # identical objects
     index = 0 if kind == "background" else rng.randrange(len(scene.objects))
     values = ATTRIBUTES[kind]
     captions = [with_attribute(scene, kind, value, index).caption() for value in values]
     return captions, values.index(attribute_value(scene, kind, index))
 
 
-def caption_hard_negative_loss(
+def _distinct(captions: list[str]) -> list[str]:
+    """`captions` without repeats, first occurrences in order (the true caption stays first)."""
+    return list(dict.fromkeys(captions))
+
+
+def place_variants(scene: Scene) -> list[str]:
+    """The true caption first, then the captions that name the same objects in the same order but in every
+    other arrangement of their places ("a red star on the right and a blue ring on the left" for "... on the
+    left ... on the right"): only the place words tell them apart."""
+    named = scene.named()
+    captions = []
+    for slots in itertools.permutations([obj.slot for obj in named]):
+        objects = tuple(
+            SceneObject(obj.shape, obj.colour, obj.texture, obj.box, slot)
+            for obj, slot in zip(named, slots, strict=True)
+        )
+        captions.append(Scene(objects, scene.background, scene.mention_background, None, True).caption())
+    return _distinct(captions)
+
+
+def binding_variants(scene: Scene, rng: random.Random) -> list[str]:
+    """The true caption first, then the captions in which two of the objects (picked by `rng`) exchange their
+    shapes, their colours or their textures: the same words in another order, so only which word goes with
+    which object tells them apart."""
+    i, j = rng.sample(range(len(scene.objects)), 2)
+    captions = [scene.caption()]
+    for kind in ("shape", "colour", "texture"):
+        first, second = attribute_value(scene, kind, i), attribute_value(scene, kind, j)
+        captions.append(with_attribute(with_attribute(scene, kind, second, i), kind, first, j).caption())
+    return _distinct(captions)
+
+
+def clip_training_loss(
     model: clip.model.CLIP, images: torch.Tensor, scenes: list[Scene], rng: random.Random
 ) -> torch.Tensor:
-    """Mean cross-entropy of each image over its caption and that caption's one-attribute variants."""
+    """Symmetric InfoNCE over the batch plus the mean cross-entropy of each image over its caption and that
+    caption's `caption_variants`, from one encoding of the images (so BatchNorm sees each batch once)."""
     image_features = model.encode_image(clip_model.normalize_images(images))
     image_features = image_features / image_features.norm(dim=-1, keepdim=True)
     sets = [caption_variants(scene, rng) for scene in scenes]
-    text = encode_text_truncated(model, clip.tokenize([c for captions, _ in sets for c in captions]))
+    captions = [scene.caption() for scene in scenes]
+    text = encode_text_truncated(
+        model, clip.tokenize(captions + [c for variants, _ in sets for c in variants])
+    )
     text = text / text.norm(dim=-1, keepdim=True)
     scale = model.logit_scale.exp().clamp(max=100)
-    losses, start = [], 0
-    for index, (captions, truth) in enumerate(sets):
-        logits = scale * image_features[index] @ text[start : start + len(captions)].t()
-        start += len(captions)
-        losses.append(torch.nn.functional.cross_entropy(logits[None], torch.tensor([truth])))
-    return torch.stack(losses).mean()
+    ce = torch.nn.functional.cross_entropy
+    logits = scale * image_features @ text[: len(captions)].t()
+    target = torch.arange(len(captions))
+    contrastive = (ce(logits, target) + ce(logits.t(), target)) / 2
+    losses, start = [], len(captions)
+    for index, (variants, truth) in enumerate(sets):
+        variant_logits = scale * image_features[index] @ text[start : start + len(variants)].t()
+        start += len(variants)
+        losses.append(ce(variant_logits[None], torch.tensor([truth])))
+    return contrastive + torch.stack(losses).mean()
 
 
 def attribute_heads(width: int) -> torch.nn.ModuleDict:
@@ -281,8 +341,7 @@ def train_clip(config: ToyWorldV2TrainConfig) -> clip.model.CLIP:
             seed = config.seed * 1_000_003 + step
             scenes = twin_scenes(seed, config.clip_batch)
             images = torch.from_numpy(images_to_array([render_scene(s) for s in scenes]))
-            contrastive = clip_batch_loss(model, images, [s.caption() for s in scenes])
-            return contrastive + caption_hard_negative_loss(model, images, scenes, random.Random(seed + 1))
+            return clip_training_loss(model, images, scenes, random.Random(seed + 1))
 
         model.train()
         _run_stage(
