@@ -182,8 +182,19 @@ def test_binding_variants_exchange_one_attribute_between_two_objects() -> None:
     ]
     twins = Scene((scene.objects[0], SceneObject("star", "red", "dotted", (36, 20, 24), "right")))
     assert binding_variants(twins, random.Random(0)) == [twins.caption()]  # nothing to exchange
-    captions, truth = caption_variants(twins, random.Random(0))  # falls back to a one-attribute variant
-    assert captions[truth] == twins.caption() and len(captions) > 1
+    colours_only = Scene((scene.objects[0], SceneObject("star", "blue", "dotted", (36, 20, 24), "right")))
+    assert binding_variants(colours_only, random.Random(0)) == [colours_only.caption()]  # same picture
+    with_places = Scene(colours_only.objects, mention_positions=True)
+    assert binding_variants(with_places, random.Random(0)) == [
+        with_places.caption(),
+        "a blue dotted star on the left and a red dotted star on the right on a white background",
+    ]
+    placed = Scene(twins.objects, mention_positions=True)
+    assert place_variants(placed) == [placed.caption()]
+    for seed in range(20):  # falls back to a one-attribute variant
+        for scene in (twins, placed):
+            captions, truth = caption_variants(scene, random.Random(seed))
+            assert captions[truth] == scene.caption() and len(captions) > 1
 
 
 def test_the_attribute_heads_read_every_slot_and_say_none_where_a_slot_is_empty() -> None:

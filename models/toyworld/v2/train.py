@@ -188,10 +188,8 @@ def caption_variants(scene: Scene, rng: random.Random) -> tuple[list[str], int]:
         if scene.mention_positions:
             kinds += PLACED_NEGATIVE_KINDS
     kind = rng.choice(kinds)
-    if kind == "places":
-        return place_variants(scene), 0
-    if kind == "binding":
-        variants = binding_variants(scene, rng)
+    if kind in ("places", "binding"):
+        variants = place_variants(scene) if kind == "places" else binding_variants(scene, rng)
         if len(variants) > 1:
             return variants, 0
         kind = rng.choice([k for k in kinds if k not in ("binding", "places")])  # identical objects
@@ -201,36 +199,56 @@ def caption_variants(scene: Scene, rng: random.Random) -> tuple[list[str], int]:
     return captions, values.index(attribute_value(scene, kind, index))
 
 
-def _distinct(captions: list[str]) -> list[str]:
-    """`captions` without repeats, first occurrences in order (the true caption stays first)."""
-    return list(dict.fromkeys(captions))
+def _what_is_said(scene: Scene) -> tuple[tuple[str, str], ...]:
+    """What a caption of `scene` claims, whatever the order it names things in: each object's phrase with its
+    place (where the caption names places)."""
+    return tuple(sorted((obj.phrase(), obj.slot if scene.mention_positions else "") for obj in scene.objects))
+
+
+def _true_first(scene: Scene, variants: list[Scene]) -> list[str]:
+    """The captions of `scene` and of those `variants` that claim something else, each claim once."""
+    seen = {_what_is_said(scene)}
+    captions = [scene.caption()]
+    for variant in variants:
+        if _what_is_said(variant) not in seen:
+            seen.add(_what_is_said(variant))
+            captions.append(variant.caption())
+    return captions
 
 
 def place_variants(scene: Scene) -> list[str]:
     """The true caption first, then the captions that name the same objects in the same order but in every
     other arrangement of their places ("a red star on the right and a blue ring on the left" for "... on the
-    left ... on the right"): only the place words tell them apart."""
+    left ... on the right"): only the place words tell them apart. Arrangements that claim the same as the
+    truth (two identical objects exchanged) are left out."""
     named = scene.named()
-    captions = []
-    for slots in itertools.permutations([obj.slot for obj in named]):
-        objects = tuple(
-            SceneObject(obj.shape, obj.colour, obj.texture, obj.box, slot)
-            for obj, slot in zip(named, slots, strict=True)
+    variants = [
+        Scene(
+            tuple(
+                SceneObject(obj.shape, obj.colour, obj.texture, obj.box, slot)
+                for obj, slot in zip(named, slots, strict=True)
+            ),
+            scene.background,
+            scene.mention_background,
+            None,
+            True,
         )
-        captions.append(Scene(objects, scene.background, scene.mention_background, None, True).caption())
-    return _distinct(captions)
+        for slots in itertools.permutations([obj.slot for obj in named])
+    ]
+    return _true_first(scene, variants)
 
 
 def binding_variants(scene: Scene, rng: random.Random) -> list[str]:
     """The true caption first, then the captions in which two of the objects (picked by `rng`) exchange their
     shapes, their colours or their textures: the same words in another order, so only which word goes with
-    which object tells them apart."""
+    which object tells them apart. Exchanges that claim the same as the truth (equal values, or two objects
+    that differ only in that attribute and no places named) are left out."""
     i, j = rng.sample(range(len(scene.objects)), 2)
-    captions = [scene.caption()]
+    variants = []
     for kind in ("shape", "colour", "texture"):
         first, second = attribute_value(scene, kind, i), attribute_value(scene, kind, j)
-        captions.append(with_attribute(with_attribute(scene, kind, second, i), kind, first, j).caption())
-    return _distinct(captions)
+        variants.append(with_attribute(with_attribute(scene, kind, second, i), kind, first, j))
+    return _true_first(scene, variants)
 
 
 def clip_training_loss(
