@@ -210,8 +210,9 @@ def _true_first(scene: Scene, variants: list[Scene]) -> list[str]:
     seen = {_what_is_said(scene)}
     captions = [scene.caption()]
     for variant in variants:
-        if _what_is_said(variant) not in seen:
-            seen.add(_what_is_said(variant))
+        claim = _what_is_said(variant)
+        if claim not in seen:
+            seen.add(claim)
             captions.append(variant.caption())
     return captions
 
