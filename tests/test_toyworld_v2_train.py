@@ -16,13 +16,16 @@ from safetensors import safe_open
 from safetensors.torch import load_file
 from transformers import CLIPTokenizer
 
+from models.clip_compat import clip
 from models.clip_tokenizer import write_clip_tokenizer_files
 from models.pipelines import load_pipeline
 from models.toyworld import clip_model
-from models.toyworld.v2.evaluate import load_scorer, multi_object_cases
+from models.toyworld.v2.evaluate import clip_binding_choice, load_scorer, multi_object_cases
 from models.toyworld.v2.train import (
+    IGNORE,
     ToyWorldV2TrainConfig,
     attribute_heads,
+    attribute_labels,
     attribute_loss,
     binding_variants,
     build_tiny_clip,
@@ -41,6 +44,8 @@ def _tiny_config(tmp_path: Path, **overrides: object) -> ToyWorldV2TrainConfig:
         "work_dir": tmp_path / "work",
         "clip_steps": 2,
         "clip_pretrain_steps": 1,
+        "clip_text_pretrain_steps": 1,
+        "clip_text_batch": 4,
         "vae_steps": 1,
         "unet_steps": 2,
         "clip_batch": 4,
@@ -231,3 +236,65 @@ def test_the_attribute_heads_read_every_slot_and_say_none_where_a_slot_is_empty(
     heads["lone_shape"].bias.data[ATTRIBUTES["shape"].index(lone[0].objects[0].shape)] = 50.0
     single = attribute_loss(heads, torch.zeros(1, 8), lone[:1]).item()
     assert single == pytest.approx(sum(math.log(n) for n in classes) - math.log(12), abs=1e-4)
+
+
+def test_the_text_heads_learn_only_what_a_caption_says() -> None:
+    placed = Scene(
+        (
+            SceneObject("star", "red", "dotted", (2, 20, 24), "left"),
+            SceneObject("ring", "blue", "plain", (36, 20, 24), "right"),
+        ),
+        background="grey",
+        mention_background=False,
+        mention_positions=True,
+    )
+    unplaced = Scene(placed.objects, background="grey", mention_background=True, mention_positions=False)
+    lone = Scene((SceneObject("cross", "green", "barred", (16, 16, 32)),), background="black")
+    said = attribute_labels([placed, unplaced, lone], said_only=True)
+    seen = attribute_labels([placed, unplaced, lone])
+    none = {kind: len(ATTRIBUTES[kind]) for kind in ("shape", "colour", "texture")}
+    assert said["background"].tolist() == [IGNORE, 2, 1]  # white, black, grey: only where the caption says it
+    assert seen["background"].tolist() == [2, 2, 1]
+    assert said["count"].tolist() == seen["count"].tolist() == [1, 1, 0]
+    star, ring, cross = (ATTRIBUTES["shape"].index(s) for s in ("star", "ring", "cross"))
+    assert said["left_shape"].tolist() == [star, IGNORE, none["shape"]]  # unplaced: where is not said
+    assert said["right_shape"].tolist() == [ring, IGNORE, none["shape"]]
+    assert said["middle_colour"].tolist() == [none["colour"], IGNORE, none["colour"]]
+    assert seen["left_shape"].tolist() == [star, star, none["shape"]]  # an image always shows it
+    assert said["lone_shape"].tolist() == seen["lone_shape"].tolist() == [none["shape"], none["shape"], cross]
+    # a batch in which no caption says a head's answer leaves that head out instead of giving NaN
+    heads = attribute_heads(8)
+    loss = attribute_loss(heads, torch.randn(1, 8), [unplaced], said_only=True)
+    assert torch.isfinite(loss)
+    loss.backward()
+    assert heads["left_shape"].weight.grad is None and heads["count"].weight.grad is not None
+
+
+def test_the_text_pretraining_stage_teaches_the_text_tower_and_keeps_the_image_tower(tmp_path: Path) -> None:
+    config = _tiny_config(tmp_path, stage="clip", clip_steps=1)
+    train(config)
+    image = load_file(str(config.work_dir / "clip_pretrain_final.safetensors"))
+    text = load_file(str(config.work_dir / "clip_text_pretrain_final.safetensors"))
+    initial = build_tiny_clip(0).state_dict()
+    assert {k.split(".", 1)[0] for k in image} == {"visual", "heads"}
+    assert {k.split(".", 1)[0] for k in text} == {"text", "heads"}
+    text_keys = {k[len("text.") :] for k in text if k.startswith("text.")}
+    assert text_keys == {k for k in initial if not k.startswith("visual.") and k != "logit_scale"}
+    assert not torch.equal(
+        text["text.transformer.resblocks.0.attn.in_proj_weight"],
+        initial["transformer.resblocks.0.attn.in_proj_weight"],
+    )
+    # the contrastive stage starts from both pretrainings: its state moved on from them, the heads came along
+    state = load_file(str(config.work_dir / "clip_state.safetensors"))
+    assert any(k.startswith("module.text_heads.") for k in state)
+    assert any(k.startswith("module.image_heads.") for k in state)
+
+
+def test_a_clip_that_cannot_tell_left_from_right_never_prefers_the_true_places() -> None:
+    model = build_tiny_clip(0)
+    left, right = (clip.tokenize(word)[0, 1].item() for word in ("left", "right"))
+    with torch.no_grad():
+        model.token_embedding.weight[right] = model.token_embedding.weight[left]
+    choice = clip_binding_choice(model, count=12)
+    assert choice["places"] == 0.0  # the place swap encodes identically: a tie is not a preference
+    assert 0.0 <= choice["binding"] <= 1.0

@@ -7,15 +7,17 @@ at every latent level, on the frozen text tower of a tiny CLIP (Radford et al. 2
 dropout for classifier-free guidance (Ho & Salimans 2022) and an EMA of the weights. The CLIP and the VAE see
 every concept; the UNet never sees the held-out ones (`world.HELD_OUT`).
 
-The CLIP is trained in two steps: its ResNet image tower first learns the scenes' attributes with supervised
-heads (then dropped), as LiT starts from a pretrained image tower (Zhai et al. 2022, "LiT: Zero-Shot Transfer
-with Locked-image text Tuning"; here the tower stays unlocked); then image and text train contrastively on
+The CLIP is trained in three steps. Its ResNet image tower first learns the scenes' attributes with supervised
+heads, as LiT starts from a pretrained image tower (Zhai et al. 2022, "LiT: Zero-Shot Transfer with
+Locked-image text Tuning"; here the tower stays unlocked). Its text tower then learns the same attributes from
+captions alone, each head taught only what the caption says (the slots only where it names places): a
+departure from CLIP, whose contrast alone left both towers place-blind here, as CLIPs are found to be
+(Kamath et al. 2023, "What's 'up' with vision-language models?"). Then image and text train contrastively on
 scenes with one-change twins and, as in NegCLIP (Yuksekgonul et al. 2023, "When and why vision-language models
 behave like bags-of-words"), each image also picks its caption among copies with one attribute changed or, as
 NegCLIP's word-order negatives do, the same words rebound: two objects' attributes exchanged, or the objects
-named in other places (without the place negatives the text tower all but ignored "left" and "right"). The
-same CLIP is the shipped CLIPScore model; its text tower, less the words only held-out captions use, is the
-pipeline's text encoder.
+named in other places; both towers' heads stay on as an auxiliary loss. The same CLIP is the shipped CLIPScore
+model; its text tower, less the words only held-out captions use, is the pipeline's text encoder.
 
     python -m models.toyworld.v2.train --work-dir /path/to/checkpoints --out /path/to/out
 
@@ -49,6 +51,10 @@ Trade-offs measured on this 2-core CPU (1 torch thread, other jobs sharing the m
   contrastive stage with caption hard negatives, reach the zero-shot bar (docs/toyworld_v2.md). The ResNet
   (clip-anytorch's `ModifiedResNet`, one block per stage, width 16) learnt shape where the 8 px-patch ViT did
   not.
+- Places: with contrast and place-swap caption negatives the CLIP still preferred a two-object caption over
+  its place swap only about half the time, and a UNet trained on its text tower plateaued with two objects
+  rarely in their places; text-only supervised heads teach the text tower where each object goes within a few
+  hundred steps, in the pooled feature and in the EOS and padding states the UNet reads (docs/toyworld_v2.md).
 """
 
 from __future__ import annotations
@@ -115,9 +121,13 @@ class ToyWorldV2TrainConfig:
     """Checkpoints for resuming."""
     seed: int = 0
     clip_pretrain_steps: int = 500
+    clip_text_pretrain_steps: int = 1000
+    clip_text_batch: int = 256
     clip_steps: int = 1000
     clip_batch: int = 64
     clip_lr: float = 1e-3
+    clip_head_weight: float = 0.1
+    """Weight of the pretraining heads' loss (both towers) inside the contrastive stage."""
     vae_steps: int = 10000
     vae_batch: int = 16
     vae_lr: float = 2e-3
@@ -138,7 +148,9 @@ class ToyWorldV2TrainConfig:
     def __post_init__(self) -> None:
         for name in (
             "clip_pretrain_steps",
+            "clip_text_pretrain_steps",
             "clip_steps",
+            "clip_text_batch",
             "vae_steps",
             "unet_steps",
             "clip_batch",
@@ -253,18 +265,25 @@ def binding_variants(scene: Scene, rng: random.Random) -> list[str]:
 
 
 def clip_training_loss(
-    model: clip.model.CLIP, images: torch.Tensor, scenes: list[Scene], rng: random.Random
+    model: clip.model.CLIP,
+    images: torch.Tensor,
+    scenes: list[Scene],
+    rng: random.Random,
+    heads: tuple[torch.nn.ModuleDict, torch.nn.ModuleDict] | None = None,
+    head_weight: float = 0.0,
 ) -> torch.Tensor:
     """Symmetric InfoNCE over the batch plus the mean cross-entropy of each image over its caption and that
-    caption's `caption_variants`, from one encoding of the images (so BatchNorm sees each batch once)."""
-    image_features = model.encode_image(clip_model.normalize_images(images))
-    image_features = image_features / image_features.norm(dim=-1, keepdim=True)
+    caption's `caption_variants`, from one encoding of the images (so BatchNorm sees each batch once); with
+    `heads` (image heads, text heads), plus `head_weight` times their `attribute_loss` on the image features
+    and on the captions' features (only what each caption says)."""
+    image_raw = model.encode_image(clip_model.normalize_images(images))
+    image_features = image_raw / image_raw.norm(dim=-1, keepdim=True)
     sets = [caption_variants(scene, rng) for scene in scenes]
     captions = [scene.caption() for scene in scenes]
-    text = encode_text_truncated(
+    text_raw = encode_text_truncated(
         model, clip.tokenize(captions + [c for variants, _ in sets for c in variants])
     )
-    text = text / text.norm(dim=-1, keepdim=True)
+    text = text_raw / text_raw.norm(dim=-1, keepdim=True)
     scale = model.logit_scale.exp().clamp(max=100)
     ce = torch.nn.functional.cross_entropy
     logits = scale * image_features @ text[: len(captions)].t()
@@ -275,12 +294,19 @@ def clip_training_loss(
         variant_logits = scale * image_features[index] @ text[start : start + len(variants)].t()
         start += len(variants)
         losses.append(ce(variant_logits[None], torch.tensor([truth])))
-    return contrastive + torch.stack(losses).mean()
+    loss = contrastive + torch.stack(losses).mean()
+    if heads is not None:
+        image_heads, text_heads = heads
+        supervised = attribute_loss(image_heads, image_raw, scenes) + attribute_loss(
+            text_heads, text_raw[: len(captions)], scenes, said_only=True
+        )
+        loss = loss + head_weight * supervised
+    return loss
 
 
 def attribute_heads(width: int) -> torch.nn.ModuleDict:
-    """Linear heads on the image feature: background, object count, and shape / colour / texture (or "none")
-    in each slot of `CLIP_ATTRIBUTE_SLOTS`."""
+    """Linear heads on a CLIP feature: background, object count, and shape / colour / texture (or "none") in
+    each slot of `CLIP_ATTRIBUTE_SLOTS`."""
     heads = torch.nn.ModuleDict({"background": torch.nn.Linear(width, len(BACKGROUNDS))})
     heads["count"] = torch.nn.Linear(width, 3)
     for slot in CLIP_ATTRIBUTE_SLOTS:
@@ -289,21 +315,45 @@ def attribute_heads(width: int) -> torch.nn.ModuleDict:
     return heads
 
 
-def attribute_loss(heads: torch.nn.ModuleDict, features: torch.Tensor, scenes: list[Scene]) -> torch.Tensor:
-    """Summed cross-entropy of every head of `attribute_heads` on a batch of scenes."""
-    ce = torch.nn.functional.cross_entropy
-    loss = ce(
-        heads["background"](features), torch.tensor([tuple(BACKGROUNDS).index(s.background) for s in scenes])
-    )
-    loss = loss + ce(heads["count"](features), torch.tensor([len(s.objects) - 1 for s in scenes]))
+IGNORE = -100
+"""Label of a head whose answer the input does not say (skipped by the cross-entropy)."""
+
+
+def attribute_labels(scenes: list[Scene], said_only: bool = False) -> dict[str, torch.Tensor]:
+    """The label of every head of `attribute_heads` for each scene. With `said_only` (captions rather than
+    images), labels the caption does not say are `IGNORE`: the background where it is not named, and the
+    slots of two or three objects named without their places."""
+    labels: dict[str, list[int]] = {
+        "background": [
+            tuple(BACKGROUNDS).index(s.background) if s.mention_background or not said_only else IGNORE
+            for s in scenes
+        ],
+        "count": [len(s.objects) - 1 for s in scenes],
+    }
     for slot in CLIP_ATTRIBUTE_SLOTS:
         for kind in ("shape", "colour", "texture"):
             values = ATTRIBUTES[kind]
-            labels = []
+            column = labels[f"{slot or 'lone'}_{kind}"] = []
             for scene in scenes:
+                unsaid = said_only and slot and len(scene.objects) > 1 and not scene.mention_positions
                 found = [obj for obj in scene.objects if obj.slot == slot]
-                labels.append(values.index(getattr(found[0], kind)) if found else len(values))
-            loss = loss + ce(heads[f"{slot or 'lone'}_{kind}"](features), torch.tensor(labels))
+                column.append(
+                    IGNORE if unsaid else values.index(getattr(found[0], kind)) if found else len(values)
+                )
+    return {name: torch.tensor(column) for name, column in labels.items()}
+
+
+def attribute_loss(
+    heads: torch.nn.ModuleDict, features: torch.Tensor, scenes: list[Scene], said_only: bool = False
+) -> torch.Tensor:
+    """Summed cross-entropy of every head of `attribute_heads` on a batch of scenes (heads with no label said
+    in the batch are left out)."""
+    loss = features.new_zeros(())
+    for name, labels in attribute_labels(scenes, said_only).items():
+        if (labels != IGNORE).any():
+            loss = loss + torch.nn.functional.cross_entropy(
+                heads[name](features), labels, ignore_index=IGNORE
+            )
     return loss
 
 
@@ -325,53 +375,109 @@ def build_tiny_clip(seed: int = 0) -> clip.model.CLIP:
     )
 
 
+def text_tower(model: clip.model.CLIP) -> torch.nn.Module:
+    """A module holding the CLIP's text tower (everything but the image tower and the logit scale), sharing
+    its parameters; its state dict keys are the CLIP's own."""
+    holder = torch.nn.Module()
+    holder.register_parameter("positional_embedding", model.positional_embedding)
+    holder.register_parameter("text_projection", model.text_projection)
+    for name in ("token_embedding", "transformer", "ln_final"):
+        holder.add_module(name, getattr(model, name))
+    return holder
+
+
+def _prefixed(prefix: str, module: torch.nn.Module) -> dict[str, torch.Tensor]:
+    return {f"{prefix}.{k}": v for k, v in module.state_dict().items()}
+
+
+def _load_prefixed(path: Path, prefix: str, module: torch.nn.Module) -> None:
+    state = load_file(str(path))
+    module.load_state_dict({k[len(prefix) + 1 :]: v for k, v in state.items() if k.startswith(prefix + ".")})
+
+
+def _pretrain_image_tower(
+    config: ToyWorldV2TrainConfig, model: clip.model.CLIP, heads: torch.nn.ModuleDict
+) -> None:
+    """`clip_pretrain`: the image tower and its `attribute_heads` on rendered scenes (all concepts)."""
+
+    def loss_fn(step: int) -> torch.Tensor:
+        scenes = sample_batch(config.seed * 7_000_003 + step, config.clip_batch, held_out=True)
+        images = torch.from_numpy(images_to_array([render_scene(s) for s in scenes]))
+        return attribute_loss(heads, model.visual(clip_model.normalize_images(images)), scenes)
+
+    model.visual.train()
+    modules = {"visual": model.visual, "heads": heads}
+    params = list(model.visual.parameters()) + list(heads.parameters())
+    _run_stage("clip_pretrain", config, modules, params, config.clip_lr, config.clip_pretrain_steps, loss_fn)  # type: ignore[arg-type]
+
+
+def _pretrain_text_tower(
+    config: ToyWorldV2TrainConfig, model: clip.model.CLIP, heads: torch.nn.ModuleDict
+) -> None:
+    """`clip_text_pretrain`: the text tower and its own `attribute_heads` on captions alone (all concepts),
+    each head taught only what the caption says: the mirror of the image tower's pretraining, which makes
+    the pooled feature, and the token states the UNet reads, carry which object is where."""
+    holder = text_tower(model)
+
+    def loss_fn(step: int) -> torch.Tensor:
+        scenes = sample_batch(config.seed * 5_000_011 + step, config.clip_text_batch, held_out=True)
+        features = encode_text_truncated(model, clip.tokenize([s.caption() for s in scenes]))
+        return attribute_loss(heads, features, scenes, said_only=True)
+
+    params = list(holder.parameters()) + list(heads.parameters())
+    modules = {"text": holder, "heads": heads}
+    _run_stage(
+        "clip_text_pretrain",
+        config,
+        modules,
+        params,
+        config.clip_lr,
+        config.clip_text_pretrain_steps,
+        loss_fn,
+    )  # type: ignore[arg-type]
+
+
 def train_clip(config: ToyWorldV2TrainConfig) -> clip.model.CLIP:
     """The tiny CLIP (see the module docstring): `clip_pretrain` trains the image tower with the supervised
-    `attribute_heads`, then `clip` trains both towers on batches of scenes and their twins with InfoNCE plus
-    the caption hard-negative loss."""
+    `attribute_heads`, `clip_text_pretrain` the text tower with its own heads, then `clip` trains both towers
+    on batches of scenes and their twins with InfoNCE plus the caption hard-negative loss, keeping both sets of
+    heads as an auxiliary loss so contrast does not wash out what they taught."""
     final = config.work_dir / "clip_final.safetensors"
     model = build_tiny_clip(config.seed)
     if not final.exists():
-        pretrained = config.work_dir / "clip_pretrain_final.safetensors"
-        if not pretrained.exists():
-            heads = attribute_heads(CLIP_WIDTH)
-
-            def pretrain_loss(step: int) -> torch.Tensor:
-                scenes = sample_batch(config.seed * 7_000_003 + step, config.clip_batch, held_out=True)
-                images = torch.from_numpy(images_to_array([render_scene(s) for s in scenes]))
-                return attribute_loss(heads, model.visual(clip_model.normalize_images(images)), scenes)
-
-            model.visual.train()
-            params = list(model.visual.parameters()) + list(heads.parameters())
-            modules = {"visual": model.visual, "heads": heads}
-            _run_stage(
-                "clip_pretrain",
-                config,
-                modules,
-                params,
-                config.clip_lr,
-                config.clip_pretrain_steps,
-                pretrain_loss,
-            )  # type: ignore[arg-type]
-            write_safetensors(pretrained, model.visual.state_dict())
-        model.visual.load_state_dict(load_file(str(pretrained)))
+        image_heads, text_heads = attribute_heads(CLIP_WIDTH), attribute_heads(CLIP_WIDTH)
+        image_done = config.work_dir / "clip_pretrain_final.safetensors"
+        if not image_done.exists():
+            _pretrain_image_tower(config, model, image_heads)
+            write_safetensors(image_done, _prefixed("visual", model.visual) | _prefixed("heads", image_heads))
+        _load_prefixed(image_done, "visual", model.visual)
+        _load_prefixed(image_done, "heads", image_heads)
+        text_done = config.work_dir / "clip_text_pretrain_final.safetensors"
+        if not text_done.exists():
+            _pretrain_text_tower(config, model, text_heads)
+            write_safetensors(
+                text_done, _prefixed("text", text_tower(model)) | _prefixed("heads", text_heads)
+            )
+        _load_prefixed(text_done, "text", text_tower(model))
+        _load_prefixed(text_done, "heads", text_heads)
 
         def loss_fn(step: int) -> torch.Tensor:
             seed = config.seed * 1_000_003 + step
             scenes = twin_scenes(seed, config.clip_batch)
             images = torch.from_numpy(images_to_array([render_scene(s) for s in scenes]))
-            return clip_training_loss(model, images, scenes, random.Random(seed + 1))
+            return clip_training_loss(
+                model,
+                images,
+                scenes,
+                random.Random(seed + 1),
+                (image_heads, text_heads),
+                config.clip_head_weight,
+            )
 
         model.train()
-        _run_stage(
-            "clip",
-            config,
-            {"clip": model},
-            list(model.parameters()),
-            config.clip_lr,
-            config.clip_steps,
-            loss_fn,
-        )  # type: ignore[arg-type]
+        modules = {"clip": model, "image_heads": image_heads, "text_heads": text_heads}
+        params = list(model.parameters()) + list(image_heads.parameters()) + list(text_heads.parameters())
+        _run_stage("clip", config, modules, params, config.clip_lr, config.clip_steps, loss_fn)  # type: ignore[arg-type]
         write_safetensors(final, model.state_dict())
     model.load_state_dict(load_file(str(final)))
     return model.eval()
