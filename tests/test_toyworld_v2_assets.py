@@ -1,0 +1,37 @@
+"""The committed parts of toy world v2: its CLIP (the shipped scorer, whose text tower conditions the UNet)
+meets the zero-shot bar, tells which object is where, and seeds a training run's work folder as is."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file
+
+from models.toyworld.v2.evaluate import clip_binding_choice, clip_zero_shot, load_scorer
+from models.toyworld.v2.train import ToyWorldV2TrainConfig, train_clip
+
+V2_CLIP = (
+    Path(__file__).resolve().parent.parent / "assets" / "toyworld-v2" / "clip" / "toyworld_clip.safetensors"
+)
+
+
+def test_the_v2_clip_names_every_attribute_and_tells_places_and_bindings_apart() -> None:
+    model = load_scorer(V2_CLIP)
+    zero_shot = clip_zero_shot(model, count=60)
+    assert min(zero_shot.values()) >= 0.9, zero_shot
+    choice = clip_binding_choice(model, count=60)
+    assert choice["places"] >= 0.9 and choice["binding"] >= 0.9, choice  # 0.5 is a bag of words
+
+
+def test_the_v2_clip_seeds_a_work_folder_so_training_starts_at_the_vae_and_unet(tmp_path: Path) -> None:
+    work = tmp_path / "work"
+    work.mkdir()
+    shutil.copy(V2_CLIP, work / "clip_final.safetensors")
+    model = train_clip(ToyWorldV2TrainConfig(work_dir=work, clip_steps=1, clip_pretrain_steps=1))
+    assert not list(work.glob("clip*_state.safetensors"))  # nothing was trained
+    shipped = load_file(str(V2_CLIP))
+    for key, value in model.state_dict().items():
+        assert value.dtype == (torch.float32 if shipped[key].is_floating_point() else shipped[key].dtype)
+        torch.testing.assert_close(value, shipped[key].to(value.dtype), rtol=0, atol=0)
