@@ -1,5 +1,6 @@
-"""The committed parts of toy world v2: its CLIP (the shipped scorer, whose text tower conditions the UNet)
-meets the zero-shot bar, tells which object is where, and seeds a training run's work folder as is."""
+"""The committed parts of toy world v2, each once it met its own bar: the CLIP (the shipped scorer, whose text
+tower conditions the UNet) names every attribute and tells which object is where, and seeds a training run's
+work folder as is, so a new machine trains only the rest."""
 
 from __future__ import annotations
 
@@ -12,9 +13,8 @@ from safetensors.torch import load_file
 from models.toyworld.v2.evaluate import clip_binding_choice, clip_zero_shot, load_scorer
 from models.toyworld.v2.train import ToyWorldV2TrainConfig, train_clip
 
-V2_CLIP = (
-    Path(__file__).resolve().parent.parent / "assets" / "toyworld-v2" / "clip" / "toyworld_clip.safetensors"
-)
+V2 = Path(__file__).resolve().parent.parent / "assets" / "toyworld-v2"
+V2_CLIP = V2 / "clip" / "toyworld_clip.safetensors"
 
 
 def test_the_v2_clip_names_every_attribute_and_tells_places_and_bindings_apart() -> None:
