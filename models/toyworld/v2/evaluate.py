@@ -142,6 +142,13 @@ def _scorer(clip_or_path: str | Path | clip.model.CLIP) -> clip.model.CLIP:
     return load_scorer(clip_or_path)
 
 
+def _image_features(model: clip.model.CLIP, scenes: list[Scene]) -> torch.Tensor:
+    """Unit-length CLIP image features of the clean renders of `scenes`."""
+    images = torch.from_numpy(np.stack([np.asarray(render_scene(s), dtype=np.float32) for s in scenes]))
+    features = model.encode_image(clip_model.normalize_images(images.permute(0, 3, 1, 2) / 127.5 - 1))
+    return features / features.norm(dim=-1, keepdim=True)
+
+
 def clip_zero_shot(clip_or_path: str | Path | clip.model.CLIP, count: int = 120) -> dict[str, float]:
     """Zero-shot accuracy of the tiny CLIP on clean one-object scenes (all concepts): for each attribute, pick
     the caption among those that differ only in that attribute."""
@@ -158,10 +165,8 @@ def clip_zero_shot(clip_or_path: str | Path | clip.model.CLIP, count: int = 120)
         for i in range(count)
     ]
     correct = dict.fromkeys(ATTRIBUTES, 0)
-    images = torch.from_numpy(np.stack([np.asarray(render_scene(s), dtype=np.float32) for s in scenes]))
     with torch.no_grad():
-        features = model.encode_image(clip_model.normalize_images(images.permute(0, 3, 1, 2) / 127.5 - 1))
-        features = features / features.norm(dim=-1, keepdim=True)
+        features = _image_features(model, scenes)
         for index, scene in enumerate(scenes):
             for kind, values in ATTRIBUTES.items():
                 captions = [with_attribute(scene, kind, value).caption() for value in values]
@@ -183,11 +188,9 @@ def clip_binding_choice(clip_or_path: str | Path | clip.model.CLIP, count: int =
     bag-of-words model that reads which words are there but not which goes where scores about that."""
     model = _scorer(clip_or_path)
     scenes = [case.scene for case in multi_object_cases(2, count)]
-    images = torch.from_numpy(np.stack([np.asarray(render_scene(s), dtype=np.float32) for s in scenes]))
     wins: dict[str, list[bool]] = {"places": [], "binding": []}
     with torch.no_grad():
-        features = model.encode_image(clip_model.normalize_images(images.permute(0, 3, 1, 2) / 127.5 - 1))
-        features = features / features.norm(dim=-1, keepdim=True)
+        features = _image_features(model, scenes)
         for index, scene in enumerate(scenes):
             for kind, captions in (
                 ("places", place_variants(scene)),
