@@ -390,8 +390,7 @@ def _prefixed(prefix: str, module: torch.nn.Module) -> dict[str, torch.Tensor]:
     return {f"{prefix}.{k}": v for k, v in module.state_dict().items()}
 
 
-def _load_prefixed(path: Path, prefix: str, module: torch.nn.Module) -> None:
-    state = load_file(str(path))
+def _load_prefixed(state: dict[str, torch.Tensor], prefix: str, module: torch.nn.Module) -> None:
     module.load_state_dict({k[len(prefix) + 1 :]: v for k, v in state.items() if k.startswith(prefix + ".")})
 
 
@@ -450,16 +449,18 @@ def train_clip(config: ToyWorldV2TrainConfig) -> clip.model.CLIP:
         if not image_done.exists():
             _pretrain_image_tower(config, model, image_heads)
             write_safetensors(image_done, _prefixed("visual", model.visual) | _prefixed("heads", image_heads))
-        _load_prefixed(image_done, "visual", model.visual)
-        _load_prefixed(image_done, "heads", image_heads)
+        image_state = load_file(str(image_done))
+        _load_prefixed(image_state, "visual", model.visual)
+        _load_prefixed(image_state, "heads", image_heads)
         text_done = config.work_dir / "clip_text_pretrain_final.safetensors"
         if not text_done.exists():
             _pretrain_text_tower(config, model, text_heads)
             write_safetensors(
                 text_done, _prefixed("text", text_tower(model)) | _prefixed("heads", text_heads)
             )
-        _load_prefixed(text_done, "text", text_tower(model))
-        _load_prefixed(text_done, "heads", text_heads)
+        text_state = load_file(str(text_done))
+        _load_prefixed(text_state, "text", text_tower(model))
+        _load_prefixed(text_state, "heads", text_heads)
 
         def loss_fn(step: int) -> torch.Tensor:
             seed = config.seed * 1_000_003 + step
