@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from diffusers import StableDiffusionPipeline
+from diffusers import DDPMScheduler, StableDiffusionPipeline
 from safetensors import safe_open
 from safetensors.torch import load_file
 from transformers import CLIPTokenizer
@@ -23,6 +23,7 @@ from models.toyworld import clip_model
 from models.toyworld.v2.evaluate import clip_binding_choice, load_scorer, multi_object_cases
 from models.toyworld.v2.train import (
     IGNORE,
+    SCHEDULER_CONFIG,
     ToyWorldV2TrainConfig,
     attribute_heads,
     attribute_labels,
@@ -30,10 +31,13 @@ from models.toyworld.v2.train import (
     binding_variants,
     build_tiny_clip,
     caption_variants,
+    cpu_computes_bf16,
     forget_held_out_words,
+    min_snr_loss,
     place_variants,
     tokens_only_in_held_out_captions,
     train,
+    unet_autocast,
 )
 from models.toyworld.v2.world import ATTRIBUTES, IMAGE_SIZE, Scene, SceneObject, sample_batch
 
@@ -93,6 +97,33 @@ def test_impossible_settings_are_refused(tmp_path: Path) -> None:
         _tiny_config(tmp_path, unet_steps=0)
     with pytest.raises(ValueError, match="stage"):
         _tiny_config(tmp_path, stage="everything")
+    with pytest.raises(ValueError, match="unet_precision"):
+        _tiny_config(tmp_path, unet_precision="fp8")
+    with pytest.raises(ValueError, match="unet_snr_gamma"):
+        _tiny_config(tmp_path, unet_snr_gamma=-1.0)
+
+
+def test_min_snr_weighting_damps_only_the_low_noise_timesteps() -> None:
+    scheduler = DDPMScheduler(**{k: v for k, v in SCHEDULER_CONFIG.items() if k != "set_alpha_to_one"})
+    noise = torch.zeros(2, 4, 16, 16)
+    prediction = torch.ones(2, 4, 16, 16)  # per-sample MSE 1
+    timesteps = torch.tensor([10, 900])
+    snr = scheduler.alphas_cumprod[timesteps] / (1 - scheduler.alphas_cumprod[timesteps])
+    assert snr[0] > 5 > snr[1]  # t=10 is nearly clean, t=900 nearly all noise
+    expected = (5 / snr[0] + 1) / 2
+    torch.testing.assert_close(min_snr_loss(prediction, noise, timesteps, scheduler, 5.0), expected.float())
+    assert min_snr_loss(prediction, noise, timesteps, scheduler, 0.0).item() == 1.0
+
+
+def test_the_unet_runs_in_bfloat16_only_when_asked_or_native() -> None:
+    layer = torch.nn.Linear(4, 4)
+    x = torch.randn(2, 4)
+    with unet_autocast("bf16"):
+        assert layer(x).dtype == torch.bfloat16
+    with unet_autocast("fp32"):
+        assert layer(x).dtype == torch.float32
+    with unet_autocast("auto"):
+        assert layer(x).dtype == (torch.bfloat16 if cpu_computes_bf16() else torch.float32)
 
 
 def test_a_snapshot_saves_the_ema_weights_of_the_last_unet_checkpoint(tmp_path: Path) -> None:
