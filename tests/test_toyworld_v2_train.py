@@ -141,6 +141,35 @@ def test_a_snapshot_saves_the_ema_weights_of_the_last_unet_checkpoint(tmp_path: 
     for name, value in unet.named_parameters():  # saved in fp16, loaded in fp32
         torch.testing.assert_close(value, ema[name].half().float(), rtol=0, atol=0)
 
+    # the carry-over copy: EMA weights in fp16 and the step, no moments; another machine resumes from it
+    carry = train(_tiny_config(tmp_path, stage="carry", out=tmp_path / "carry", unet_steps=3))
+    assert carry == tmp_path / "carry" / "unet_state.safetensors"
+    with safe_open(str(carry), framework="pt") as handle:
+        assert handle.metadata()["step"] == "3"
+        assert sorted(handle.keys()) == sorted(f"module.unet.{name}" for name in names)
+        carried = {name: handle.get_tensor(f"module.unet.{name}") for name in names}
+    for name in names:
+        assert carried[name].dtype == torch.float16
+        torch.testing.assert_close(carried[name], ema[name].half(), rtol=0, atol=0)
+    other = tmp_path / "other"
+    other.mkdir()
+    for name in ("clip_final", "vae_final"):
+        (other / f"{name}.safetensors").write_bytes((tmp_path / "work" / f"{name}.safetensors").read_bytes())
+    (other / "unet_state.safetensors").write_bytes(carry.read_bytes())
+    snap = train(_tiny_config(tmp_path, stage="snapshot", work_dir=other, out=tmp_path / "snap2"))
+    for name, value in load_pipeline(snap, device="cpu", dtype="fp32").unet.named_parameters():
+        torch.testing.assert_close(value, carried[name].float(), rtol=0, atol=0)
+    train(_tiny_config(tmp_path, stage="unet", work_dir=other, unet_steps=4, ema_decay=0.5))
+    state = other / "unet_state.safetensors"
+    assert _step(state) == 4  # resumed at 3
+    with safe_open(str(state), framework="pt") as handle:
+        assert handle.get_tensor("optim.0.step").item() == 1  # fresh moments: one step taken since
+        decay = min(0.5, (1 + 3) / (10 + 3))  # EMAModel's decay at its fourth step, under the 0.5 asked for
+        for i, name in enumerate(names):  # the EMA restarted from the carried weights
+            new = handle.get_tensor(f"module.unet.{name}")
+            expected = decay * carried[name].float() + (1 - decay) * new
+            torch.testing.assert_close(handle.get_tensor(f"extra.ema.{i}"), expected)
+
 
 def test_the_shipped_text_tower_forgets_only_the_words_the_unet_never_saw(tmp_path: Path) -> None:
     tokenizer = CLIPTokenizer.from_pretrained(write_clip_tokenizer_files(tmp_path / "tokenizer"))

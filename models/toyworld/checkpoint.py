@@ -2,6 +2,11 @@
 
 No paper: plumbing for `models.toyworld.train`. Scalars (step, optimizer hyperparameters) go into the
 safetensors header as JSON, so nothing is ever unpickled when a run resumes.
+
+A *carry-over* state (`carry_over_state`) is the small copy of one that a long run leaves where it survives a
+change of machine: one module's weights (its EMA copy where there is one) in float16 and the step, without
+optimizer moments or EMA. `load_state` resumes from it with fresh moments; the caller restarts the EMA from the
+loaded weights (`is_carry_over`).
 """
 
 from __future__ import annotations
@@ -57,10 +62,38 @@ def load_state(
             _, index, name = key.split(".", 2)
             state.setdefault(int(index), {})[name] = value
     optimizer.load_state_dict({"state": state, "param_groups": json.loads(metadata["param_groups"])})
+    if metadata.get("carry_over") == "true":
+        return int(metadata["step"])  # no extra lists in it: the caller restarts them
     for name, values in extra.items():
         for index, value in enumerate(values):
             value.data.copy_(tensors[f"extra.{name}.{index}"])
     return int(metadata["step"])
+
+
+def carry_over_state(
+    path: Path, out: Path, module: torch.nn.Module, name: str, ema: str | None = "ema"
+) -> Path:
+    """Write the carry-over copy of checkpoint `path` to `out`: module `name`'s weights (from the extra list
+    `ema` where given; `module`, built like the trained one, names them) in float16, with the step and the
+    optimizer's hyperparameters, no moments."""
+    with safe_open(str(path), framework="pt") as handle:
+        metadata = handle.metadata()
+    weights = read_module_weights(path, name)
+    if ema is not None:
+        names = [key for key, _ in module.named_parameters()]
+        weights |= dict(zip(names, read_extra(path, ema, len(names)), strict=True))
+    tensors = {
+        f"module.{name}.{key}": value.half() if value.is_floating_point() else value
+        for key, value in weights.items()
+    }
+    keep = {"step": metadata["step"], "param_groups": metadata["param_groups"], "carry_over": "true"}
+    return write_safetensors(out, tensors, keep)
+
+
+def is_carry_over(path: Path) -> bool:
+    """Whether checkpoint `path` is a carry-over copy (`carry_over_state`)."""
+    with safe_open(str(path), framework="pt") as handle:
+        return handle.metadata().get("carry_over") == "true"
 
 
 def read_module_weights(path: Path, name: str) -> dict[str, torch.Tensor]:

@@ -50,7 +50,7 @@ from models.clip_tokenizer import write_clip_tokenizer_files
 from models.noise import training_noise
 from models.profiles import write_marker
 from models.toyworld import clip_model
-from models.toyworld.checkpoint import load_state, save_state
+from models.toyworld.checkpoint import is_carry_over, load_state, save_state
 from models.toyworld.paths import TOYWORLD_DIR
 from models.toyworld.world import IMAGE_SIZE, images_to_array, render_scene, sample_batch, twin_scene
 
@@ -147,14 +147,27 @@ def _run_stage(
     loss_fn: callable,  # type: ignore[valid-type]
     ema: EMAModel | None = None,
 ) -> None:
-    """Generic resumable loop: AdamW, warm-up + cosine, grad clipping, optional EMA, periodic checkpoints."""
+    """Generic resumable loop: AdamW, warm-up + cosine, grad clipping, optional EMA, periodic checkpoints.
+
+    From a carry-over checkpoint (`checkpoint.carry_over_state`: weights and step, no moments) the EMA restarts
+    from the loaded weights and the rate warms up again over the first steps, as the fresh moments need."""
     optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=0.01)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lambda s: warmup_cosine(s, steps, min(100, steps // 10))
-    )
+    warmup = min(100, steps // 10)
+    rewarm_from: list[int] = []  # the step a carry-over resume started at
+
+    def rate(s: int) -> float:
+        again = min(1.0, (s - rewarm_from[0] + 1) / warmup) if rewarm_from and warmup else 1.0
+        return warmup_cosine(s, steps, warmup) * again
+
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, rate)
     ckpt = config.work_dir / f"{name}_state.safetensors"
     extra = {"ema": ema.shadow_params} if ema else {}
     start = load_state(ckpt, modules, optimizer, extra) if ckpt.exists() else 0
+    if ckpt.exists() and is_carry_over(ckpt):
+        rewarm_from.append(start)
+        if ema:
+            for shadow, param in zip(ema.shadow_params, params, strict=True):
+                shadow.data.copy_(param.data)
     if ema:
         ema.optimization_step = start
     with warnings.catch_warnings():  # fast-forwarding the schedule before any optimizer step is intended

@@ -77,7 +77,7 @@ from models.clip_compat import clip
 from models.clip_tokenizer import write_clip_tokenizer_files
 from models.noise import training_noise
 from models.toyworld import clip_model
-from models.toyworld.checkpoint import read_extra
+from models.toyworld.checkpoint import carry_over_state, is_carry_over, read_extra, read_module_weights
 from models.toyworld.train import (
     SCHEDULER_CONFIG,
     _run_stage,
@@ -151,7 +151,10 @@ class ToyWorldV2TrainConfig:
     stage: str = "all"
     """`clip`, `vae` or `unet` (clip, vae, then unet) trains or resumes only that far; `all` also saves the
     pipeline and the CLIP. `snapshot` saves them from the UNet's last checkpoint (its EMA weights) while
-    training goes on, so it can be evaluated midway."""
+    training goes on, so it can be evaluated midway. `carry` writes `out/unet_state.safetensors`, the UNet
+    checkpoint's carry-over copy (`checkpoint.carry_over_state`: EMA weights in float16 and the step, 14 MB
+    instead of 112), for a run that must continue on another machine: copy it into that machine's work folder
+    (with `clip_final` and `vae_final`) and rerun `--stage unet`."""
 
     def __post_init__(self) -> None:
         for name in (
@@ -167,8 +170,8 @@ class ToyWorldV2TrainConfig:
         ):
             if getattr(self, name) <= 0:
                 raise ValueError(f"{name} must be positive, got {getattr(self, name)}")
-        if self.stage not in ("all", "clip", "vae", "unet", "snapshot"):
-            raise ValueError(f"stage must be all, clip, vae, unet or snapshot, got {self.stage!r}")
+        if self.stage not in ("all", "clip", "vae", "unet", "snapshot", "carry"):
+            raise ValueError(f"stage must be all, clip, vae, unet, snapshot or carry, got {self.stage!r}")
         if self.unet_snr_gamma < 0:
             raise ValueError(f"unet_snr_gamma must be 0 (off) or positive, got {self.unet_snr_gamma}")
         if self.unet_precision not in ("auto", "bf16", "fp32"):
@@ -672,7 +675,10 @@ def snapshot(config: ToyWorldV2TrainConfig, vae: AutoencoderKL, text_encoder: CL
         raise FileNotFoundError(f"no UNet checkpoint in {config.work_dir}: train with --stage unet first")
     unet = build_unet(text_encoder.config.hidden_size)
     names = [name for name, _ in unet.named_parameters()]
-    ema = dict(zip(names, read_extra(state, "ema", len(names)), strict=True))
+    if is_carry_over(state):  # its weights are the EMA's already
+        ema = read_module_weights(state, "unet")
+    else:
+        ema = dict(zip(names, read_extra(state, "ema", len(names)), strict=True))
     with safe_open(str(state), framework="pt") as handle:
         step = handle.metadata()["step"]
     unet.load_state_dict(ema, strict=False)  # parameters from the EMA; buffers (none in this UNet) as built
@@ -693,6 +699,15 @@ def train(config: ToyWorldV2TrainConfig) -> Path | None:
     if config.stage == "vae":
         train_vae(config)
         return None
+    if config.stage == "carry":
+        state = config.work_dir / "unet_state.safetensors"
+        if not state.exists():
+            raise FileNotFoundError(f"no UNet checkpoint in {config.work_dir}: train with --stage unet first")
+        hidden = train_clip(config).transformer.width
+        Path(config.out).mkdir(parents=True, exist_ok=True)
+        return carry_over_state(
+            state, Path(config.out) / "unet_state.safetensors", build_unet(hidden), "unet"
+        )
     clip_net = train_clip(config)
     if config.stage == "clip":
         return None
