@@ -96,7 +96,11 @@ def test_the_drift_prompts_hold_no_held_out_word() -> None:
     ("argv", "message"),
     [
         (["--base-model", "nowhere"], "not a diffusers pipeline folder"),
-        (["--base-model", ".", "--subject-colour", "red"], "invalid choice"),
+        (["--base-model", ".", "--subject-colour", "magenta"], "invalid choice"),
+        (
+            ["--base-model", ".", "--subject-colour", "red", "--subject-shape", "square"],
+            "all base-world words",
+        ),
         (["--base-model", ".", "--instance-prompt", "a photo"], "must contain {trigger}"),
         (["--base-model", ".", "--adapter-option", "r=4"], "name that family alone"),
         (["--base-model", ".", "--train-option", "nonsense=1"], "not a TrainConfig option"),
@@ -109,3 +113,14 @@ def test_bad_input_is_one_line_and_exit_2(
         quality_v2.main(argv)
     assert stopped.value.code == 2
     assert message in capsys.readouterr().err
+
+
+def test_a_held_out_texture_subject_is_drawn_checkered_and_judged_by_its_texture_too(tmp_path: Path) -> None:
+    settings = QualitySettings(subject_shape="square", subject_colour="red", subject_texture="checkered")
+    assert settings.trigger == "red checkered square"
+    for file in sorted(write_subject_pictures(tmp_path, settings).iterdir()):
+        assert settings.shown_in(Image.open(file))
+    plain = render_scene(concept_scene("square", "red", "plain", seed=3))
+    assert shows(plain, colour="red", shape="square") and not settings.shown_in(plain)
+    with pytest.raises(ValueError, match="all base-world words"):
+        QualitySettings(subject_shape="square", subject_colour="red")

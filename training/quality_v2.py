@@ -44,8 +44,8 @@ from models.pipelines import load_pipeline
 from models.toyworld.evaluate import Case
 from models.toyworld.v2.checks import shows
 from models.toyworld.v2.evaluate import generate, rate, single_object_cases
-from models.toyworld.v2.subjects import SUBJECT_SHAPES, draw_subject
-from models.toyworld.v2.world import BACKGROUNDS, HELD_OUT, concept_scene, render_scene, sample_batch
+from models.toyworld.v2.subjects import SUBJECT_SHAPES, SUBJECT_TEXTURES, draw_subject
+from models.toyworld.v2.world import BACKGROUNDS, COLOURS, HELD_OUT, concept_scene, render_scene, sample_batch
 from training.config import TrainConfig, unknown_options
 from training.dreambooth import train
 
@@ -63,6 +63,7 @@ class QualitySettings:
 
     subject_shape: str = "heart"
     subject_colour: str = "orange"
+    subject_texture: str = "plain"
     targets: str | list[str] = "vo"
     steps: int | None = None
     """None: the profile's steps for the family."""
@@ -81,17 +82,31 @@ class QualitySettings:
             raise ValueError(
                 f"subject shape {self.subject_shape!r}: choose one of {', '.join(SUBJECT_SHAPES)}"
             )
-        if self.subject_colour not in HELD_OUT["colour"]:
+        if self.subject_colour not in COLOURS:
+            raise ValueError(f"subject colour {self.subject_colour!r}: choose one of {', '.join(COLOURS)}")
+        if self.subject_texture not in SUBJECT_TEXTURES:
             raise ValueError(
-                f"subject colour {self.subject_colour!r}: choose a held-out colour, {', '.join(HELD_OUT['colour'])}"
+                f"subject texture {self.subject_texture!r}: choose one of {', '.join(SUBJECT_TEXTURES)}"
+            )
+        held_out = {value for values in HELD_OUT.values() for value in values}
+        if not held_out & {self.subject_shape, self.subject_colour, self.subject_texture}:
+            raise ValueError(
+                f"the subject {self.trigger!r} is all base-world words; give it a held-out shape, colour or "
+                f"texture ({', '.join(sorted(held_out))})"
             )
         if "{trigger}" not in self.instance_prompt:
             raise ValueError(f"instance prompt {self.instance_prompt!r} must contain {{trigger}}")
 
     @property
     def trigger(self) -> str:
-        """The subject's own name, e.g. "orange heart"."""
-        return f"{self.subject_colour} {self.subject_shape}"
+        """The subject's own name, as a caption names it: "orange heart", "red checkered square"."""
+        texture = "" if self.subject_texture == "plain" else f"{self.subject_texture} "
+        return f"{self.subject_colour} {texture}{self.subject_shape}"
+
+    def shown_in(self, image: Any) -> bool:
+        """Whether an object of the subject's shape and colour (and texture, where it has one) is in the image."""
+        texture = None if self.subject_texture == "plain" else self.subject_texture
+        return shows(image, self.subject_colour, self.subject_shape, texture)
 
 
 def write_subject_pictures(folder: Path, settings: QualitySettings, count: int = SUBJECT_PICTURES) -> Path:
@@ -101,7 +116,11 @@ def write_subject_pictures(folder: Path, settings: QualitySettings, count: int =
     backgrounds = list(BACKGROUNDS)
     for index in range(count):
         picture = draw_subject(
-            settings.subject_shape, settings.subject_colour, seed=index, background=backgrounds[index % 3]
+            settings.subject_shape,
+            settings.subject_colour,
+            seed=index,
+            background=backgrounds[index % 3],
+            texture=settings.subject_texture,
         )
         picture.save(folder / f"subject-{index}.png")
     return folder
@@ -122,7 +141,11 @@ def subject_cases(settings: QualitySettings, count: int = 36) -> list[Case]:
     return [
         Case(
             concept_scene(
-                settings.subject_shape, settings.subject_colour, "plain", backgrounds[index % 3], seed=index
+                settings.subject_shape,
+                settings.subject_colour,
+                settings.subject_texture,
+                backgrounds[index % 3],
+                seed=index,
             ),
             seed=5000 + index,
         )
@@ -131,9 +154,8 @@ def subject_cases(settings: QualitySettings, count: int = 36) -> list[Case]:
 
 
 def subject_rate(pipe: Any, cases: list[Case], settings: QualitySettings) -> float:
-    """Fraction of the trigger prompts' samples showing an object of the subject's shape and colour."""
-    images = generate(pipe, cases)
-    return float(np.mean([shows(image, settings.subject_colour, settings.subject_shape) for image in images]))
+    """Fraction of the trigger prompts' samples showing the subject (`QualitySettings.shown_in`)."""
+    return float(np.mean([settings.shown_in(image) for image in generate(pipe, cases)]))
 
 
 def drift_cases(count: int = 72) -> list[Case]:
@@ -163,11 +185,11 @@ def train_options(settings: QualitySettings, out: Path) -> dict[str, Any]:
     return options | dict(settings.train_options_extra)
 
 
-def train_and_score(
-    family: str, model: str, pictures: Path, out: Path, seed: int, settings: QualitySettings,
-    cases: list[Case], prompts: list[Case],
-) -> dict[str, Any]:  # fmt: skip
-    """Train `family` once with training seed `seed` and score the adapter."""
+def train_subject(
+    family: str, model: str, pictures: Path, out: Path, seed: int, settings: QualitySettings
+) -> tuple[Any, float]:
+    """Train `family` on `pictures` once with training seed `seed` into `out/<family>/seed-<seed>`, as the
+    protocol says; returns the `training.dreambooth` result and the wall time in seconds."""
     config = TrainConfig(
         pretrained_model_name_or_path=model,
         instance_data_dir=str(pictures),
@@ -180,7 +202,17 @@ def train_and_score(
     )
     started = time.perf_counter()
     result = train(config)
-    wall = time.perf_counter() - started
+    if result.adapter_path is None:
+        raise RuntimeError(f"training {settings.trigger} ({family}, seed {seed}) produced no adapter file")
+    return result, time.perf_counter() - started
+
+
+def train_and_score(
+    family: str, model: str, pictures: Path, out: Path, seed: int, settings: QualitySettings,
+    cases: list[Case], prompts: list[Case],
+) -> dict[str, Any]:  # fmt: skip
+    """Train `family` once with training seed `seed` and score the adapter."""
+    result, wall = train_subject(family, model, pictures, out, seed, settings)
     pipe = load_pipeline(model, device="cpu", dtype="fp32")
     load_adapter_file(result.adapter_path).attach(pipe.unet)
     return {
@@ -237,7 +269,7 @@ def run_report(
 def format_report(report: dict[str, Any]) -> str:
     settings, base = report["settings"], report["base"]
     lines = [
-        f"toy world v2, subject: {settings['subject_colour']} {settings['subject_shape']} (drawn pictures, "
+        f"toy world v2, subject: {QualitySettings(**settings).trigger} (drawn pictures, "
         f"instance prompt {settings['instance_prompt']!r}), {report['samples']['subject']} trigger samples and "
         f"{report['samples']['prompts']} no-trigger prompts per run",
         f"base model: subject {base['subject_rate']:.0%}, prompt accuracy {base['prompt_accuracy']:.1%}",
@@ -267,7 +299,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--families", nargs="+", default=list(FAMILIES), choices=list(FAMILIES))
     parser.add_argument("--train-seeds", nargs="+", type=int, default=[0, 1, 2])
     parser.add_argument("--subject-shape", default="heart", choices=SUBJECT_SHAPES)
-    parser.add_argument("--subject-colour", default="orange", choices=HELD_OUT["colour"])
+    parser.add_argument("--subject-colour", default="orange", choices=list(COLOURS))
+    parser.add_argument("--subject-texture", default="plain", choices=SUBJECT_TEXTURES)
     parser.add_argument("--targets", nargs="+", default=["vo"], help="target preset or module patterns")
     parser.add_argument("--steps", type=int, default=None, help="default: the profile's, per family")
     parser.add_argument(
@@ -295,6 +328,7 @@ def main(argv: list[str] | None = None) -> int:
         settings = QualitySettings(
             subject_shape=args.subject_shape,
             subject_colour=args.subject_colour,
+            subject_texture=args.subject_texture,
             targets=args.targets[0] if len(args.targets) == 1 else args.targets,
             steps=args.steps,
             learning_rate=args.learning_rate,

@@ -19,7 +19,13 @@ from PIL import Image, ImageDraw, ImageFilter
 from models.toyworld.v2.world import BACKGROUNDS, COLOURS
 
 PHOTO_SIZE = 96
-SUBJECT_SHAPES = ("heart", "frame")
+SUBJECT_SHAPES = ("heart", "frame", "square")
+"""Shapes this routine draws: the held-out heart and frame, and a base-world square to carry the held-out
+texture."""
+SUBJECT_TEXTURES = ("plain", "checkered")
+CHECKER_CELLS = 5
+"""A checkered subject is five cells across, each cell a darker shade (`CHECKER_SHADE`) or the body colour."""
+CHECKER_SHADE = 0.45
 
 
 def _heart_outline(steps: int = 120) -> list[tuple[float, float]]:
@@ -43,13 +49,37 @@ def _frame_outline() -> tuple[list[tuple[float, float]], list[tuple[float, float
     return outer, inner
 
 
+def _checker(image: Image.Image, place: object, tint: tuple[int, ...], background: str) -> None:
+    """Darken every other cell of a `CHECKER_CELLS`-square grid laid over the subject's unit square, inside the
+    drawn body only."""
+    cell = 1.0 / CHECKER_CELLS
+    shade = tuple(int(c * CHECKER_SHADE) for c in tint)
+    marks = Image.new("L", image.size, 0)
+    draw = ImageDraw.Draw(marks)
+    for row in range(CHECKER_CELLS):
+        for col in range(CHECKER_CELLS):
+            if (row + col) % 2:
+                u, v = col * cell, row * cell
+                draw.polygon(place([(u, v), (u + cell, v), (u + cell, v + cell), (u, v + cell)]), fill=255)  # type: ignore[operator]
+    body = np.any(np.asarray(image) != np.array(BACKGROUNDS[background], dtype=np.uint8), axis=2)
+    mask = Image.fromarray(((np.asarray(marks) > 0) & body).astype(np.uint8) * 255)
+    image.paste(Image.new("RGB", image.size, shade), (0, 0), mask)
+
+
 def draw_subject(
-    shape: str, colour: str, seed: int, background: str = "white", size: int = PHOTO_SIZE
+    shape: str,
+    colour: str,
+    seed: int,
+    background: str = "white",
+    size: int = PHOTO_SIZE,
+    texture: str = "plain",
 ) -> Image.Image:
-    """One picture of the subject `colour` `shape` (`SUBJECT_SHAPES`), seeded: scale 45-70% of the canvas,
-    anywhere in it, tilted up to 5 degrees."""
+    """One picture of the subject `colour` `texture` `shape` (`SUBJECT_SHAPES`, `SUBJECT_TEXTURES`), seeded:
+    scale 45-70% of the canvas, anywhere in it, tilted up to 5 degrees."""
     if shape not in SUBJECT_SHAPES:
         raise ValueError(f"no subject drawing for {shape!r}; choose one of {', '.join(SUBJECT_SHAPES)}")
+    if texture not in SUBJECT_TEXTURES:
+        raise ValueError(f"no subject texture {texture!r}; choose one of {', '.join(SUBJECT_TEXTURES)}")
     rng = random.Random(seed)
     side = size * rng.uniform(0.45, 0.70)
     left = rng.uniform(size * 0.04, size * 0.96 - side)
@@ -74,10 +104,14 @@ def draw_subject(
     tint = tuple(int(np.clip(c + rng.randint(-12, 12), 0, 255)) for c in COLOURS[colour])
     if shape == "heart":
         draw.polygon(place(_heart_outline()), fill=tint)
-    else:
+    elif shape == "frame":
         outer, inner = _frame_outline()
         draw.polygon(place(outer), fill=tint)
         draw.polygon(place(inner), fill=BACKGROUNDS[background])
+    else:
+        draw.polygon(place([(0.0, 0.0), (1.0, 0.0), (1.0, 1.0), (0.0, 1.0)]), fill=tint)
+    if texture == "checkered":
+        _checker(image, place, tint, background)
     image = image.filter(ImageFilter.GaussianBlur(0.6))
     noise = np.random.default_rng(seed).normal(0, 3, (size, size, 3))
     return Image.fromarray(
