@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import math
 import random
+from collections.abc import Callable
 
 import numpy as np
 from PIL import Image, ImageDraw, ImageFilter
@@ -49,7 +50,12 @@ def _frame_outline() -> tuple[list[tuple[float, float]], list[tuple[float, float
     return outer, inner
 
 
-def _checker(image: Image.Image, place: object, tint: tuple[int, ...], background: str) -> None:
+Points = list[tuple[float, float]]
+
+
+def _checker(
+    image: Image.Image, place: Callable[[Points], Points], tint: tuple[int, ...], background: str
+) -> None:
     """Darken every other cell of a `CHECKER_CELLS`-square grid laid over the subject's unit square, inside the
     drawn body only."""
     cell = 1.0 / CHECKER_CELLS
@@ -60,7 +66,7 @@ def _checker(image: Image.Image, place: object, tint: tuple[int, ...], backgroun
         for col in range(CHECKER_CELLS):
             if (row + col) % 2:
                 u, v = col * cell, row * cell
-                draw.polygon(place([(u, v), (u + cell, v), (u + cell, v + cell), (u, v + cell)]), fill=255)  # type: ignore[operator]
+                draw.polygon(place([(u, v), (u + cell, v), (u + cell, v + cell), (u, v + cell)]), fill=255)
     body = np.any(np.asarray(image) != np.array(BACKGROUNDS[background], dtype=np.uint8), axis=2)
     mask = Image.fromarray(((np.asarray(marks) > 0) & body).astype(np.uint8) * 255)
     image.paste(Image.new("RGB", image.size, shade), (0, 0), mask)
