@@ -131,7 +131,8 @@ class ToyWorldV2TrainConfig:
     vae_steps: int = 10000
     vae_batch: int = 16
     vae_lr: float = 2e-3
-    unet_steps: int = 30000
+    unet_steps: int = 20000
+    """The cosine schedule's length; a run resumed from a carry-over copy must keep the one it started with."""
     unet_batch: int = 32
     unet_lr: float = 1e-3
     caption_dropout: float = 0.1
