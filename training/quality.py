@@ -416,6 +416,18 @@ def format_report(report: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+def option_problem(
+    adapter_config: dict[str, Any], train_extra: dict[str, Any], families: list[str]
+) -> str | None:
+    """What is wrong with a report's `--adapter-option` / `--train-option` values (None: nothing)."""
+    unknown = unknown_options(train_extra)
+    if unknown:
+        return f"--train-option {', '.join(unknown)}: not a TrainConfig option (see training/config.py)"
+    if adapter_config and len(families) != 1:
+        return "--adapter-option sets one family's hyperparameters: name that family alone in --families"
+    return None
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m training.quality", description=__doc__.splitlines()[0])
     parser.add_argument("--families", nargs="+", default=list(FAMILIES), choices=list(FAMILIES))
@@ -481,15 +493,9 @@ def main(argv: list[str] | None = None) -> int:
         train_extra = parse_key_values(args.train_option, "--train-option", "adam_weight_decay=0")
     except ValueError as error:
         parser.error(str(error))
-    unknown = unknown_options(train_extra)
-    if unknown:
-        parser.error(
-            f"--train-option {', '.join(unknown)}: not a TrainConfig option (see training/config.py)"
-        )
-    if adapter_config and len(args.families) != 1:
-        parser.error(
-            "--adapter-option sets one family's hyperparameters: name that family alone in --families"
-        )
+    problem = option_problem(adapter_config, train_extra, args.families)
+    if problem:
+        parser.error(problem)
     if args.trigger is not None and args.trigger.lower() in base_world_words():
         parser.error(
             f"--trigger {args.trigger!r} is a word the base world already uses; the no-trigger prompts that "

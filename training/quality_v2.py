@@ -46,8 +46,9 @@ from models.toyworld.v2.checks import shows
 from models.toyworld.v2.evaluate import generate, rate, single_object_cases
 from models.toyworld.v2.subjects import SUBJECT_SHAPES, SUBJECT_TEXTURES, draw_subject
 from models.toyworld.v2.world import BACKGROUNDS, COLOURS, HELD_OUT, concept_scene, render_scene, sample_batch
-from training.config import TrainConfig, unknown_options
+from training.config import TrainConfig
 from training.dreambooth import train
+from training.quality import option_problem
 
 SUBJECT_TARGET = 0.80
 DRIFT_LIMIT = 0.05
@@ -340,15 +341,9 @@ def main(argv: list[str] | None = None) -> int:
         )
     except ValueError as error:
         parser.error(str(error))
-    unknown = unknown_options(extra)
-    if unknown:
-        parser.error(
-            f"--train-option {', '.join(unknown)}: not a TrainConfig option (see training/config.py)"
-        )
-    if adapter_config and len(args.families) != 1:
-        parser.error(
-            "--adapter-option sets one family's hyperparameters: name that family alone in --families"
-        )
+    problem = option_problem(adapter_config, extra, args.families)
+    if problem:
+        parser.error(problem)
     if not (Path(args.base_model) / "model_index.json").is_file():
         parser.error(f"--base-model {args.base_model}: not a diffusers pipeline folder (no model_index.json)")
     torch.set_num_threads(args.threads)
