@@ -12,8 +12,10 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file
 
+from models.pipelines import load_pipeline
+from models.toyworld.checkpoint import is_carry_over, read_module_weights
 from models.toyworld.v2.evaluate import clip_binding_choice, clip_zero_shot, load_scorer
-from models.toyworld.v2.train import ToyWorldV2TrainConfig, train_clip, train_vae
+from models.toyworld.v2.train import ToyWorldV2TrainConfig, train, train_clip, train_vae
 from models.toyworld.v2.vae_readback import load_vae, readback
 
 V2 = Path(__file__).resolve().parent.parent / "assets" / "toyworld-v2"
@@ -61,3 +63,21 @@ def test_the_v2_vae_seeds_a_work_folder_so_training_starts_at_the_unet(tmp_path:
     shipped = load_file(str(V2_VAE))
     for key, value in vae.state_dict().items():
         torch.testing.assert_close(value, shipped[key].to(value.dtype), rtol=0, atol=0)
+
+
+V2_CARRY = V2 / "unet-carry" / "unet_state.safetensors"
+
+
+def test_the_three_committed_parts_seed_a_work_folder_that_resumes_the_unet(tmp_path: Path) -> None:
+    work = tmp_path / "work"
+    work.mkdir()
+    for source, name in ((V2_CLIP, "clip_final"), (V2_VAE, "vae_final"), (V2_CARRY, "unet_state")):
+        shutil.copy(source, work / f"{name}.safetensors")
+    assert is_carry_over(work / "unet_state.safetensors")
+    pipeline = train(ToyWorldV2TrainConfig(work_dir=work, out=tmp_path / "out", stage="snapshot"))
+    carried = read_module_weights(V2_CARRY, "unet")
+    for name, value in load_pipeline(pipeline, device="cpu", dtype="fp32").unet.named_parameters():
+        torch.testing.assert_close(value, carried[name].float(), rtol=0, atol=0)
+    assert not list(work.glob("*_state.safetensors"))[
+        1:
+    ]  # nothing but the carried UNet state: no stage trained
