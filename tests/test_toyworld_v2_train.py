@@ -35,6 +35,7 @@ from models.toyworld.v2.train import (
     forget_held_out_words,
     min_snr_loss,
     place_variants,
+    scene_tensors,
     tokens_only_in_held_out_captions,
     train,
     unet_autocast,
@@ -358,3 +359,24 @@ def test_a_clip_that_cannot_tell_left_from_right_never_prefers_the_true_places()
     choice = clip_binding_choice(model, count=12)
     assert choice["places"] == 0.0  # the place swap encodes identically: a tie is not a preference
     assert 0.0 <= choice["binding"] <= 1.0
+
+
+def test_unet_captions_leave_out_colour_words_at_the_configured_rate_and_nothing_else() -> None:
+    colour_words = set(ATTRIBUTES["colour"])
+    _, full = scene_tensors(5, 400, held_out=False)
+    images, some = scene_tensors(5, 400, held_out=False, colour_dropout=0.3)
+    assert images.shape == (400, 3, IMAGE_SIZE, IMAGE_SIZE)
+    named = unnamed = 0
+    for before, after, scene in zip(full, some, sample_batch(5, 400, held_out=False), strict=True):
+        assert before == scene.caption()
+        kept = [w for w in after.split() if w in colour_words]
+        assert [w for w in after.split() if w not in colour_words] == [
+            w for w in before.split() if w not in colour_words
+        ]
+        remaining = iter(w for w in before.split() if w in colour_words)
+        assert all(word in remaining for word in kept)  # the colour words kept, in their order
+        named += len(kept)
+        unnamed += len(scene.objects) - len(kept)
+    assert 0.25 < unnamed / (named + unnamed) < 0.35
+    with pytest.raises(ValueError, match="colour_dropout"):
+        ToyWorldV2TrainConfig(colour_dropout=1.0)

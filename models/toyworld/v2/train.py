@@ -136,6 +136,11 @@ class ToyWorldV2TrainConfig:
     unet_batch: int = 32
     unet_lr: float = 1e-3
     caption_dropout: float = 0.1
+    colour_dropout: float = 0.1
+    """Share of objects whose colour word the UNet's captions leave out, so that a caption naming no known
+    colour means "any base colour" rather than whatever the UNet falls back on for text it never saw: without
+    it, "a circle", "a zebra circle" and the reset "orange" and "teal" all drew the same orange-red
+    (docs/toyworld_v2.md, tenth session), which made the held-out colour look known."""
     noise_offset: float = 0.1
     """Offset noise std (see `models.toyworld.train.ToyWorldTrainConfig.noise_offset` for why)."""
     ema_decay: float = 0.999
@@ -173,6 +178,9 @@ class ToyWorldV2TrainConfig:
                 raise ValueError(f"{name} must be positive, got {getattr(self, name)}")
         if self.stage not in ("all", "clip", "vae", "unet", "snapshot", "carry"):
             raise ValueError(f"stage must be all, clip, vae, unet, snapshot or carry, got {self.stage!r}")
+        for name in ("caption_dropout", "colour_dropout"):
+            if not 0 <= getattr(self, name) < 1:
+                raise ValueError(f"{name} must be in [0, 1), got {getattr(self, name)}")
         if self.unet_snr_gamma < 0:
             raise ValueError(f"unet_snr_gamma must be 0 (off) or positive, got {self.unet_snr_gamma}")
         if self.unet_precision not in ("auto", "bf16", "fp32"):
@@ -192,13 +200,19 @@ def unet_autocast(precision: str) -> torch.autocast:
 
 
 def scene_tensors(
-    seed: int, count: int, held_out: bool, dropout: float = 0.0
+    seed: int, count: int, held_out: bool, dropout: float = 0.0, colour_dropout: float = 0.0
 ) -> tuple[torch.Tensor, list[str]]:
-    """A seeded batch of (N, 3, 64, 64) images in [-1, 1] and captions ("" with probability `dropout`)."""
+    """A seeded batch of (N, 3, 64, 64) images in [-1, 1] and captions: "" with probability `dropout`, and
+    each object's colour word left out with probability `colour_dropout`."""
     scenes = sample_batch(seed, count, held_out=held_out)
     images = torch.from_numpy(images_to_array([render_scene(scene) for scene in scenes]))
     drop = random.Random(seed + 1)
-    return images, ["" if drop.random() < dropout else scene.caption() for scene in scenes]
+    unnamed = random.Random(seed + 3)
+    captions = []
+    for scene in scenes:
+        colourless = frozenset(i for i in range(len(scene.objects)) if unnamed.random() < colour_dropout)
+        captions.append("" if drop.random() < dropout else scene.caption(colourless))
+    return images, captions
 
 
 def twin_scenes(seed: int, count: int, shape_rate: float = 0.5) -> list[Scene]:
@@ -614,7 +628,11 @@ def train_unet(
         def loss_fn(step: int) -> torch.Tensor:
             seed = config.seed * 3_000_003 + step
             images, captions = scene_tensors(
-                seed, config.unet_batch, held_out=False, dropout=config.caption_dropout
+                seed,
+                config.unet_batch,
+                held_out=False,
+                dropout=config.caption_dropout,
+                colour_dropout=config.colour_dropout,
             )
             generator = torch.Generator().manual_seed(seed)
             with torch.no_grad():

@@ -123,9 +123,10 @@ class SceneObject:
         if self.slot not in ("", *POSITION_PHRASES):
             raise SceneError(f"unknown slot {self.slot!r}; choose left, middle or right")
 
-    def phrase(self) -> str:
-        """Noun phrase without article, e.g. "blue striped square"."""
-        words = [self.colour] + ([] if self.texture == "plain" else [self.texture]) + [self.shape]
+    def phrase(self, name_colour: bool = True) -> str:
+        """Noun phrase without article, e.g. "blue striped square" ("striped square" without `name_colour`)."""
+        words = [self.colour] if name_colour else []
+        words += ([] if self.texture == "plain" else [self.texture]) + [self.shape]
         return " ".join(words)
 
 
@@ -156,12 +157,16 @@ class Scene:
         order = self.order if self.order is not None else range(len(self.objects))
         return tuple(self.objects[i] for i in order)
 
-    def caption(self) -> str:
+    def caption(self, unnamed_colours: frozenset[int] = frozenset()) -> str:
         """The English caption, e.g. "a blue ring on the right and a red dotted star on the left on a grey
-        background"."""
+        background"; the objects whose indices (into `objects`) are in `unnamed_colours` go without their
+        colour word ("a dotted star")."""
         parts = []
-        for obj in self.named():
-            text = f"{article(obj.phrase())} {obj.phrase()}"
+        order = self.order if self.order is not None else range(len(self.objects))
+        for index in order:
+            obj = self.objects[index]
+            phrase = obj.phrase(name_colour=index not in unnamed_colours)
+            text = f"{article(phrase)} {phrase}"
             if self.mention_positions and obj.slot:
                 text += f" {POSITION_PHRASES[obj.slot]}"
             parts.append(text)
