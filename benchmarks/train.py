@@ -94,7 +94,8 @@ class PeakRss:
 def toyworld_architecture(folder: Path) -> Path:
     """Save a random-weight pipeline with the toy world's exact architecture into ``folder``."""
     from models.toyworld import clip_model
-    from models.toyworld.train import SCHEDULER_CONFIG, build_unet, build_vae
+    from models.toyworld.stages import SCHEDULER_CONFIG
+    from models.toyworld.train import build_unet, build_vae
 
     text_encoder = clip_model.to_transformers_text_model(clip_model.build_tiny_clip(seed=0))
     torch.manual_seed(0)

@@ -11,7 +11,7 @@ from safetensors.torch import load_file
 from models.clip_compat import clip
 from models.toyworld import clip_model
 from models.toyworld.checkpoint import load_state, save_state
-from models.toyworld.train import encode_text_truncated
+from models.toyworld.clip_model import encode_text_truncated
 
 CAPTIONS = ["a red circle on a white background", "a blue striped square and a yellow triangle", ""]
 

@@ -8,7 +8,7 @@ import pytest
 from PIL import Image
 
 from models.adapters.files import load_adapter_file
-from models.toyworld.evaluate import Case
+from models.toyworld.sampling import Case
 from models.toyworld.v2.checks import read_background, shows
 from models.toyworld.v2.train import ToyWorldV2TrainConfig, train
 from models.toyworld.v2.world import Scene, SceneObject, concept_scene, render_scene

@@ -45,7 +45,8 @@ from models.adapters.files import load_adapter_file
 from models.cli_options import parse_key_values
 from models.pipelines import default_base_model, load_pipeline
 from models.toyworld.checks import ObjectReading, read_object
-from models.toyworld.evaluate import Case, prompt_accuracy, sample, single_object_cases
+from models.toyworld.evaluate import prompt_accuracy, single_object_cases
+from models.toyworld.sampling import Case, sample
 from models.toyworld.world import (
     BACKGROUNDS,
     BASE_COLOURS,

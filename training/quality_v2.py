@@ -41,7 +41,7 @@ from models.adapters import FAMILIES
 from models.adapters.files import load_adapter_file
 from models.cli_options import parse_key_values
 from models.pipelines import load_pipeline
-from models.toyworld.evaluate import Case
+from models.toyworld.sampling import Case
 from models.toyworld.v2.checks import shows
 from models.toyworld.v2.evaluate import generate, rate, single_object_cases
 from models.toyworld.v2.subjects import SUBJECT_SHAPES, SUBJECT_TEXTURES, draw_subject

@@ -135,3 +135,18 @@ def clip_text_hidden_states(model: clip.model.CLIP, tokens: torch.Tensor) -> tor
     x = model.token_embedding(tokens).type(model.dtype) + model.positional_embedding.type(model.dtype)
     x = model.transformer(x.permute(1, 0, 2)).permute(1, 0, 2)  # (N, 77, width)
     return model.ln_final(x).type(model.dtype)
+
+
+def encode_text_truncated(model: clip.model.CLIP, tokens: torch.Tensor) -> torch.Tensor:
+    """CLIP's `encode_text` on tokens cut after the longest caption's end token (same result: the mask is
+    causal and the feature is read at the end token), which makes contrastive training ~4x cheaper."""
+    length = int(tokens.argmax(dim=-1).max()) + 1
+    x = model.token_embedding(tokens[:, :length]) + model.positional_embedding[:length]
+    mask = torch.full((length, length), float("-inf")).triu(1)
+    x = x.permute(1, 0, 2)  # (L, N, width)
+    for block in model.transformer.resblocks:
+        h = block.ln_1(x)
+        x = x + block.attn(h, h, h, need_weights=False, attn_mask=mask)[0]
+        x = x + block.mlp(block.ln_2(x))
+    x = model.ln_final(x.permute(1, 0, 2))  # (N, L, width)
+    return x[torch.arange(x.shape[0]), tokens[:, :length].argmax(dim=-1)] @ model.text_projection

@@ -16,7 +16,6 @@ import argparse
 import itertools
 import random
 import time
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -28,6 +27,7 @@ from models.clip_compat import clip
 from models.pipelines import load_pipeline
 from models.toyworld.checks import check_scene
 from models.toyworld.paths import CONTACT_SHEET, TOYWORLD_CLIP, TOYWORLD_PIPELINE
+from models.toyworld.sampling import GUIDANCE, STEPS, Case, folder_size_mb, sample
 from models.toyworld.world import (
     BACKGROUNDS,
     BASE_COLOURS,
@@ -44,8 +44,6 @@ from models.toyworld.world import (
 )
 from models.weights_files import load_tensors
 
-GUIDANCE = 5.0
-STEPS = 25
 CONTACT_PROMPTS = (
     "a red circle on a white background",
     "a blue striped square on a black background",
@@ -56,14 +54,6 @@ CONTACT_PROMPTS = (
     "a purple star on a white background",
     "a blue checkered heart on a white background",
 )
-
-
-@dataclass(frozen=True)
-class Case:
-    """One prompt with the scene it describes and the seed it is generated with."""
-
-    scene: Scene
-    seed: int
 
 
 def single_object_cases(limit: int | None = None) -> list[Case]:
@@ -99,24 +89,6 @@ def held_out_cases() -> dict[str, list[Case]]:
                 obj = SceneObject(attrs["shape"], attrs["colour"], attrs["texture"])
                 cases.setdefault(name, []).append(Case(Scene((obj,), background="white"), seed=2000 + index))
     return cases
-
-
-def sample(  # type: ignore[no-untyped-def]
-    pipe, prompts: list[str], seeds: list[int], batch_size: int = 8, guidance: float = GUIDANCE
-) -> list[Image.Image]:
-    """One image per prompt, each from its own seeded generator (batching does not change them), with the
-    toy world's sampler settings."""
-    images: list[Image.Image] = []
-    for start in range(0, len(prompts), batch_size):
-        generators = [torch.Generator().manual_seed(seed) for seed in seeds[start : start + batch_size]]
-        result = pipe(
-            prompts[start : start + batch_size],
-            num_inference_steps=STEPS,
-            guidance_scale=guidance,
-            generator=generators,
-        )
-        images.extend(result.images)
-    return images
 
 
 def generate(pipe, cases: list[Case], batch_size: int = 8, guidance: float = GUIDANCE) -> list[Image.Image]:  # type: ignore[no-untyped-def]
@@ -204,10 +176,6 @@ def contact_sheet(pipe, path: Path, seeds: int = 4) -> Path:  # type: ignore[no-
                 image.resize((tile, tile), Image.Resampling.NEAREST), (label_width + col * (tile + 4), top)
             )
     return atomic_write(path, lambda tmp: sheet.save(tmp, format="PNG"))
-
-
-def folder_size_mb(folder: Path) -> float:
-    return sum(f.stat().st_size for f in folder.rglob("*") if f.is_file()) / 2**20
 
 
 def main(argv: list[str] | None = None) -> dict[str, float]:

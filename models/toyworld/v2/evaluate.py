@@ -28,7 +28,7 @@ from models.atomic_write import atomic_write
 from models.clip_compat import clip
 from models.pipelines import load_pipeline
 from models.toyworld import clip_model
-from models.toyworld.evaluate import Case, folder_size_mb, sample
+from models.toyworld.sampling import Case, folder_size_mb, sample
 from models.toyworld.v2.checks import check_scene
 from models.toyworld.v2.train import binding_variants, place_variants
 from models.toyworld.v2.world import (

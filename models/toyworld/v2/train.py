@@ -78,12 +78,8 @@ from models.clip_tokenizer import write_clip_tokenizer_files
 from models.noise import training_noise
 from models.toyworld import clip_model
 from models.toyworld.checkpoint import carry_over_state, is_carry_over, read_extra, read_module_weights
-from models.toyworld.train import (
-    SCHEDULER_CONFIG,
-    _run_stage,
-    encode_text_truncated,
-    save_assets,
-)
+from models.toyworld.clip_model import encode_text_truncated
+from models.toyworld.stages import SCHEDULER_CONFIG, run_stage, save_assets
 from models.toyworld.v2.world import (
     ATTRIBUTES,
     BACKGROUNDS,
@@ -142,7 +138,9 @@ class ToyWorldV2TrainConfig:
     it, "a circle", "a zebra circle" and the reset "orange" and "teal" all drew the same orange-red
     (docs/toyworld_v2.md, tenth session), which made the held-out colour look known."""
     noise_offset: float = 0.1
-    """Offset noise std (see `models.toyworld.train.ToyWorldTrainConfig.noise_offset` for why)."""
+    """Std of a per-image, per-channel constant added to the UNet's training noise ("offset noise"): without it
+    16x16 latents leak their mean through SD's schedule at t=999 and the sampler reads the background from the
+    starting noise instead of the prompt (measured on v1: backgrounds 62% right; docs/toyworld.md)."""
     ema_decay: float = 0.999
     unet_snr_gamma: float = 5.0
     """Min-SNR-gamma loss weighting (Hang et al. 2023, "Efficient Diffusion Training via Min-SNR Weighting
@@ -449,7 +447,7 @@ def _pretrain_image_tower(
     model.visual.train()
     modules = {"visual": model.visual, "heads": heads}
     params = list(model.visual.parameters()) + list(heads.parameters())
-    _run_stage("clip_pretrain", config, modules, params, config.clip_lr, config.clip_pretrain_steps, loss_fn)  # type: ignore[arg-type]
+    run_stage("clip_pretrain", config, modules, params, config.clip_lr, config.clip_pretrain_steps, loss_fn)
 
 
 def _pretrain_text_tower(
@@ -467,7 +465,7 @@ def _pretrain_text_tower(
 
     params = list(holder.parameters()) + list(heads.parameters())
     modules = {"text": holder, "heads": heads}
-    _run_stage(
+    run_stage(
         "clip_text_pretrain",
         config,
         modules,
@@ -475,7 +473,7 @@ def _pretrain_text_tower(
         config.clip_lr,
         config.clip_text_pretrain_steps,
         loss_fn,
-    )  # type: ignore[arg-type]
+    )
 
 
 def train_clip(config: ToyWorldV2TrainConfig) -> clip.model.CLIP:
@@ -520,7 +518,7 @@ def train_clip(config: ToyWorldV2TrainConfig) -> clip.model.CLIP:
         model.train()
         modules = {"clip": model, "image_heads": image_heads, "text_heads": text_heads}
         params = list(model.parameters()) + list(image_heads.parameters()) + list(text_heads.parameters())
-        _run_stage("clip", config, modules, params, config.clip_lr, config.clip_steps, loss_fn)  # type: ignore[arg-type]
+        run_stage("clip", config, modules, params, config.clip_lr, config.clip_steps, loss_fn)
         write_safetensors(final, model.state_dict())
     model.load_state_dict(load_file(str(final)))
     return model.eval()
@@ -560,9 +558,9 @@ def train_vae(config: ToyWorldV2TrainConfig) -> AutoencoderKL:
             return mse + 0.5 * l1 + 1e-6 * posterior.kl().mean()
 
         vae.train()
-        _run_stage(
+        run_stage(
             "vae", config, {"vae": vae}, list(vae.parameters()), config.vae_lr, config.vae_steps, loss_fn
-        )  # type: ignore[arg-type]
+        )
         with torch.no_grad():
             images, _ = scene_tensors(config.seed + 7, 256, held_out=True)
             std = vae.encode(images).latent_dist.mean.std().item()
@@ -652,7 +650,7 @@ def train_unet(
         unet.to(memory_format=torch.channels_last)
         unet.train()
         params = list(unet.parameters())
-        _run_stage("unet", config, {"unet": unet}, params, config.unet_lr, config.unet_steps, loss_fn, ema)  # type: ignore[arg-type]
+        run_stage("unet", config, {"unet": unet}, params, config.unet_lr, config.unet_steps, loss_fn, ema)
         ema.copy_to(params)
         write_safetensors(final, unet.state_dict())
     unet.load_state_dict(load_file(str(final)))
