@@ -5,8 +5,13 @@ from __future__ import annotations
 import math
 
 import pytest
+from PIL import Image
 
-from models.toyworld.v2.evaluate import near_chance_bound, verdicts
+from models.toyworld.sampling import GUIDANCE
+from models.toyworld.v2.evaluate import held_out_rates, near_chance_bound, rate, single_object_cases, verdicts
+from models.toyworld.v2.world import HELD_OUT
+
+HELD_OUT_NAMES = [name for names in HELD_OUT.values() for name in names]
 
 
 def test_near_chance_is_the_checks_chance_plus_two_standard_errors() -> None:
@@ -46,3 +51,26 @@ def test_verdicts_hold_each_figure_to_its_target() -> None:
         "held_out_checkered": True,  # 0.25 <= 0.2 + 2 * 0.0667
     }
     assert judged["held_out_teal"][1] == pytest.approx(near_chance_bound("colour", 36))
+
+
+class _RecordingPipe:
+    """Stands in for a pipeline: records the guidance it is called with and returns blank images."""
+
+    def __init__(self) -> None:
+        self.guidance: list[float] = []
+
+    def __call__(
+        self, prompts: list[str], num_inference_steps: int, guidance_scale: float, generator: list
+    ) -> object:
+        self.guidance.append(guidance_scale)
+        return type("Result", (), {"images": [Image.new("RGB", (64, 64), (245, 245, 245))] * len(prompts)})()
+
+
+def test_the_guidance_asked_for_reaches_every_generation() -> None:
+    pipe = _RecordingPipe()
+    cases = single_object_cases(3)
+    assert rate(pipe, cases) == 0.0  # blank images show nothing
+    assert rate(pipe, cases, guidance=7.5) == 0.0
+    held_out_rates(pipe, per_concept=2, guidance=3.0)
+    assert pipe.guidance[0] == GUIDANCE and pipe.guidance[1] == 7.5
+    assert set(pipe.guidance[2:]) == {3.0} and len(pipe.guidance) == 2 + len(HELD_OUT_NAMES)

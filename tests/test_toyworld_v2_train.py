@@ -40,6 +40,7 @@ from models.toyworld.v2.train import (
     train,
     unet_autocast,
 )
+from models.toyworld.v2.train import main as train_main
 from models.toyworld.v2.world import ATTRIBUTES, IMAGE_SIZE, Scene, SceneObject, sample_batch
 
 
@@ -380,3 +381,23 @@ def test_unet_captions_leave_out_colour_words_at_the_configured_rate_and_nothing
     assert 0.25 < unnamed / (named + unnamed) < 0.35
     with pytest.raises(ValueError, match="colour_dropout"):
         ToyWorldV2TrainConfig(colour_dropout=1.0)
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["--stage", "everything"], "stage must be all, clip, vae, unet, snapshot or carry"),
+        (["--colour-dropout", "1.5"], "colour_dropout must be in [0, 1)"),
+        (["--stage", "snapshot"], "no UNet checkpoint in"),
+        (["--stage", "carry"], "no UNet checkpoint in"),
+    ],
+)
+def test_the_cli_answers_bad_settings_with_one_line_and_exit_2(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], argv: list[str], message: str
+) -> None:
+    with pytest.raises(SystemExit) as stopped:
+        train_main([*argv, "--work-dir", str(tmp_path / "work"), "--out", str(tmp_path / "out")])
+    assert stopped.value.code == 2
+    error = capsys.readouterr().err.strip().splitlines()[-1]
+    assert message in error and "Traceback" not in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()

@@ -28,7 +28,7 @@ from models.atomic_write import atomic_write
 from models.clip_compat import clip
 from models.pipelines import load_pipeline
 from models.toyworld import clip_model
-from models.toyworld.sampling import Case, folder_size_mb, sample
+from models.toyworld.sampling import GUIDANCE, Case, folder_size_mb, sample
 from models.toyworld.v2.checks import check_scene
 from models.toyworld.v2.train import binding_variants, place_variants
 from models.toyworld.v2.world import (
@@ -62,9 +62,10 @@ CONTACT_PROMPTS = (
 )
 
 
-def generate(pipe, cases: list[Case], batch_size: int = 8) -> list[Image.Image]:  # type: ignore[no-untyped-def]
+def generate(pipe, cases: list[Case], batch_size: int = 8, guidance: float = GUIDANCE) -> list[Image.Image]:  # type: ignore[no-untyped-def]
     """Images for `cases` (their captions as prompts, their seeds)."""
-    return sample(pipe, [case.scene.caption() for case in cases], [case.seed for case in cases], batch_size)
+    prompts = [case.scene.caption() for case in cases]
+    return sample(pipe, prompts, [case.seed for case in cases], batch_size, guidance)
 
 
 def single_object_cases(count: int | None = 216) -> list[Case]:
@@ -111,9 +112,9 @@ def held_out_cases(per_concept: int = 36) -> dict[str, list[Case]]:
     return cases
 
 
-def rate(pipe, cases: list[Case], keys: tuple[str, ...] | None = None) -> float:  # type: ignore[no-untyped-def]
+def rate(pipe, cases: list[Case], keys: tuple[str, ...] | None = None, guidance: float = GUIDANCE) -> float:  # type: ignore[no-untyped-def]
     """Fraction of cases whose image passes every check in `keys` (None: `all`)."""
-    images = generate(pipe, cases)
+    images = generate(pipe, cases, guidance=guidance)
     passed = []
     for image, case in zip(images, cases, strict=True):
         results = check_scene(image, case.scene)
@@ -125,10 +126,13 @@ def slot_keys(objects: int) -> tuple[str, ...]:
     return tuple(f"{slot}.{kind}" for slot in POSITIONS[objects] for kind in ("colour", "shape"))
 
 
-def held_out_rates(pipe, per_concept: int = 36) -> dict[str, float]:  # type: ignore[no-untyped-def]
+def held_out_rates(pipe, per_concept: int = 36, guidance: float = GUIDANCE) -> dict[str, float]:  # type: ignore[no-untyped-def]
     """For each held-out concept, how often text alone produced it (by the checks)."""
     kind_of = {name: kind for kind, names in HELD_OUT.items() for name in names}
-    return {name: rate(pipe, cases, (kind_of[name],)) for name, cases in held_out_cases(per_concept).items()}
+    return {
+        name: rate(pipe, cases, (kind_of[name],), guidance)
+        for name, cases in held_out_cases(per_concept).items()
+    }
 
 
 def load_scorer(path: str | Path) -> clip.model.CLIP:
@@ -271,6 +275,12 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     parser.add_argument(
         "--quick", action="store_true", help="48 single-object prompts, 16 of each multi-object"
     )
+    parser.add_argument(
+        "--guidance",
+        type=float,
+        default=GUIDANCE,
+        help=f"classifier-free guidance scale (default {GUIDANCE:g})",
+    )
     args = parser.parse_args(argv)
     torch.set_num_threads(1)
     start = time.perf_counter()
@@ -285,12 +295,16 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     generate(pipe, warm, batch_size=4)
     figures["four_images_25_steps_s"] = time.perf_counter() - start
     figures["four_images_25_steps_cpu_s"] = time.process_time() - cpu_start
-    figures["single_object_accuracy"] = rate(pipe, single_object_cases(48 if args.quick else 216))
+    figures["single_object_accuracy"] = rate(
+        pipe, single_object_cases(48 if args.quick else 216), guidance=args.guidance
+    )
     for objects in (2, 3):
         cases = multi_object_cases(objects, 16 if args.quick else 48)
-        figures[f"{objects}_object_rate"] = rate(pipe, cases, slot_keys(objects))
+        figures[f"{objects}_object_rate"] = rate(pipe, cases, slot_keys(objects), args.guidance)
     held_out_samples = 12 if args.quick else 36
-    figures.update({f"held_out_{name}": r for name, r in held_out_rates(pipe, held_out_samples).items()})
+    figures.update(
+        {f"held_out_{name}": r for name, r in held_out_rates(pipe, held_out_samples, args.guidance).items()}
+    )
     if args.clip:
         zero_shot = clip_zero_shot(args.clip)
         figures.update({f"clip_zero_shot_{kind}": acc for kind, acc in zero_shot.items()})

@@ -746,9 +746,25 @@ def main(argv: list[str] | None = None) -> None:
     for name, value in vars(ToyWorldV2TrainConfig()).items():
         kind = Path if isinstance(value, Path) else type(value)
         parser.add_argument(f"--{name.replace('_', '-')}", type=kind, default=value)
-    pipeline_dir = train(ToyWorldV2TrainConfig(**vars(parser.parse_args(argv))))
-    if pipeline_dir is not None:
-        print(f"saved {pipeline_dir}")
+    parser.add_argument(
+        "--skip-report", action="store_true", help="no quality report after a full run (--stage all)"
+    )
+    args = vars(parser.parse_args(argv))
+    skip_report = args.pop("skip_report")
+    try:
+        config = ToyWorldV2TrainConfig(**args)
+        saved = train(config)
+    except (ValueError, FileNotFoundError) as error:
+        parser.error(str(error))
+    if saved is None:
+        return
+    print(f"saved {saved}")
+    if config.stage == "all" and not skip_report:
+        from models.toyworld.v2 import evaluate
+
+        evaluate.main(
+            ["--pipeline", str(saved), "--clip", str(Path(config.out) / "clip" / "toyworld_clip.safetensors")]
+        )
 
 
 if __name__ == "__main__":
