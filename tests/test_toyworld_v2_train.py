@@ -39,6 +39,7 @@ from models.toyworld.v2.train import (
     tokens_only_in_held_out_captions,
     train,
     unet_autocast,
+    unknown_words,
 )
 from models.toyworld.v2.train import main as train_main
 from models.toyworld.v2.world import ATTRIBUTES, IMAGE_SIZE, Scene, SceneObject, sample_batch
@@ -362,25 +363,45 @@ def test_a_clip_that_cannot_tell_left_from_right_never_prefers_the_true_places()
     assert 0.0 <= choice["binding"] <= 1.0
 
 
-def test_unet_captions_leave_out_colour_words_at_the_configured_rate_and_nothing_else() -> None:
+def test_unet_captions_leave_out_or_replace_colour_words_at_the_configured_rates_and_nothing_else() -> None:
     colour_words = set(ATTRIBUTES["colour"])
+    unknown = ["zebra", "photo", "lantern"]
     _, full = scene_tensors(5, 400, held_out=False)
-    images, some = scene_tensors(5, 400, held_out=False, colour_dropout=0.3)
+    images, some = scene_tensors(
+        5, 400, held_out=False, colour_dropout=0.3, unknown_colour_rate=0.2, unknown_words=unknown
+    )
     assert images.shape == (400, 3, IMAGE_SIZE, IMAGE_SIZE)
-    named = unnamed = 0
+    counts: Counter[str] = Counter()
     for before, after, scene in zip(full, some, sample_batch(5, 400, held_out=False), strict=True):
         assert before == scene.caption()
+        others = [w for w in after.split() if w not in colour_words | set(unknown)]
+        assert others == [w for w in before.split() if w not in colour_words]
         kept = [w for w in after.split() if w in colour_words]
-        assert [w for w in after.split() if w not in colour_words] == [
-            w for w in before.split() if w not in colour_words
-        ]
         remaining = iter(w for w in before.split() if w in colour_words)
         assert all(word in remaining for word in kept)  # the colour words kept, in their order
-        named += len(kept)
-        unnamed += len(scene.objects) - len(kept)
-    assert 0.25 < unnamed / (named + unnamed) < 0.35
+        replaced = sum(w in unknown for w in after.split())
+        counts["named"] += len(kept)
+        counts["replaced"] += replaced
+        counts["left out"] += len(scene.objects) - len(kept) - replaced
+    total = sum(counts.values())
+    assert 0.25 < counts["left out"] / total < 0.35 and 0.15 < counts["replaced"] / total < 0.25
     with pytest.raises(ValueError, match="colour_dropout"):
         ToyWorldV2TrainConfig(colour_dropout=1.0)
+    with pytest.raises(ValueError, match="stay below 1"):
+        ToyWorldV2TrainConfig(colour_dropout=0.6, unknown_colour_rate=0.5)
+
+
+def test_unknown_words_are_single_tokens_no_world_caption_uses_and_take_the_article_a(tmp_path: Path) -> None:
+    tokenizer = CLIPTokenizer.from_pretrained(write_clip_tokenizer_files(tmp_path / "tokenizer"))
+    words = unknown_words(tokenizer)
+    assert len(words) > 10_000
+    world = {i for s in sample_batch(3, 2000, held_out=True) for i in tokenizer(s.caption()).input_ids}
+    for word in random.Random(0).sample(words, 500):
+        ids = tokenizer(word, add_special_tokens=False).input_ids
+        assert len(ids) == 1 and ids[0] not in world and word[0] not in "aeiou", word
+    assert not set(words) & {w for names in ATTRIBUTES.values() for w in names}
+    held_out_ids = set(tokens_only_in_held_out_captions(tokenizer))
+    assert not {tokenizer(w, add_special_tokens=False).input_ids[0] for w in words} & held_out_ids
 
 
 @pytest.mark.parametrize(

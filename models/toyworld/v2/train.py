@@ -62,6 +62,7 @@ from __future__ import annotations
 import argparse
 import itertools
 import random
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -133,10 +134,13 @@ class ToyWorldV2TrainConfig:
     unet_lr: float = 1e-3
     caption_dropout: float = 0.1
     colour_dropout: float = 0.1
-    """Share of objects whose colour word the UNet's captions leave out, so that a caption naming no known
-    colour means "any base colour" rather than whatever the UNet falls back on for text it never saw: without
-    it, "a circle", "a zebra circle" and the reset "orange" and "teal" all drew the same orange-red
-    (docs/toyworld_v2.md, tenth session), which made the held-out colour look known."""
+    """Share of objects whose colour word the UNet's captions leave out, so that a caption naming no colour
+    means "any base colour"."""
+    unknown_colour_rate: float = 0.05
+    """Share of objects whose colour word the UNet's captions replace by a word the text tower never learnt
+    (`unknown_words`), so that an unknown word in a colour's place says nothing about colour. The held-out
+    colours are such words once `forget_held_out_words` has reset them; without this the UNet read the reset
+    "orange" as orange every time (docs/toyworld_v2.md, tenth session)."""
     noise_offset: float = 0.1
     """Std of a per-image, per-channel constant added to the UNet's training noise ("offset noise"): without it
     16x16 latents leak their mean through SD's schedule at t=999 and the sampler reads the background from the
@@ -176,9 +180,11 @@ class ToyWorldV2TrainConfig:
                 raise ValueError(f"{name} must be positive, got {getattr(self, name)}")
         if self.stage not in ("all", "clip", "vae", "unet", "snapshot", "carry"):
             raise ValueError(f"stage must be all, clip, vae, unet, snapshot or carry, got {self.stage!r}")
-        for name in ("caption_dropout", "colour_dropout"):
+        for name in ("caption_dropout", "colour_dropout", "unknown_colour_rate"):
             if not 0 <= getattr(self, name) < 1:
                 raise ValueError(f"{name} must be in [0, 1), got {getattr(self, name)}")
+        if self.colour_dropout + self.unknown_colour_rate >= 1:
+            raise ValueError("colour_dropout + unknown_colour_rate must stay below 1")
         if self.unet_snr_gamma < 0:
             raise ValueError(f"unet_snr_gamma must be 0 (off) or positive, got {self.unet_snr_gamma}")
         if self.unet_precision not in ("auto", "bf16", "fp32"):
@@ -198,18 +204,33 @@ def unet_autocast(precision: str) -> torch.autocast:
 
 
 def scene_tensors(
-    seed: int, count: int, held_out: bool, dropout: float = 0.0, colour_dropout: float = 0.0
+    seed: int,
+    count: int,
+    held_out: bool,
+    dropout: float = 0.0,
+    colour_dropout: float = 0.0,
+    unknown_colour_rate: float = 0.0,
+    unknown_words: Sequence[str] = (),
 ) -> tuple[torch.Tensor, list[str]]:
-    """A seeded batch of (N, 3, 64, 64) images in [-1, 1] and captions: "" with probability `dropout`, and
-    each object's colour word left out with probability `colour_dropout`."""
+    """A seeded batch of (N, 3, 64, 64) images in [-1, 1] and captions: "" with probability `dropout`; each
+    object's colour word left out with probability `colour_dropout`, or replaced by one of `unknown_words` with
+    probability `unknown_colour_rate`."""
+    if unknown_colour_rate and not unknown_words:
+        raise ValueError("unknown_colour_rate needs unknown_words to draw from")
     scenes = sample_batch(seed, count, held_out=held_out)
     images = torch.from_numpy(images_to_array([render_scene(scene) for scene in scenes]))
     drop = random.Random(seed + 1)
-    unnamed = random.Random(seed + 3)
+    words = random.Random(seed + 3)
     captions = []
     for scene in scenes:
-        colourless = frozenset(i for i in range(len(scene.objects)) if unnamed.random() < colour_dropout)
-        captions.append("" if drop.random() < dropout else scene.caption(colourless))
+        colour_words = {}
+        for index in range(len(scene.objects)):
+            draw = words.random()
+            if draw < colour_dropout:
+                colour_words[index] = ""
+            elif draw < colour_dropout + unknown_colour_rate:
+                colour_words[index] = words.choice(unknown_words)
+        captions.append("" if drop.random() < dropout else scene.caption(colour_words))
     return images, captions
 
 
@@ -616,6 +637,8 @@ def train_unet(
         )
         ema = EMAModel(unet.parameters(), decay=config.ema_decay)
 
+        pool = unknown_words(tokenizer)
+
         @torch.no_grad()
         def encode_captions(captions: list[str]) -> torch.Tensor:
             ids = tokenizer(
@@ -631,6 +654,8 @@ def train_unet(
                 held_out=False,
                 dropout=config.caption_dropout,
                 colour_dropout=config.colour_dropout,
+                unknown_colour_rate=config.unknown_colour_rate,
+                unknown_words=pool,
             )
             generator = torch.Generator().manual_seed(seed)
             with torch.no_grad():
@@ -666,6 +691,31 @@ def tokens_only_in_held_out_captions(tokenizer: CLIPTokenizer, samples: int = 40
         return {i for ids in tokenizer(captions, add_special_tokens=False).input_ids for i in ids}
 
     return sorted(token_ids(True) - token_ids(False))
+
+
+def unknown_words(tokenizer: CLIPTokenizer, samples: int = 4000) -> list[str]:
+    """Words the text tower never learnt: the tokenizer's whole-word entries of three or more letters, starting
+    with a consonant (so they take "a", not the held-out article "an"), that occur in no caption of the world,
+    held-out ones included, and name none of its attributes ("plain" is never said). Their embeddings are as initialised, like the held-out words' after
+    `forget_held_out_words`, so a UNet taught that such a word in a colour's place says nothing about colour
+    treats "orange" and "teal" the same way."""
+    captions = [scene.caption() for scene in sample_batch(17, samples, held_out=True)]
+    used = {i for ids in tokenizer(captions, add_special_tokens=False).input_ids for i in ids}
+    named = {value for values in ATTRIBUTES.values() for value in values}
+    words = []
+    for token, index in sorted(tokenizer.get_vocab().items(), key=lambda item: item[1]):
+        word = token.removesuffix("</w>")
+        if (
+            token.endswith("</w>")
+            and len(word) >= 3
+            and word.isascii()
+            and word.isalpha()
+            and word[0] not in "aeiou"
+            and index not in used
+            and word not in named
+        ):
+            words.append(word)
+    return words
 
 
 def forget_held_out_words(text_encoder: CLIPTextModel, tokenizer: CLIPTokenizer, seed: int) -> list[int]:

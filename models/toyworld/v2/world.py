@@ -18,6 +18,7 @@ subject images and checks can use them.
 from __future__ import annotations
 
 import random
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from functools import lru_cache
 
@@ -123,10 +124,13 @@ class SceneObject:
         if self.slot not in ("", *POSITION_PHRASES):
             raise SceneError(f"unknown slot {self.slot!r}; choose left, middle or right")
 
-    def phrase(self, name_colour: bool = True) -> str:
-        """Noun phrase without article, e.g. "blue striped square" ("striped square" without `name_colour`)."""
-        words = [self.colour] if name_colour else []
-        words += ([] if self.texture == "plain" else [self.texture]) + [self.shape]
+    def phrase(self, colour_word: str | None = None) -> str:
+        """Noun phrase without article, e.g. "blue striped square"; `colour_word` stands in for the colour
+        ("" leaves it out: "striped square")."""
+        colour = self.colour if colour_word is None else colour_word
+        words = (
+            ([colour] if colour else []) + ([] if self.texture == "plain" else [self.texture]) + [self.shape]
+        )
         return " ".join(words)
 
 
@@ -157,15 +161,15 @@ class Scene:
         order = self.order if self.order is not None else range(len(self.objects))
         return tuple(self.objects[i] for i in order)
 
-    def caption(self, unnamed_colours: frozenset[int] = frozenset()) -> str:
+    def caption(self, colour_words: Mapping[int, str] | None = None) -> str:
         """The English caption, e.g. "a blue ring on the right and a red dotted star on the left on a grey
-        background"; the objects whose indices (into `objects`) are in `unnamed_colours` go without their
-        colour word ("a dotted star")."""
+        background"; `colour_words` maps object indices (into `objects`) to a word said in place of their
+        colour ("" leaves it out: "a dotted star")."""
         parts = []
         order = self.order if self.order is not None else range(len(self.objects))
         for index in order:
             obj = self.objects[index]
-            phrase = obj.phrase(name_colour=index not in unnamed_colours)
+            phrase = obj.phrase((colour_words or {}).get(index))
             text = f"{article(phrase)} {phrase}"
             if self.mention_positions and obj.slot:
                 text += f" {POSITION_PHRASES[obj.slot]}"
