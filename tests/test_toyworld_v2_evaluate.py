@@ -3,13 +3,21 @@
 from __future__ import annotations
 
 import math
+from dataclasses import replace
 
 import pytest
 from PIL import Image
 
 from models.toyworld.sampling import GUIDANCE
-from models.toyworld.v2.evaluate import held_out_rates, near_chance_bound, rate, single_object_cases, verdicts
-from models.toyworld.v2.world import HELD_OUT
+from models.toyworld.v2.evaluate import (
+    check_rates,
+    held_out_rates,
+    near_chance_bound,
+    rate,
+    single_object_cases,
+    verdicts,
+)
+from models.toyworld.v2.world import BACKGROUNDS, BASE_COLOURS, HELD_OUT, render_scene, with_attribute
 
 HELD_OUT_NAMES = [name for names in HELD_OUT.values() for name in names]
 
@@ -74,3 +82,25 @@ def test_the_guidance_asked_for_reaches_every_generation() -> None:
     held_out_rates(pipe, per_concept=2, guidance=3.0)
     assert pipe.guidance[0] == GUIDANCE and pipe.guidance[1] == 7.5
     assert set(pipe.guidance[2:]) == {3.0} and len(pipe.guidance) == 2 + len(HELD_OUT_NAMES)
+
+
+def test_check_rates_count_each_check_and_all_of_them_from_one_generation() -> None:
+    cases = single_object_cases(3)
+    first, second, third = (case.scene for case in cases)
+    other_colour = next(c for c in BASE_COLOURS if c != second.objects[0].colour)
+    other_background = next(b for b in BACKGROUNDS if b != third.background)
+    drawn = {
+        first.caption(): render_scene(first),
+        second.caption(): render_scene(with_attribute(second, "colour", other_colour)),
+        third.caption(): render_scene(replace(third, background=other_background)),
+    }
+    calls: list[list[str]] = []
+
+    def pipe(prompts: list[str], num_inference_steps: int, guidance_scale: float, generator: list) -> object:
+        calls.append(prompts)
+        return type("Result", (), {"images": [drawn[p] for p in prompts]})()
+
+    rates = check_rates(pipe, cases, ("colour", "shape", "background"))
+    assert len(calls) == 1
+    assert rates == pytest.approx({"colour": 2 / 3, "shape": 1.0, "background": 2 / 3, "all": 1 / 3})
+    assert rate(pipe, cases, ("colour", "shape")) == pytest.approx(2 / 3)

@@ -77,6 +77,8 @@ def test_the_report_trains_each_family_once_per_seed_with_the_apps_prompt(
     for run in row["runs"]:
         assert run["steps"] == 2
         assert 0 <= run["subject_rate"] <= 1 and 0 <= run["prompt_accuracy"] <= 1
+        assert set(run["prompt_checks"]) == {"colour", "shape", "background"}
+        assert run["prompt_accuracy"] <= min(run["prompt_checks"].values())
         assert run["drift"] == pytest.approx(report["base"]["prompt_accuracy"] - run["prompt_accuracy"])
         assert Path(run["adapter"]).is_relative_to(tmp_path / "lora" / f"seed-{run['seed']}")
         adapter = load_adapter_file(run["adapter"])

@@ -43,7 +43,7 @@ from models.cli_options import parse_key_values
 from models.pipelines import load_pipeline
 from models.toyworld.sampling import Case
 from models.toyworld.v2.checks import shows
-from models.toyworld.v2.evaluate import generate, rate, single_object_cases
+from models.toyworld.v2.evaluate import check_rates, generate, single_object_cases
 from models.toyworld.v2.subjects import SUBJECT_SHAPES, SUBJECT_TEXTURES, draw_subject
 from models.toyworld.v2.world import BACKGROUNDS, COLOURS, HELD_OUT, concept_scene, render_scene, sample_batch
 from training.config import TrainConfig
@@ -216,11 +216,13 @@ def train_and_score(
     result, wall = train_subject(family, model, pictures, out, seed, settings)
     pipe = load_pipeline(model, device="cpu", dtype="fp32")
     load_adapter_file(result.adapter_path).attach(pipe.unet)
+    checks = check_rates(pipe, prompts, PROMPT_CHECKS)
     return {
         "seed": seed,
         "adapter": str(result.adapter_path),
         "subject_rate": subject_rate(pipe, cases, settings),
-        "prompt_accuracy": rate(pipe, prompts, PROMPT_CHECKS),
+        "prompt_accuracy": checks.pop("all"),
+        "prompt_checks": checks,
         "trainable_parameters": result.trainable_parameters,
         "file_bytes": result.adapter_path.stat().st_size,
         "steps": result.steps,
@@ -238,9 +240,10 @@ def run_report(
     pictures = write_subject_pictures(out / "subject", settings)
     cases, prompts = subject_cases(settings, subject_count), drift_cases(prompt_count)
     base = load_pipeline(model, device="cpu", dtype="fp32")
+    checks = check_rates(base, prompts, PROMPT_CHECKS)
     report: dict[str, Any] = {
         "base": {"subject_rate": subject_rate(base, cases, settings),
-                 "prompt_accuracy": rate(base, prompts, PROMPT_CHECKS)},
+                 "prompt_accuracy": checks.pop("all"), "prompt_checks": checks},
         "samples": {"subject": len(cases), "prompts": len(prompts)},
         "settings": dataclasses.asdict(settings),
         "families": [],
@@ -267,15 +270,20 @@ def run_report(
     return report
 
 
+def _by_check(checks: dict[str, float]) -> str:
+    return ", ".join(f"{key} {value:.0%}" for key, value in checks.items())
+
+
 def format_report(report: dict[str, Any]) -> str:
     settings, base = report["settings"], report["base"]
     lines = [
         f"toy world v2, subject: {QualitySettings(**settings).trigger} (drawn pictures, "
         f"instance prompt {settings['instance_prompt']!r}), {report['samples']['subject']} trigger samples and "
         f"{report['samples']['prompts']} no-trigger prompts per run",
-        f"base model: subject {base['subject_rate']:.0%}, prompt accuracy {base['prompt_accuracy']:.1%}",
+        f"base model: subject {base['subject_rate']:.0%}, prompt accuracy {base['prompt_accuracy']:.1%} "
+        f"({_by_check(base['prompt_checks'])})",
         f"{'family':<7}{'seed':>5}{'subject':>9}{'prompts':>9}{'drift':>8}{'params':>9}{'file KB':>9}"
-        f"{'steps':>7}{'steps/s':>9}{'wall s':>8}",
+        f"{'steps':>7}{'steps/s':>9}{'wall s':>8}  prompts right by check",
     ]
     for row in report["families"]:
         for run in row["runs"]:
@@ -283,6 +291,7 @@ def format_report(report: dict[str, Any]) -> str:
                 f"{row['family']:<7}{run['seed']:>5}{run['subject_rate']:>9.0%}{run['prompt_accuracy']:>9.1%}"
                 f"{run['drift'] * 100:>+7.1f}p{run['trainable_parameters']:>9,}{run['file_bytes'] / 1024:>9.1f}"
                 f"{run['steps']:>7}{run['steps_per_second']:>9.2f}{run['wall_seconds']:>8.0f}"
+                f"  {_by_check(run['prompt_checks'])}"
             )
         lines.append(
             f"{row['family']:<7} mean subject {row['subject_rate']:.0%}, worst {row['worst_subject_rate']:.0%}, "

@@ -112,14 +112,21 @@ def held_out_cases(per_concept: int = 36) -> dict[str, list[Case]]:
     return cases
 
 
+def check_rates(  # type: ignore[no-untyped-def]
+    pipe, cases: list[Case], keys: tuple[str, ...], guidance: float = GUIDANCE
+) -> dict[str, float]:
+    """From one generation of `cases`: the fraction passing each check in `keys`, and under `"all"` the
+    fraction passing all of them."""
+    images = generate(pipe, cases, guidance=guidance)
+    results = [check_scene(image, case.scene) for image, case in zip(images, cases, strict=True)]
+    rates = {key: float(np.mean([r[key] for r in results])) for key in keys}
+    rates["all"] = float(np.mean([all(r[key] for key in keys) for r in results]))
+    return rates
+
+
 def rate(pipe, cases: list[Case], keys: tuple[str, ...] | None = None, guidance: float = GUIDANCE) -> float:  # type: ignore[no-untyped-def]
     """Fraction of cases whose image passes every check in `keys` (None: `all`)."""
-    images = generate(pipe, cases, guidance=guidance)
-    passed = []
-    for image, case in zip(images, cases, strict=True):
-        results = check_scene(image, case.scene)
-        passed.append(all(results[key] for key in (keys or ("all",))))
-    return float(np.mean(passed))
+    return check_rates(pipe, cases, keys or ("all",), guidance)["all"]
 
 
 def slot_keys(objects: int) -> tuple[str, ...]:
