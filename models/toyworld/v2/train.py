@@ -637,6 +637,7 @@ def train_unet(
         )
         ema = EMAModel(unet.parameters(), decay=config.ema_decay)
 
+        forget_held_out_words(text_encoder, tokenizer, config.seed)  # no base caption holds these tokens
         pool = unknown_words(tokenizer)
 
         @torch.no_grad()
@@ -694,11 +695,12 @@ def tokens_only_in_held_out_captions(tokenizer: CLIPTokenizer, samples: int = 40
 
 
 def unknown_words(tokenizer: CLIPTokenizer, samples: int = 4000) -> list[str]:
-    """Words the text tower never learnt: the tokenizer's whole-word entries of three or more letters, starting
-    with a consonant (so they take "a", not the held-out article "an"), that occur in no caption of the world,
-    held-out ones included, and name none of its attributes ("plain" is never said). Their embeddings are as initialised, like the held-out words' after
-    `forget_held_out_words`, so a UNet taught that such a word in a colour's place says nothing about colour
-    treats "orange" and "teal" the same way."""
+    """Words the text tower never learnt: the tokenizer's whole-word entries of three or more letters that occur
+    in no caption of the world, held-out ones included, and name none of its attributes ("plain" is never
+    said). Their embeddings are as initialised, like the held-out words' after `forget_held_out_words` (which
+    `train_unet` applies to its text tower too, so that "an", the held-out article, reads the same in training
+    as in the shipped model); a UNet taught that such a word in a colour's place says nothing about colour
+    treats "an orange" and "a teal" the same way."""
     captions = [scene.caption() for scene in sample_batch(17, samples, held_out=True)]
     used = {i for ids in tokenizer(captions, add_special_tokens=False).input_ids for i in ids}
     named = {value for values in ATTRIBUTES.values() for value in values}
@@ -710,7 +712,6 @@ def unknown_words(tokenizer: CLIPTokenizer, samples: int = 4000) -> list[str]:
             and len(word) >= 3
             and word.isascii()
             and word.isalpha()
-            and word[0] not in "aeiou"
             and index not in used
             and word not in named
         ):
