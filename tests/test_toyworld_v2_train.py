@@ -389,6 +389,10 @@ def test_unet_captions_leave_out_or_replace_colour_words_at_the_configured_rates
     assert 0.25 < counts["left out"] / total < 0.35 and 0.15 < counts["replaced"] / total < 0.25
     with pytest.raises(ValueError, match="colour_dropout"):
         ToyWorldV2TrainConfig(colour_dropout=1.0)
+    _, mixed = scene_tensors(7, 400, False, 0.0, 0.0, 0.5, ["zebra", "lantern", "photo", "apple"])
+    replacements = Counter(w for c in mixed for w in c.split() if w in {"zebra", "lantern", "photo", "apple"})
+    assert 0.4 < replacements["apple"] / sum(replacements.values()) < 0.6  # half the draws take "an"
+    assert all("an apple" in c for c in mixed if "apple" in c.split())
     with pytest.raises(ValueError, match="stay below 1"):
         ToyWorldV2TrainConfig(colour_dropout=0.6, unknown_colour_rate=0.5)
 

@@ -60,6 +60,7 @@ Trade-offs measured on this 2-core CPU (1 torch thread, other jobs sharing the m
 from __future__ import annotations
 
 import argparse
+import functools
 import itertools
 import random
 from collections.abc import Sequence
@@ -87,6 +88,7 @@ from models.toyworld.v2.world import (
     IMAGE_SIZE,
     Scene,
     SceneObject,
+    article,
     attribute_value,
     images_to_array,
     render_scene,
@@ -136,7 +138,7 @@ class ToyWorldV2TrainConfig:
     colour_dropout: float = 0.1
     """Share of objects whose colour word the UNet's captions leave out, so that a caption naming no colour
     means "any base colour"."""
-    unknown_colour_rate: float = 0.05
+    unknown_colour_rate: float = 0.1
     """Share of objects whose colour word the UNet's captions replace by a word the text tower never learnt
     (`unknown_words`), so that an unknown word in a colour's place says nothing about colour. The held-out
     colours are such words once `forget_held_out_words` has reset them; without this the UNet read the reset
@@ -203,6 +205,11 @@ def unet_autocast(precision: str) -> torch.autocast:
     return torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16)
 
 
+@functools.lru_cache(maxsize=4)
+def _split_by_article(words: tuple[str, ...]) -> tuple[list[str], list[str]]:
+    return [w for w in words if article(w) == "a"], [w for w in words if article(w) == "an"]
+
+
 def scene_tensors(
     seed: int,
     count: int,
@@ -214,13 +221,16 @@ def scene_tensors(
 ) -> tuple[torch.Tensor, list[str]]:
     """A seeded batch of (N, 3, 64, 64) images in [-1, 1] and captions: "" with probability `dropout`; each
     object's colour word left out with probability `colour_dropout`, or replaced by one of `unknown_words` with
-    probability `unknown_colour_rate`."""
+    probability `unknown_colour_rate` (one taking "an" half the time)."""
     if unknown_colour_rate and not unknown_words:
         raise ValueError("unknown_colour_rate needs unknown_words to draw from")
     scenes = sample_batch(seed, count, held_out=held_out)
     images = torch.from_numpy(images_to_array([render_scene(scene) for scene in scenes]))
     drop = random.Random(seed + 1)
     words = random.Random(seed + 3)
+    by_article = _split_by_article(
+        tuple(unknown_words)
+    )  # half the draws take "a", half "an" (as orange does)
     captions = []
     for scene in scenes:
         colour_words = {}
@@ -229,7 +239,7 @@ def scene_tensors(
             if draw < colour_dropout:
                 colour_words[index] = ""
             elif draw < colour_dropout + unknown_colour_rate:
-                colour_words[index] = words.choice(unknown_words)
+                colour_words[index] = words.choice(by_article[words.random() < 0.5] or unknown_words)
         captions.append("" if drop.random() < dropout else scene.caption(colour_words))
     return images, captions
 
@@ -638,7 +648,7 @@ def train_unet(
         ema = EMAModel(unet.parameters(), decay=config.ema_decay)
 
         forget_held_out_words(text_encoder, tokenizer, config.seed)  # no base caption holds these tokens
-        pool = unknown_words(tokenizer)
+        pool = tuple(unknown_words(tokenizer))
 
         @torch.no_grad()
         def encode_captions(captions: list[str]) -> torch.Tensor:
