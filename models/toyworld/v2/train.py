@@ -228,9 +228,8 @@ def scene_tensors(
     images = torch.from_numpy(images_to_array([render_scene(scene) for scene in scenes]))
     drop = random.Random(seed + 1)
     words = random.Random(seed + 3)
-    by_article = _split_by_article(
-        tuple(unknown_words)
-    )  # half the draws take "a", half "an" (as orange does)
+    # half the unknown words drawn take "a", half "an" (as orange does)
+    by_article = _split_by_article(tuple(unknown_words))
     captions = []
     for scene in scenes:
         colour_words = {}
