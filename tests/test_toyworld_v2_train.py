@@ -397,6 +397,19 @@ def test_unet_captions_leave_out_or_replace_colour_words_at_the_configured_rates
         ToyWorldV2TrainConfig(colour_dropout=0.6, unknown_colour_rate=0.5)
 
 
+def test_unet_scenes_weigh_object_counts_by_count_rates() -> None:
+    def counts(captions: list[str]) -> Counter[int]:
+        return Counter(caption.count(", ") + caption.count(" and ") + 1 for caption in captions)
+
+    _, default = scene_tensors(9, 600, held_out=False)
+    assert default == [s.caption() for s in sample_batch(9, 600, held_out=False)]
+    _, three = scene_tensors(9, 60, held_out=False, count_rates=(0.0, 0.0, 1.0))
+    assert counts(three) == {3: 60}
+    _, shifted = scene_tensors(9, 600, held_out=False, count_rates=(0.3, 0.35, 0.35))
+    assert counts(shifted)[3] / 600 > counts(default)[3] / 600 + 0.08  # 0.35 against the world's 0.2
+    assert ToyWorldV2TrainConfig().unet_count_rates == (0.3, 0.35, 0.35)
+
+
 def test_unknown_words_are_single_tokens_no_world_caption_uses(tmp_path: Path) -> None:
     tokenizer = CLIPTokenizer.from_pretrained(write_clip_tokenizer_files(tmp_path / "tokenizer"))
     words = unknown_words(tokenizer)
@@ -418,6 +431,8 @@ def test_unknown_words_are_single_tokens_no_world_caption_uses(tmp_path: Path) -
         (["--colour-dropout", "1.5"], "colour_dropout must be in [0, 1)"),
         (["--stage", "snapshot"], "no UNet checkpoint in"),
         (["--stage", "carry"], "no UNet checkpoint in"),
+        (["--unet-count-rates", "0", "0", "0"], "unet_count_rates must be three non-negative weights"),
+        (["--unet-count-rates", "0.2", "0.3", "0.5", "--stage", "snapshot"], "no UNet checkpoint in"),
     ],
 )
 def test_the_cli_answers_bad_settings_with_one_line_and_exit_2(

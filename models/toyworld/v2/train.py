@@ -86,6 +86,7 @@ from models.toyworld.v2.world import (
     ATTRIBUTES,
     BACKGROUNDS,
     IMAGE_SIZE,
+    OBJECT_COUNT_RATES,
     Scene,
     SceneObject,
     article,
@@ -143,6 +144,10 @@ class ToyWorldV2TrainConfig:
     (`unknown_words`), so that an unknown word in a colour's place says nothing about colour. The held-out
     colours are such words once `forget_held_out_words` has reset them; without this the UNet read the reset
     "orange" as orange every time (docs/toyworld_v2.md, tenth session)."""
+    unet_count_rates: tuple[float, float, float] = (0.3, 0.35, 0.35)
+    """Weights of one, two and three objects in the UNet's scenes (the CLIP and the VAE keep the world's
+    `OBJECT_COUNT_RATES`, 0.45 / 0.35 / 0.2): more three-object scenes, the hardest to bind, for the UNet
+    (docs/toyworld_v2.md, eleventh session)."""
     noise_offset: float = 0.1
     """Std of a per-image, per-channel constant added to the UNet's training noise ("offset noise"): without it
     16x16 latents leak their mean through SD's schedule at t=999 and the sampler reads the background from the
@@ -187,6 +192,9 @@ class ToyWorldV2TrainConfig:
                 raise ValueError(f"{name} must be in [0, 1), got {getattr(self, name)}")
         if self.colour_dropout + self.unknown_colour_rate >= 1:
             raise ValueError("colour_dropout + unknown_colour_rate must stay below 1")
+        rates = self.unet_count_rates
+        if len(rates) != 3 or min(rates) < 0 or sum(rates) <= 0:
+            raise ValueError(f"unet_count_rates must be three non-negative weights, not all 0, got {rates}")
         if self.unet_snr_gamma < 0:
             raise ValueError(f"unet_snr_gamma must be 0 (off) or positive, got {self.unet_snr_gamma}")
         if self.unet_precision not in ("auto", "bf16", "fp32"):
@@ -218,13 +226,15 @@ def scene_tensors(
     colour_dropout: float = 0.0,
     unknown_colour_rate: float = 0.0,
     unknown_words: Sequence[str] = (),
+    count_rates: Sequence[float] = OBJECT_COUNT_RATES,
 ) -> tuple[torch.Tensor, list[str]]:
-    """A seeded batch of (N, 3, 64, 64) images in [-1, 1] and captions: "" with probability `dropout`; each
+    """A seeded batch of (N, 3, 64, 64) images in [-1, 1] (one, two or three objects weighed by `count_rates`)
+    and captions: "" with probability `dropout`; each
     object's colour word left out with probability `colour_dropout`, or replaced by one of `unknown_words` with
     probability `unknown_colour_rate` (one taking "an" half the time)."""
     if unknown_colour_rate and not unknown_words:
         raise ValueError("unknown_colour_rate needs unknown_words to draw from")
-    scenes = sample_batch(seed, count, held_out=held_out)
+    scenes = sample_batch(seed, count, held_out=held_out, count_rates=count_rates)
     images = torch.from_numpy(images_to_array([render_scene(scene) for scene in scenes]))
     drop = random.Random(seed + 1)
     words = random.Random(seed + 3)
@@ -666,6 +676,7 @@ def train_unet(
                 colour_dropout=config.colour_dropout,
                 unknown_colour_rate=config.unknown_colour_rate,
                 unknown_words=pool,
+                count_rates=config.unet_count_rates,
             )
             generator = torch.Generator().manual_seed(seed)
             with torch.no_grad():
@@ -804,13 +815,18 @@ def train(config: ToyWorldV2TrainConfig) -> Path | None:
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     for name, value in vars(ToyWorldV2TrainConfig()).items():
+        flag = f"--{name.replace('_', '-')}"
+        if isinstance(value, tuple):
+            parser.add_argument(flag, type=type(value[0]), nargs=len(value), default=value)
+            continue
         kind = Path if isinstance(value, Path) else type(value)
-        parser.add_argument(f"--{name.replace('_', '-')}", type=kind, default=value)
+        parser.add_argument(flag, type=kind, default=value)
     parser.add_argument(
         "--skip-report", action="store_true", help="no quality report after a full run (--stage all)"
     )
     args = vars(parser.parse_args(argv))
     skip_report = args.pop("skip_report")
+    args = {name: tuple(value) if isinstance(value, list) else value for name, value in args.items()}
     try:
         config = ToyWorldV2TrainConfig(**args)
         saved = train(config)

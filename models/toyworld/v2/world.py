@@ -18,7 +18,7 @@ subject images and checks can use them.
 from __future__ import annotations
 
 import random
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from functools import lru_cache
 
@@ -326,12 +326,14 @@ def sample_scene(
     held_out: bool = False,
     mention_background_rate: float = 0.7,
     mention_positions_rate: float = 0.5,
+    count_rates: Sequence[float] = OBJECT_COUNT_RATES,
 ) -> Scene:
-    """Draw a random scene. With `held_out=False` (base training) no HELD_OUT concept is ever used."""
+    """Draw a random scene. With `held_out=False` (base training) no HELD_OUT concept is ever used;
+    `count_rates` weighs one, two and three objects."""
     shapes, colours, textures = (
         (SHAPES, tuple(COLOURS), TEXTURES) if held_out else (BASE_SHAPES, BASE_COLOURS, BASE_TEXTURES)
     )
-    count = rng.choices((1, 2, 3), weights=OBJECT_COUNT_RATES)[0]
+    count = rng.choices((1, 2, 3), weights=count_rates)[0]
     attributes = [(rng.choice(shapes), rng.choice(colours), rng.choice(textures)) for _ in range(count)]
     order = list(range(count))
     rng.shuffle(order)
@@ -344,7 +346,7 @@ def sample_scene(
     )
 
 
-def sample_batch(seed: int, count: int, **options: float | bool) -> list[Scene]:
+def sample_batch(seed: int, count: int, **options: float | bool | Sequence[float]) -> list[Scene]:
     """`count` scenes from a generator seeded with `seed` (same seed, same scenes)."""
     rng = random.Random(seed)
     return [sample_scene(rng, **options) for _ in range(count)]  # type: ignore[arg-type]
