@@ -105,6 +105,11 @@ def test_the_drift_prompts_hold_no_held_out_word() -> None:
         ),
         (["--base-model", ".", "--instance-prompt", "a photo"], "must contain {trigger}"),
         (["--base-model", ".", "--adapter-option", "r=4"], "name that family alone"),
+        (
+            ["--base-model", ".", "--families", "lora", "--adapter-option", "r=4"],
+            "--adapter-option: lora has no hyperparameter(s) r; known: alpha",
+        ),
+        (["--base-model", ".", "--families", "lora", "--adapter-option", "rank=0"], "lora rank must be"),
         (["--base-model", ".", "--train-option", "nonsense=1"], "not a TrainConfig option"),
     ],
 )

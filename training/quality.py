@@ -58,8 +58,9 @@ from models.toyworld.world import (
     render_scene,
     sample_batch,
 )
-from training.config import TrainConfig, unknown_options
+from training.config import ConfigError, TrainConfig, unknown_options
 from training.dreambooth import train
+from training.preflight import build_adapter_config
 
 TRIGGER = "sks"
 """DreamBooth's rare-token identifier, and `write_subject_images`' default. It is not the report's default
@@ -426,6 +427,11 @@ def option_problem(
         return f"--train-option {', '.join(unknown)}: not a TrainConfig option (see training/config.py)"
     if adapter_config and len(families) != 1:
         return "--adapter-option sets one family's hyperparameters: name that family alone in --families"
+    if adapter_config:
+        try:
+            build_adapter_config(TrainConfig(adapter=families[0], adapter_config=adapter_config))
+        except ConfigError as error:
+            return f"--adapter-option: {error}"
     return None
 
 
@@ -451,7 +457,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument(
         "--adapter-option", action="append", default=[], metavar="KEY=VALUE",
-        help="family hyperparameter over its default (JSON value), e.g. r=16; with one family",
+        help="family hyperparameter over its default (JSON value), e.g. rank=16; with one family",
     )  # fmt: skip
     parser.add_argument(
         "--pair-images", type=int, default=0, help="two-object subject renders beside the five single ones"
@@ -490,7 +496,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--threads", type=int, default=1, help="torch threads (1 is fastest on a shared CPU)")
     args = parser.parse_args(argv)
     try:
-        adapter_config = parse_key_values(args.adapter_option, "--adapter-option", "r=16")
+        adapter_config = parse_key_values(args.adapter_option, "--adapter-option", "rank=16")
         train_extra = parse_key_values(args.train_option, "--train-option", "adam_weight_decay=0")
     except ValueError as error:
         parser.error(str(error))

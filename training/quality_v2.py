@@ -320,7 +320,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--instance-prompt", default=QualitySettings.instance_prompt, help="with {trigger}")
     parser.add_argument(
         "--adapter-option", action="append", default=[], metavar="KEY=VALUE",
-        help="family hyperparameter over its default (JSON value), e.g. r=16; with one family",
+        help="family hyperparameter over its default (JSON value), e.g. rank=16; with one family",
     )  # fmt: skip
     parser.add_argument(
         "--train-option", action="append", default=[], metavar="KEY=VALUE",
@@ -333,7 +333,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--threads", type=int, default=1, help="torch threads")
     args = parser.parse_args(argv)
     try:
-        adapter_config = parse_key_values(args.adapter_option, "--adapter-option", "r=16")
+        adapter_config = parse_key_values(args.adapter_option, "--adapter-option", "rank=16")
         extra = parse_key_values(args.train_option, "--train-option", "prior_loss_weight=0.5")
         settings = QualitySettings(
             subject_shape=args.subject_shape,
