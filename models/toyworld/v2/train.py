@@ -229,9 +229,9 @@ def scene_tensors(
     count_rates: Sequence[float] = OBJECT_COUNT_RATES,
 ) -> tuple[torch.Tensor, list[str]]:
     """A seeded batch of (N, 3, 64, 64) images in [-1, 1] (one, two or three objects weighed by `count_rates`)
-    and captions: "" with probability `dropout`; each
-    object's colour word left out with probability `colour_dropout`, or replaced by one of `unknown_words` with
-    probability `unknown_colour_rate` (one taking "an" half the time)."""
+    and captions: "" with probability `dropout`; each object's colour word left out with probability
+    `colour_dropout`, or replaced by one of `unknown_words` with probability `unknown_colour_rate` (one taking
+    "an" half the time)."""
     if unknown_colour_rate and not unknown_words:
         raise ValueError("unknown_colour_rate needs unknown_words to draw from")
     scenes = sample_batch(seed, count, held_out=held_out, count_rates=count_rates)
