@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 
 import pytest
 from PIL import Image
 
 from models.adapters.files import load_adapter_file
+from models.profiles import TOYWORLD
 from models.toyworld.sampling import Case
 from models.toyworld.v2.checks import read_background, shows
 from models.toyworld.v2.train import ToyWorldV2TrainConfig, train
@@ -63,8 +65,17 @@ def test_the_subject_rate_wants_shape_and_colour_both(monkeypatch: pytest.Monkey
         render_scene(concept_scene("square", "teal", seed=2)),  # the colour alone
         render_scene(Scene((SceneObject("frame", "teal", "plain", (10, 10, 40)),), background="grey")),
     ]
-    monkeypatch.setattr(quality_v2, "generate", lambda pipe, asked: drawn[: len(asked)])
+    used: list[float] = []
+
+    def fake_generate(pipe: object, asked: list[Case], guidance: float) -> list[Image.Image]:
+        used.append(guidance)
+        return drawn[: len(asked)]
+
+    monkeypatch.setattr(quality_v2, "generate", fake_generate)
     assert subject_rate(None, cases, settings) == 0.5
+    assert used == [TOYWORLD.generation.compose_guidance]  # the app's generation default
+    assert subject_rate(None, cases, dataclasses.replace(settings, guidance=9.0)) == 0.5
+    assert used[-1] == 9.0
 
 
 def test_the_report_trains_each_family_once_per_seed_with_the_apps_prompt(
@@ -86,6 +97,7 @@ def test_the_report_trains_each_family_once_per_seed_with_the_apps_prompt(
     assert row["passes"] == all(r["subject_rate"] >= 0.8 and r["drift"] <= 0.05 for r in row["runs"])
     text = quality_v2.format_report(report)
     assert "orange heart" in text and "'a photo of {trigger}'" in text
+    assert f"guidance {TOYWORLD.generation.compose_guidance:g}" in text
 
 
 def test_the_drift_prompts_hold_no_held_out_word() -> None:
@@ -111,6 +123,7 @@ def test_the_drift_prompts_hold_no_held_out_word() -> None:
         ),
         (["--base-model", ".", "--families", "lora", "--adapter-option", "rank=0"], "lora rank must be"),
         (["--base-model", ".", "--train-option", "nonsense=1"], "not a TrainConfig option"),
+        (["--base-model", ".", "--guidance", "0.5"], "guidance 0.5: give a scale >= 1"),
     ],
 )
 def test_bad_input_is_one_line_and_exit_2(

@@ -41,6 +41,7 @@ from models.adapters import FAMILIES
 from models.adapters.files import load_adapter_file
 from models.cli_options import parse_key_values
 from models.pipelines import load_pipeline
+from models.profiles import TOYWORLD
 from models.toyworld.sampling import Case
 from models.toyworld.v2.checks import shows
 from models.toyworld.v2.evaluate import check_rates, generate, single_object_cases
@@ -77,6 +78,9 @@ class QualitySettings:
     """The instance prompt, `{trigger}` standing for the trigger (the app's Train tab writes this one)."""
     train_options_extra: dict[str, Any] = dataclasses.field(default_factory=dict)
     train_seeds: tuple[int, ...] = (0, 1, 2)
+    guidance: float = TOYWORLD.generation.compose_guidance
+    """Classifier-free guidance of every sample (trigger and no-trigger prompts, base and adapters alike): the
+    profile's, which the app generates with."""
 
     def __post_init__(self) -> None:
         if self.subject_shape not in SUBJECT_SHAPES:
@@ -94,6 +98,10 @@ class QualitySettings:
             raise ValueError(
                 f"the subject {self.trigger!r} is all base-world words; give it a held-out shape, colour or "
                 f"texture ({', '.join(sorted(held_out))})"
+            )
+        if not self.guidance >= 1:
+            raise ValueError(
+                f"guidance {self.guidance}: give a scale >= 1 (1 turns classifier-free guidance off)"
             )
         if "{trigger}" not in self.instance_prompt:
             raise ValueError(f"instance prompt {self.instance_prompt!r} must contain {{trigger}}")
@@ -156,7 +164,8 @@ def subject_cases(settings: QualitySettings, count: int = 36) -> list[Case]:
 
 def subject_rate(pipe: Any, cases: list[Case], settings: QualitySettings) -> float:
     """Fraction of the trigger prompts' samples showing the subject (`QualitySettings.shown_in`)."""
-    return float(np.mean([settings.shown_in(image) for image in generate(pipe, cases)]))
+    images = generate(pipe, cases, guidance=settings.guidance)
+    return float(np.mean([settings.shown_in(image) for image in images]))
 
 
 def drift_cases(count: int = 72) -> list[Case]:
@@ -216,7 +225,7 @@ def train_and_score(
     result, wall = train_subject(family, model, pictures, out, seed, settings)
     pipe = load_pipeline(model, device="cpu", dtype="fp32")
     load_adapter_file(result.adapter_path).attach(pipe.unet)
-    checks = check_rates(pipe, prompts, PROMPT_CHECKS)
+    checks = check_rates(pipe, prompts, PROMPT_CHECKS, guidance=settings.guidance)
     return {
         "seed": seed,
         "adapter": str(result.adapter_path),
@@ -240,7 +249,7 @@ def run_report(
     pictures = write_subject_pictures(out / "subject", settings)
     cases, prompts = subject_cases(settings, subject_count), drift_cases(prompt_count)
     base = load_pipeline(model, device="cpu", dtype="fp32")
-    checks = check_rates(base, prompts, PROMPT_CHECKS)
+    checks = check_rates(base, prompts, PROMPT_CHECKS, guidance=settings.guidance)
     report: dict[str, Any] = {
         "base": {"subject_rate": subject_rate(base, cases, settings),
                  "prompt_accuracy": checks.pop("all"), "prompt_checks": checks},
@@ -279,7 +288,7 @@ def format_report(report: dict[str, Any]) -> str:
     lines = [
         f"toy world v2, subject: {QualitySettings(**settings).trigger} (drawn pictures, "
         f"instance prompt {settings['instance_prompt']!r}), {report['samples']['subject']} trigger samples and "
-        f"{report['samples']['prompts']} no-trigger prompts per run",
+        f"{report['samples']['prompts']} no-trigger prompts per run, guidance {settings['guidance']:g}",
         f"base model: subject {base['subject_rate']:.0%}, prompt accuracy {base['prompt_accuracy']:.1%} "
         f"({_by_check(base['prompt_checks'])})",
         f"{'family':<7}{'seed':>5}{'subject':>9}{'prompts':>9}{'drift':>8}{'params':>9}{'file KB':>9}"
@@ -326,6 +335,10 @@ def main(argv: list[str] | None = None) -> int:
         "--train-option", action="append", default=[], metavar="KEY=VALUE",
         help="any other TrainConfig option (JSON value), e.g. prior_loss_weight=0.5",
     )  # fmt: skip
+    parser.add_argument(
+        "--guidance", type=float, default=QualitySettings.guidance,
+        help="classifier-free guidance of every sample (default: the profile's, as the app generates)",
+    )  # fmt: skip
     parser.add_argument("--subject-samples", type=int, default=36)
     parser.add_argument("--prompt-samples", type=int, default=72)
     parser.add_argument("--out", type=Path, default=None, help="keep pictures and adapters here")
@@ -347,6 +360,7 @@ def main(argv: list[str] | None = None) -> int:
             instance_prompt=args.instance_prompt,
             train_options_extra=extra,
             train_seeds=tuple(args.train_seeds),
+            guidance=args.guidance,
         )
     except ValueError as error:
         parser.error(str(error))
