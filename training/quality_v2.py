@@ -20,7 +20,8 @@ It replaces `training.quality` (the v1 report) when toy world v2 becomes the shi
 takes the v2 pipeline folder as `--base-model`.
 
     python -m training.quality_v2 --base-model DIR [--families lora krona ...] [--train-seeds 0 1 2]
-                                  [--subject-shape heart] [--subject-colour orange] [--prior] [--out DIR]
+                                  [--subject-shape heart] [--subject-colour orange] [--prior] [--guidance G]
+                                  [--out DIR]
 """
 
 from __future__ import annotations
