@@ -144,3 +144,23 @@ def test_a_held_out_texture_subject_is_drawn_checkered_and_judged_by_its_texture
     assert shows(plain, colour="red", shape="square") and not settings.shown_in(plain)
     with pytest.raises(ValueError, match="all base-world words"):
         QualitySettings(subject_shape="square", subject_colour="red")
+
+
+def test_the_report_table_keeps_a_million_parameters_apart_from_the_drift() -> None:
+    run = {
+        "seed": 0, "subject_rate": 0.875, "prompt_accuracy": 0.958, "drift": 0.042, "trainable_parameters": 1_034_240,
+        "file_bytes": 4_188_467, "steps": 800, "steps_per_second": 4.44, "wall_seconds": 189.0,
+        "prompt_checks": {"colour": 1.0, "shape": 0.958, "background": 1.0},
+    }  # fmt: skip
+    report = {
+        "settings": dataclasses.asdict(QualitySettings()),
+        "samples": {"subject": 24, "prompts": 24},
+        "base": {"subject_rate": 0.0, "prompt_accuracy": 1.0, "prompt_checks": run["prompt_checks"]},
+        "families": [
+            {"family": "lora", "runs": [run], "subject_rate": 0.875, "worst_subject_rate": 0.875,
+             "worst_drift": 0.042, "passes": True},
+        ],
+    }  # fmt: skip
+    header, row = quality_v2.format_report(report).splitlines()[2:4]
+    assert row.split()[:9] == ["lora", "0", "88%", "95.8%", "+4.2p", "1,034,240", "4090.3", "800", "4.44"]
+    assert header.index("params") + len("params") == row.index("1,034,240") + len("1,034,240")

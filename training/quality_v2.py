@@ -292,14 +292,14 @@ def format_report(report: dict[str, Any]) -> str:
         f"{report['samples']['prompts']} no-trigger prompts per run, guidance {settings['guidance']:g}",
         f"base model: subject {base['subject_rate']:.0%}, prompt accuracy {base['prompt_accuracy']:.1%} "
         f"({_by_check(base['prompt_checks'])})",
-        f"{'family':<7}{'seed':>5}{'subject':>9}{'prompts':>9}{'drift':>8}{'params':>9}{'file KB':>9}"
+        f"{'family':<7}{'seed':>5}{'subject':>9}{'prompts':>9}{'drift':>8}{'params':>11}{'file KB':>9}"
         f"{'steps':>7}{'steps/s':>9}{'wall s':>8}  prompts right by check",
     ]
     for row in report["families"]:
         for run in row["runs"]:
             lines.append(
                 f"{row['family']:<7}{run['seed']:>5}{run['subject_rate']:>9.0%}{run['prompt_accuracy']:>9.1%}"
-                f"{run['drift'] * 100:>+7.1f}p{run['trainable_parameters']:>9,}{run['file_bytes'] / 1024:>9.1f}"
+                f"{run['drift'] * 100:>+7.1f}p{run['trainable_parameters']:>11,}{run['file_bytes'] / 1024:>9.1f}"
                 f"{run['steps']:>7}{run['steps_per_second']:>9.2f}{run['wall_seconds']:>8.0f}"
                 f"  {_by_check(run['prompt_checks'])}"
             )
