@@ -85,7 +85,7 @@ def test_a_family_row_pools_every_training_seed(monkeypatch: pytest.MonkeyPatch,
         seen.append((seed, prior["class_data_dir"]))
         concept, exact, prompt = runs[seed]
         return {"concept_accuracy": concept, "concept_exact_accuracy": exact, "prompt_accuracy": prompt,
-                "trainable_parameters": 10, "file_bytes": 2048, "steps": 800, "steps_per_second": 4.0 + seed,
+                "trainable_parameters": 1_034_240, "file_bytes": 2048, "steps": 800, "steps_per_second": 4.0 + seed,
                 "wall_seconds": 100.0}  # fmt: skip
 
     monkeypatch.setattr(quality, "_train_and_score", fake)
@@ -105,6 +105,9 @@ def test_a_family_row_pools_every_training_seed(monkeypatch: pytest.MonkeyPatch,
               "settings": dataclasses.asdict(settings)}  # fmt: skip
     table = quality.format_report(report)
     assert "seeds 0, 1 pooled" in table and table.splitlines()[-1].endswith("NO    95% / 75%")
+    header, line = table.splitlines()[-2:]  # a million parameters stay in their own column
+    assert "+3.0p  1,034,240" in line
+    assert header.index("params") + len("params") == line.index("1,034,240") + len("1,034,240")
 
 
 def _record_settings(monkeypatch: pytest.MonkeyPatch) -> list:

@@ -398,13 +398,13 @@ def format_report(report: dict[str, Any]) -> str:
         f"base model: concept {base['concept_accuracy']:.0%} (all attributes {base['concept_exact_accuracy']:.0%}), "
         f"prompt accuracy {base['prompt_accuracy']:.1%}",
         "protocol: " + ", ".join(f"{k}={v}" for k, v in report["settings"].items()),
-        f"{'family':<7}{'concept':>9}{'exact':>9}{'prompts':>9}{'drift':>8}{'params':>9}{'file KB':>9}"
+        f"{'family':<7}{'concept':>9}{'exact':>9}{'prompts':>9}{'drift':>8}{'params':>11}{'file KB':>9}"
         f"{'steps':>7}{'steps/s':>9}{'wall s':>8}  pass  concept by seed",
     ]
     for row in report["families"]:
         lines.append(
             f"{row['family']:<7}{row['concept_accuracy']:>9.0%}{row['concept_exact_accuracy']:>9.0%}"
-            f"{row['prompt_accuracy']:>9.1%}{row['drift'] * 100:>+7.1f}p{row['trainable_parameters']:>9,}"
+            f"{row['prompt_accuracy']:>9.1%}{row['drift'] * 100:>+7.1f}p{row['trainable_parameters']:>11,}"
             f"{row['file_bytes'] / 1024:>9.1f}{row['steps']:>7}{row['steps_per_second']:>9.2f}"
             f"{row['wall_seconds']:>8.0f}  {'yes' if row['passes'] else 'NO ':<4}  "
             + " / ".join(f"{run['concept_accuracy']:.0%}" for run in row["by_seed"].values())
