@@ -424,11 +424,43 @@ def test_unknown_words_are_single_tokens_no_world_caption_uses(tmp_path: Path) -
     assert not {tokenizer(w, add_special_tokens=False).input_ids[0] for w in words} & held_out_ids
 
 
+def test_a_deeper_unet_trains_snapshots_and_refuses_to_resume_as_another_shape(tmp_path: Path) -> None:
+    assert train(_tiny_config(tmp_path, stage="unet", unet_steps=1, unet_layers_per_block=2)) is None
+    state = tmp_path / "work" / "unet_state.safetensors"
+    saved = state.read_bytes()
+    unet = load_pipeline(
+        train(_tiny_config(tmp_path, stage="snapshot", unet_layers_per_block=2)), device="cpu", dtype="fp32"
+    ).unet
+    assert unet.config.layers_per_block == 2
+    assert [len(block.attentions) for block in unet.down_blocks] == [2, 2, 2]
+    with safe_open(str(state), framework="pt") as handle:
+        assert f"module.unet.{next(iter(unet.state_dict()))}" in handle.keys()  # noqa: SIM118
+        torch.testing.assert_close(
+            unet.down_blocks[0].attentions[1].proj_out.weight,
+            handle.get_tensor(
+                f"extra.ema.{_parameter_index(unet, 'down_blocks.0.attentions.1.proj_out.weight')}"
+            )
+            .half()
+            .float(),
+            rtol=0,
+            atol=0,
+        )
+    (tmp_path / "work" / "unet_final.safetensors").unlink()
+    with pytest.raises(ValueError, match="another shape than this run builds"):
+        train(_tiny_config(tmp_path, stage="unet", unet_steps=2))  # one layer per block: not this checkpoint
+    assert state.read_bytes() == saved  # nothing already saved is touched
+
+
+def _parameter_index(module: torch.nn.Module, name: str) -> int:
+    return [n for n, _ in module.named_parameters()].index(name)
+
+
 @pytest.mark.parametrize(
     ("argv", "message"),
     [
         (["--stage", "everything"], "stage must be all, clip, vae, unet, snapshot or carry"),
         (["--colour-dropout", "1.5"], "colour_dropout must be in [0, 1)"),
+        (["--unet-layers-per-block", "0"], "unet_layers_per_block must be positive"),
         (["--stage", "snapshot"], "no UNet checkpoint in"),
         (["--stage", "carry"], "no UNet checkpoint in"),
         (["--unet-count-rates", "0", "0", "0"], "unet_count_rates must be three non-negative weights"),

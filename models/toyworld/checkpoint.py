@@ -55,7 +55,14 @@ def load_state(
         tensors = {key: handle.get_tensor(key) for key in handle.keys()}  # noqa: SIM118
     for name, module in modules.items():
         prefix = f"module.{name}."
-        module.load_state_dict({k[len(prefix) :]: v for k, v in tensors.items() if k.startswith(prefix)})
+        saved = {k[len(prefix) :]: v for k, v in tensors.items() if k.startswith(prefix)}
+        expected = module.state_dict()
+        if set(saved) != set(expected) or any(saved[k].shape != expected[k].shape for k in saved):
+            raise ValueError(
+                f"{path} holds a {name} of another shape than this run builds: resume it with the settings it "
+                "was trained with, or start in another work folder"
+            )
+        module.load_state_dict(saved)
     state: dict[int, dict[str, torch.Tensor]] = {}
     for key, value in tensors.items():
         if key.startswith("optim."):

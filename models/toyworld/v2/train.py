@@ -135,6 +135,9 @@ class ToyWorldV2TrainConfig:
     """The cosine schedule's length; a run resumed from a carry-over copy must keep the one it started with."""
     unet_batch: int = 32
     unet_lr: float = 1e-3
+    unet_layers_per_block: int = 1
+    """ResNet + cross-attention layers per UNet level (diffusers' `layers_per_block`); a checkpoint resumes only
+    with the value it was trained with."""
     caption_dropout: float = 0.1
     colour_dropout: float = 0.1
     """Share of objects whose colour word the UNet's captions leave out, so that a caption naming no colour
@@ -182,6 +185,7 @@ class ToyWorldV2TrainConfig:
             "clip_batch",
             "vae_batch",
             "unet_batch",
+            "unet_layers_per_block",
         ):
             if getattr(self, name) <= 0:
                 raise ValueError(f"{name} must be positive, got {getattr(self, name)}")
@@ -611,9 +615,9 @@ def train_vae(config: ToyWorldV2TrainConfig) -> AutoencoderKL:
     return vae.eval().requires_grad_(False)
 
 
-def build_unet(cross_attention_dim: int) -> UNet2DConditionModel:
-    """Three-level UNet on 16x16x4 latents, (64, 128, 128) channels, cross-attention at every level with
-    32-channel heads."""
+def build_unet(cross_attention_dim: int, layers_per_block: int = 1) -> UNet2DConditionModel:
+    """Three-level UNet on 16x16x4 latents, (64, 128, 128) channels, `layers_per_block` ResNet +
+    cross-attention layers at every level with 32-channel heads."""
     return UNet2DConditionModel(
         sample_size=IMAGE_SIZE // LATENT_SCALE,
         in_channels=LATENT_CHANNELS,
@@ -621,7 +625,7 @@ def build_unet(cross_attention_dim: int) -> UNet2DConditionModel:
         down_block_types=("CrossAttnDownBlock2D",) * 3,
         up_block_types=("CrossAttnUpBlock2D",) * 3,
         block_out_channels=(64, 128, 128),
-        layers_per_block=1,
+        layers_per_block=layers_per_block,
         cross_attention_dim=cross_attention_dim,
         attention_head_dim=(2, 4, 4),
         norm_num_groups=32,
@@ -649,7 +653,7 @@ def train_unet(
     """Epsilon-prediction denoiser on base-world latents (no held-out concept ever)."""
     final = config.work_dir / "unet_final.safetensors"
     torch.manual_seed(config.seed + 2)
-    unet = build_unet(text_encoder.config.hidden_size)
+    unet = build_unet(text_encoder.config.hidden_size, config.unet_layers_per_block)
     if not final.exists():
         noise_scheduler = DDPMScheduler(
             **{k: v for k, v in SCHEDULER_CONFIG.items() if k != "set_alpha_to_one"}
@@ -761,7 +765,7 @@ def snapshot(config: ToyWorldV2TrainConfig, vae: AutoencoderKL, text_encoder: CL
     state = config.work_dir / "unet_state.safetensors"
     if not state.exists():
         raise FileNotFoundError(f"no UNet checkpoint in {config.work_dir}: train with --stage unet first")
-    unet = build_unet(text_encoder.config.hidden_size)
+    unet = build_unet(text_encoder.config.hidden_size, config.unet_layers_per_block)
     names = [name for name, _ in unet.named_parameters()]
     if is_carry_over(state):  # its weights are the EMA's already
         ema = read_module_weights(state, "unet")
@@ -794,7 +798,10 @@ def train(config: ToyWorldV2TrainConfig) -> Path | None:
         hidden = train_clip(config).transformer.width
         Path(config.out).mkdir(parents=True, exist_ok=True)
         return carry_over_state(
-            state, Path(config.out) / "unet_state.safetensors", build_unet(hidden), "unet"
+            state,
+            Path(config.out) / "unet_state.safetensors",
+            build_unet(hidden, config.unet_layers_per_block),
+            "unet",
         )
     clip_net = train_clip(config)
     if config.stage == "clip":
