@@ -446,9 +446,11 @@ def test_a_deeper_unet_trains_snapshots_and_refuses_to_resume_as_another_shape(t
             atol=0,
         )
     (tmp_path / "work" / "unet_final.safetensors").unlink()
-    with pytest.raises(ValueError, match="another shape than this run builds"):
-        train(_tiny_config(tmp_path, stage="unet", unet_steps=2))  # one layer per block: not this checkpoint
+    for stage in ("unet", "snapshot", "carry"):  # one layer per block: not this checkpoint
+        with pytest.raises(ValueError, match="another shape than this run builds"):
+            train(_tiny_config(tmp_path, stage=stage, unet_steps=2, out=tmp_path / stage))
     assert state.read_bytes() == saved  # nothing already saved is touched
+    assert not (tmp_path / "carry" / "unet_state.safetensors").exists()
 
 
 def _parameter_index(module: torch.nn.Module, name: str) -> int:

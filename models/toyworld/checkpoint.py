@@ -43,6 +43,19 @@ def save_state(
     write_safetensors(path, tensors, metadata)
 
 
+def require_same_shape(
+    saved: dict[str, torch.Tensor], module: torch.nn.Module, path: Path, name: str
+) -> None:
+    """Raise a one-line ValueError unless `saved` (module `name`'s weights read from `path`) has exactly the
+    tensor names and shapes of `module`'s state dict."""
+    expected = module.state_dict()
+    if set(saved) != set(expected) or any(saved[k].shape != expected[k].shape for k in saved):
+        raise ValueError(
+            f"{path} holds a {name} of another shape than this run builds: use the settings it was trained "
+            "with, or start in another work folder"
+        )
+
+
 def load_state(
     path: Path,
     modules: dict[str, torch.nn.Module],
@@ -56,12 +69,7 @@ def load_state(
     for name, module in modules.items():
         prefix = f"module.{name}."
         saved = {k[len(prefix) :]: v for k, v in tensors.items() if k.startswith(prefix)}
-        expected = module.state_dict()
-        if set(saved) != set(expected) or any(saved[k].shape != expected[k].shape for k in saved):
-            raise ValueError(
-                f"{path} holds a {name} of another shape than this run builds: resume it with the settings it "
-                "was trained with, or start in another work folder"
-            )
+        require_same_shape(saved, module, path, name)
         module.load_state_dict(saved)
     state: dict[int, dict[str, torch.Tensor]] = {}
     for key, value in tensors.items():
@@ -86,6 +94,7 @@ def carry_over_state(
     with safe_open(str(path), framework="pt") as handle:
         metadata = handle.metadata()
     weights = read_module_weights(path, name)
+    require_same_shape(weights, module, path, name)
     if ema is not None:
         names = [key for key, _ in module.named_parameters()]
         weights |= dict(zip(names, read_extra(path, ema, len(names)), strict=True))

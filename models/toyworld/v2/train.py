@@ -83,7 +83,13 @@ from models.clip_compat import clip
 from models.clip_tokenizer import write_clip_tokenizer_files
 from models.noise import training_noise
 from models.toyworld import clip_model
-from models.toyworld.checkpoint import carry_over_state, is_carry_over, read_extra, read_module_weights
+from models.toyworld.checkpoint import (
+    carry_over_state,
+    is_carry_over,
+    read_extra,
+    read_module_weights,
+    require_same_shape,
+)
 from models.toyworld.clip_model import encode_text_truncated
 from models.toyworld.stages import SCHEDULER_CONFIG, run_stage, save_assets
 from models.toyworld.v2.world import (
@@ -771,8 +777,10 @@ def snapshot(config: ToyWorldV2TrainConfig, vae: AutoencoderKL, text_encoder: CL
         raise FileNotFoundError(f"no UNet checkpoint in {config.work_dir}: train with --stage unet first")
     unet = build_unet(text_encoder.config.hidden_size, config.unet_layers_per_block)
     names = [name for name, _ in unet.named_parameters()]
+    weights = read_module_weights(state, "unet")
+    require_same_shape(weights, unet, state, "unet")
     if is_carry_over(state):  # its weights are the EMA's already
-        ema = read_module_weights(state, "unet")
+        ema = weights
     else:
         ema = dict(zip(names, read_extra(state, "ema", len(names)), strict=True))
     with safe_open(str(state), framework="pt") as handle:
