@@ -93,17 +93,27 @@ def carry_over_state(
     optimizer's hyperparameters, no moments."""
     with safe_open(str(path), framework="pt") as handle:
         metadata = handle.metadata()
-    weights = read_module_weights(path, name)
-    require_same_shape(weights, module, path, name)
-    if ema is not None:
-        names = [key for key, _ in module.named_parameters()]
-        weights |= dict(zip(names, read_extra(path, ema, len(names)), strict=True))
+    weights = read_checked_weights(path, module, name, ema)
     tensors = {
         f"module.{name}.{key}": value.half() if value.is_floating_point() else value
         for key, value in weights.items()
     }
     keep = {"step": metadata["step"], "param_groups": metadata["param_groups"], "carry_over": "true"}
     return write_safetensors(out, tensors, keep)
+
+
+def read_checked_weights(
+    path: Path, module: torch.nn.Module, name: str, ema: str | None
+) -> dict[str, torch.Tensor]:
+    """Module `name`'s state dict from checkpoint `path`, its parameters taken from the extra list `ema` where
+    given (in `module`'s parameter order), after `require_same_shape` against `module`, built like the trained
+    one."""
+    weights = read_module_weights(path, name)
+    require_same_shape(weights, module, path, name)
+    if ema is not None:
+        names = [key for key, _ in module.named_parameters()]
+        weights |= dict(zip(names, read_extra(path, ema, len(names)), strict=True))
+    return weights
 
 
 def is_carry_over(path: Path) -> bool:

@@ -83,13 +83,7 @@ from models.clip_compat import clip
 from models.clip_tokenizer import write_clip_tokenizer_files
 from models.noise import training_noise
 from models.toyworld import clip_model
-from models.toyworld.checkpoint import (
-    carry_over_state,
-    is_carry_over,
-    read_extra,
-    read_module_weights,
-    require_same_shape,
-)
+from models.toyworld.checkpoint import carry_over_state, is_carry_over, read_checked_weights
 from models.toyworld.clip_model import encode_text_truncated
 from models.toyworld.stages import SCHEDULER_CONFIG, run_stage, save_assets
 from models.toyworld.v2.world import (
@@ -776,16 +770,11 @@ def snapshot(config: ToyWorldV2TrainConfig, vae: AutoencoderKL, text_encoder: CL
     if not state.exists():
         raise FileNotFoundError(f"no UNet checkpoint in {config.work_dir}: train with --stage unet first")
     unet = build_unet(text_encoder.config.hidden_size, config.unet_layers_per_block)
-    names = [name for name, _ in unet.named_parameters()]
-    weights = read_module_weights(state, "unet")
-    require_same_shape(weights, unet, state, "unet")
-    if is_carry_over(state):  # its weights are the EMA's already
-        ema = weights
-    else:
-        ema = dict(zip(names, read_extra(state, "ema", len(names)), strict=True))
+    # a carry-over copy's weights are the EMA's already
+    ema = read_checked_weights(state, unet, "unet", None if is_carry_over(state) else "ema")
     with safe_open(str(state), framework="pt") as handle:
         step = handle.metadata()["step"]
-    unet.load_state_dict(ema, strict=False)  # parameters from the EMA; buffers (none in this UNet) as built
+    unet.load_state_dict(ema)  # parameters from the EMA; buffers (none in this UNet) as saved
     clip_net = train_clip(config)
     tokenizer = CLIPTokenizer.from_pretrained(write_clip_tokenizer_files(config.work_dir / "tokenizer"))
     forget_held_out_words(text_encoder, tokenizer, config.seed)
