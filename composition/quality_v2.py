@@ -15,7 +15,8 @@ checks (`models.toyworld.v2.checks`) in place of human judgement:
   `--seeds` sampling seeds (default 32) per training seed;
 * an image passes when every named place holds an object of its subject's shape and colour (and texture,
   where the subject has one); reported per setup x method x training seed with the per-place rates and the
-  noise images (`is_noise_image`), then the median over the training seeds and the issue's verdicts:
+  noise images (`is_noise_image`) and, given the toy world's CLIP, the prompt CLIPScore and the lowest
+  per-subject CLIPScore (Hessel et al. 2021), then the median over the training seeds and the issue's verdicts:
   CLoRA and CMLoRA >= 80% on N=2, the swapped order within 10 points of it, >= 60% on N=3 for at least one of
   them, and no noise image from any method.
 
@@ -25,6 +26,7 @@ Each adapter binds to its subject's phrase in the prompt; the other branches car
 
     python -m composition.quality_v2 --base-model DIR [--train-seeds 0 1 2] [--seeds 32] [--family lora]
                                      [--methods ...] [--setups ...] [--option clora.preset=paper] [--work DIR]
+                                     [--clip FILE]
 """
 
 from __future__ import annotations
@@ -166,9 +168,14 @@ def method_options(overrides: dict[str, dict[str, Any]] | None = None) -> dict[s
 
 def evaluate_setup(
     pipe: Any, setup: Setup, paths: list[Path], seeds: int, methods: Sequence[str],
-    options: dict[str, dict[str, Any]], images_dir: Path | None = None,
+    options: dict[str, dict[str, Any]], images_dir: Path | None = None, clip: Path | None = None,
 ) -> dict[str, dict[str, Any]]:  # fmt: skip
-    """Per method: the all-present rate over sampling seeds 0..seeds-1, each place's rate, the noise images."""
+    """Per method: the all-present rate over sampling seeds 0..seeds-1, each place's rate, the noise images,
+    and with a `clip` (the toy world's CLIP file) the mean prompt CLIPScore and the mean over images of the
+    lowest per-subject CLIPScore (Hessel scale; each subject phrase scored on its own, as the composition
+    papers do), else None for both."""
+    from evaluation import concept_scores, score
+
     bank = AdapterBank(pipe, paths)
     prompt = ConceptPrompt.build(setup.prompt, setup.phrases, plains=[plain_form(p) for p in setup.phrases])
     steps, guidance = TOYWORLD.generation.compose_steps, TOYWORLD.generation.compose_guidance
@@ -183,11 +190,19 @@ def evaluate_setup(
                 save_image(image, images_dir / setup.name.replace(" ", "_") / f"{method}_{seed:03d}.png")
         verdicts = [place_verdicts(image, setup.places) for image in images]
         passed = sum(all(v.values()) for v in verdicts)
+        clipscore = concept_min = None
+        if clip is not None:
+            clipscore = float(score(images, setup.prompt, model=clip).clipscore_hessel.mean())
+            concept_min = float(
+                concept_scores(images, [f"a {p}" for p in setup.phrases], model=clip).minimum.mean()
+            )
         rows[method] = {
             "all_present": passed / len(images),
             "all_present_95ci": list(wilson_interval(passed, len(images))),
             **{f"{slot}_present": sum(v[slot] for v in verdicts) / len(images) for slot in setup.places},
             "noise_images": sum(is_noise_image(image) for image in images),
+            "clipscore": clipscore,
+            "concept_min_clipscore": concept_min,
         }
     bank.close()
     return rows
@@ -222,10 +237,11 @@ def quality_report(
     model: str, work: Path, family: str = "lora", train_seeds: Sequence[int] = (0, 1, 2), seeds: int = 32,
     methods: Sequence[str] = METHODS, setups: Sequence[Setup] = SETUPS,
     overrides: dict[str, dict[str, Any]] | None = None, save_images: bool = False, out: Path | None = None,
-    train_steps: int | None = None,
+    train_steps: int | None = None, clip: Path | None = None,
 ) -> dict[str, Any]:  # fmt: skip
     """Train every subject once per training seed, compose every setup x method, return the report (also
-    written to `out` after each training seed, so a long run leaves partial results)."""
+    written to `out` after each training seed, so a long run leaves partial results); `clip` adds CLIP scores
+    (see `evaluate_setup`)."""
     from models.pipelines import load_pipeline
 
     pipe = load_pipeline(model, device="cpu", dtype="fp32")
@@ -233,13 +249,14 @@ def quality_report(
     report: dict[str, Any] = {
         "family": family, "train_steps": train_steps, "seeds": seeds, "train_seeds": list(train_seeds), "options": options,
         "steps": TOYWORLD.generation.compose_steps, "guidance": TOYWORLD.generation.compose_guidance,
+        "clip": None if clip is None else str(clip),
         "setups": {s.name: {"prompt": s.prompt, "train_seeds": {}} for s in setups},
     }  # fmt: skip
     for train_seed in train_seeds:
         for setup in setups:
             paths = train_adapters(model, work / "adapters", family, train_seed, setup.phrases, train_steps)
             images_dir = work / "images" / f"train-seed-{train_seed}" if save_images else None
-            rows = evaluate_setup(pipe, setup, paths, seeds, methods, options, images_dir)
+            rows = evaluate_setup(pipe, setup, paths, seeds, methods, options, images_dir, clip)
             report["setups"][setup.name]["train_seeds"][str(train_seed)] = rows
         if out is not None:
             save_json(report, out)
@@ -268,7 +285,14 @@ def format_table(report: dict[str, Any]) -> str:
                 f"{seed}: {rows[method]['all_present']:.0%} ({rows[method]['noise_images']})"
                 for seed, rows in entry["train_seeds"].items()
             )
-            lines.append(f"{name:12s} {method:10s} {median:>7.0%}  {by_seed}")
+            clips = [rows[method].get("clipscore") for rows in entry["train_seeds"].values()]
+            mins = [rows[method].get("concept_min_clipscore") for rows in entry["train_seeds"].values()]
+            clip_text = (
+                f"; CLIPScore {statistics.mean(clips):.3f}, concept-min {statistics.mean(mins):.3f}"
+                if clips and None not in clips and None not in mins
+                else ""
+            )
+            lines.append(f"{name:12s} {method:10s} {median:>7.0%}  {by_seed}{clip_text}")
     lines += [f"{'pass' if ok else 'FAIL'}: {name}" for name, ok in report["verdicts"].items()]
     return "\n".join(lines)
 
@@ -309,6 +333,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     parser.add_argument("--option", action="append", default=[], metavar="METHOD.KEY=VALUE",
                         help="a method option over the profile's, e.g. clora.preset=paper")  # fmt: skip
+    parser.add_argument(
+        "--clip", type=Path, default=None,
+        help="the toy world's CLIP file for CLIP scores (default: clip/toyworld_clip.safetensors beside the "
+        "pipeline folder, where the training writes it; without one the pixel checks alone are reported)",
+    )  # fmt: skip
     parser.add_argument("--work", type=Path, default=Path("runs/composition-quality-v2"))
     parser.add_argument("--save-images", action="store_true")
     parser.add_argument("--threads", type=int, default=1)
@@ -322,6 +351,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         parser.error(f"--family {args.family!r}: choose one of {', '.join(FAMILIES)}")
     if not (Path(args.base_model) / "model_index.json").is_file():
         parser.error(f"--base-model {args.base_model}: not a diffusers pipeline folder (no model_index.json)")
+    clip = args.clip
+    if clip is None:
+        beside = Path(args.base_model).resolve().parent / "clip" / "toyworld_clip.safetensors"
+        clip = beside if beside.is_file() else None
+    elif not clip.is_file():
+        parser.error(f"--clip {clip}: no such file; give the toy world's toyworld_clip.safetensors")
     try:
         overrides = parse_overrides(args.option)
     except Exception as error:
@@ -332,7 +367,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     chosen = [s for s in SETUPS if s.name in args.setups]
     out = args.out or args.work / "report.json"
     report = quality_report(args.base_model, args.work, args.family, args.train_seeds, args.seeds, args.methods,
-                            chosen, overrides, args.save_images, out, args.train_steps)  # fmt: skip
+                            chosen, overrides, args.save_images, out, args.train_steps, clip)  # fmt: skip
     print(format_table(report))
     return 0 if all(report["verdicts"].values()) else 1
 

@@ -18,6 +18,7 @@ from composition.quality_v2 import (
     quality_report,
     verdicts,
 )
+from evaluation import concept_scores, score
 from models.toyworld.v2.train import ToyWorldV2TrainConfig, train
 from models.toyworld.v2.world import BACKGROUNDS, Scene, SceneObject, render_scene
 
@@ -102,11 +103,24 @@ def test_the_report_trains_fresh_adapters_per_training_seed_and_composes_them(tm
         unet_batch=2,
     )  # fmt: skip
     model = str(train(config))
+    clip = Path(model).parent / "clip" / "toyworld_clip.safetensors"
     report = quality_report(
         model, tmp_path / "work", train_seeds=(0, 1), seeds=2, methods=("merge", "clora"), setups=SETUPS[:1],
-        train_steps=1,
+        train_steps=1, save_images=True, clip=clip,
     )  # fmt: skip
     seeds = report["setups"]["N=2"]["train_seeds"]
+    # the CLIP scores are those of the saved images under the given CLIP, with the setup's prompt and phrases
+    images = [
+        Image.open(tmp_path / "work" / "images" / "train-seed-1" / "N=2" / f"clora_{s:03d}.png")
+        for s in (0, 1)
+    ]
+    setup = SETUPS[0]
+    expected = float(score(images, setup.prompt, model=clip).clipscore_hessel.mean())
+    expected_min = float(concept_scores(images, [f"a {p}" for p in setup.phrases], model=clip).minimum.mean())
+    assert seeds["1"]["clora"]["clipscore"] == pytest.approx(expected, abs=1e-3)
+    assert seeds["1"]["clora"]["concept_min_clipscore"] == pytest.approx(expected_min, abs=1e-3)
+    assert report["clip"] == str(clip)
+    assert "CLIPScore" in quality_v2.format_table(report)
     assert sorted(seeds) == ["0", "1"]
     for rows in seeds.values():
         assert sorted(rows) == ["clora", "merge"]
@@ -120,3 +134,8 @@ def test_the_report_trains_fresh_adapters_per_training_seed_and_composes_them(tm
     )
     assert "no noise image" in report["verdicts"]
     assert "N=2" in quality_v2.format_table(report)
+    # without a CLIP the pixel checks stand alone
+    bare = quality_report(model, tmp_path / "work", train_seeds=(0,), seeds=1, methods=("merge",), setups=SETUPS[:1],
+                          train_steps=1)  # fmt: skip
+    assert bare["setups"]["N=2"]["train_seeds"]["0"]["merge"]["clipscore"] is None
+    assert "CLIPScore" not in quality_v2.format_table(bare)
