@@ -50,7 +50,7 @@ from composition.report import save_image, save_json
 from evaluation.intervals import wilson_interval
 from models.profiles import TOYWORLD
 from models.toyworld.v2.checks import object_in_slot, read_objects, shape_scores, shape_template
-from models.toyworld.v2.world import BASE_COLOURS, BASE_SHAPES, COLOURS, HELD_OUT
+from models.toyworld.v2.world import BASE_COLOURS, BASE_SHAPES, COLOURS, HELD_OUT, article
 from training.quality_v2 import QualitySettings, train_subject, write_subject_pictures
 
 METHODS = ("merge", "switch", "composite", "cmlora", "clora")
@@ -194,7 +194,9 @@ def evaluate_setup(
         if clip is not None:
             clipscore = float(score(images, setup.prompt, model=clip).clipscore_hessel.mean())
             concept_min = float(
-                concept_scores(images, [f"a {p}" for p in setup.phrases], model=clip).minimum.mean()
+                concept_scores(
+                    images, [f"{article(p)} {p}" for p in setup.phrases], model=clip
+                ).minimum.mean()
             )
         rows[method] = {
             "all_present": passed / len(images),
