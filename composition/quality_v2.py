@@ -49,6 +49,7 @@ from composition.quality import NOISE_GRADIENT, neighbour_difference
 from composition.report import save_image, save_json
 from evaluation.intervals import wilson_interval
 from models.profiles import TOYWORLD
+from models.toyworld.stages import clip_file
 from models.toyworld.v2.checks import object_in_slot, read_objects, shape_scores, shape_template
 from models.toyworld.v2.world import BASE_COLOURS, BASE_SHAPES, COLOURS, HELD_OUT, article
 from training.quality_v2 import QualitySettings, train_subject, write_subject_pictures
@@ -355,7 +356,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         parser.error(f"--base-model {args.base_model}: not a diffusers pipeline folder (no model_index.json)")
     clip = args.clip
     if clip is None:
-        beside = Path(args.base_model).resolve().parent / "clip" / "toyworld_clip.safetensors"
+        beside = clip_file(Path(args.base_model).resolve().parent)
         clip = beside if beside.is_file() else None
     elif not clip.is_file():
         parser.error(f"--clip {clip}: no such file; give the toy world's toyworld_clip.safetensors")

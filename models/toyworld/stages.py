@@ -129,6 +129,11 @@ def load_in_float32(pipeline_dir: Path) -> None:
             atomic_write_text(config_path, json.dumps(config, indent=2, sort_keys=True) + "\n")
 
 
+def clip_file(out: Path) -> Path:
+    """The CLIP scorer's safetensors file that `save_assets` writes under `out` (beside `out/pipeline`)."""
+    return out / "clip" / "toyworld_clip.safetensors"
+
+
 def save_assets(
     out: Path,
     clip_net: clip.model.CLIP,
@@ -164,4 +169,4 @@ def save_assets(
         if target.exists():
             target.rename(old)
         new.rename(target)
-    clip_model.save_tiny_clip(clip_net, out / "clip" / "toyworld_clip.pt")
+    clip_model.save_tiny_clip(clip_net, clip_file(out).with_suffix(".pt"))

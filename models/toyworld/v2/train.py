@@ -85,7 +85,7 @@ from models.noise import training_noise
 from models.toyworld import clip_model
 from models.toyworld.checkpoint import carry_over_state, is_carry_over, read_checked_weights
 from models.toyworld.clip_model import encode_text_truncated
-from models.toyworld.stages import SCHEDULER_CONFIG, run_stage, save_assets
+from models.toyworld.stages import SCHEDULER_CONFIG, clip_file, run_stage, save_assets
 from models.toyworld.v2.world import (
     ATTRIBUTES,
     BACKGROUNDS,
@@ -846,9 +846,7 @@ def main(argv: list[str] | None = None) -> None:
     if config.stage == "all" and not skip_report:
         from models.toyworld.v2 import evaluate
 
-        evaluate.main(
-            ["--pipeline", str(saved), "--clip", str(Path(config.out) / "clip" / "toyworld_clip.safetensors")]
-        )
+        evaluate.main(["--pipeline", str(saved), "--clip", str(clip_file(Path(config.out)))])
 
 
 if __name__ == "__main__":
