@@ -20,7 +20,7 @@ from typing import Any
 
 import torch
 
-from composition.attention_store import AttentionStore, CapturingAttnProcessor, cross_attention_factors
+from composition.attention_store import AttentionStore, capture_cross_attention, cross_attention_factors
 
 HALVES = ("left", "right")
 
@@ -51,14 +51,7 @@ def attention_mass(
         store.clear()
         return kwargs
 
-    previous = unet.attn_processors
-    unet.set_attn_processor(
-        {
-            name: CapturingAttnProcessor(store, name) if name in factors else processor
-            for name, processor in previous.items()
-        }
-    )
-    try:
+    with capture_cross_attention(unet, store, target_factor=None):
         for seed in seeds:
             pipe(
                 prompt,
@@ -68,8 +61,6 @@ def attention_mass(
                 callback_on_step_end=collect,
                 output_type="latent",
             )
-    finally:
-        unet.set_attn_processor(previous)
     ids = pipe.tokenizer(prompt).input_ids
     labels = [pipe.tokenizer.decode([token]) for token in ids]
     return labels, {key: total / counts[key] for key, total in sorted(sums.items())}

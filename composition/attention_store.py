@@ -118,20 +118,24 @@ def cross_attention_factors(unet: nn.Module) -> dict[str, int]:
     return factors
 
 
-def capture_layers(unet: nn.Module, target_factor: int = TARGET_FACTOR) -> list[str]:
-    """The cross-attention processor names at the level nearest `target_factor` (ties: the coarser one)."""
+def capture_layers(unet: nn.Module, target_factor: int | None = TARGET_FACTOR) -> list[str]:
+    """The cross-attention processor names at the level nearest `target_factor` (ties: the coarser one);
+    every level's with `target_factor=None`."""
     factors = cross_attention_factors(unet)
     if not factors:
         raise ValueError("this UNet has no cross-attention layers; it cannot be steered by token attention.")
+    if target_factor is None:
+        return list(factors)
     best = min(set(factors.values()), key=lambda f: (abs(f - target_factor), -f))
     return [name for name, f in factors.items() if f == best]
 
 
 @contextmanager
 def capture_cross_attention(
-    unet: nn.Module, store: AttentionStore, target_factor: int = TARGET_FACTOR
+    unet: nn.Module, store: AttentionStore, target_factor: int | None = TARGET_FACTOR
 ) -> Iterator[list[str]]:
-    """Install capturing processors on the chosen layers only; restore the previous processors afterwards."""
+    """Install capturing processors on the chosen layers only (`capture_layers`); restore the previous
+    processors afterwards."""
     previous = unet.attn_processors
     layers = capture_layers(unet, target_factor)
     chosen = set(layers)
