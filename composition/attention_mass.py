@@ -20,7 +20,12 @@ from typing import Any
 
 import torch
 
-from composition.attention_store import AttentionStore, capture_cross_attention, cross_attention_factors
+from composition.attention_store import (
+    AttentionStore,
+    capture_cross_attention,
+    cross_attention_factors,
+    map_grid,
+)
 
 HALVES = ("left", "right")
 
@@ -40,8 +45,8 @@ def attention_mass(
     def collect(_pipe: Any, _step: int, _timestep: Any, kwargs: dict[str, Any]) -> dict[str, Any]:
         for layer, probs in store.maps.items():
             conditional = probs[probs.shape[0] // 2 :] if guidance > 1 else probs  # (B, HW, T)
-            side = round(conditional.shape[1] ** 0.5)
-            grid = conditional.reshape(conditional.shape[0], side, -1, conditional.shape[-1])
+            h, w = map_grid(conditional.shape[1], tuple(kwargs["latents"].shape[-2:]))
+            grid = conditional.reshape(conditional.shape[0], h, w, conditional.shape[-1])
             middle = grid.shape[2] // 2
             for half, columns in zip(HALVES, (slice(0, middle), slice(middle, None)), strict=True):
                 key = (factors[layer], half)

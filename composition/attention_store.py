@@ -45,9 +45,14 @@ class AttentionStore:
             )
         stacked = torch.stack(list(self.maps.values())).mean(0)  # (B, hw, T)
         batch, pixels, tokens = stacked.shape
-        factor = (latent_size[0] * latent_size[1] / pixels) ** 0.5
-        h, w = round(latent_size[0] / factor), round(latent_size[1] / factor)
+        h, w = map_grid(pixels, latent_size)
         return stacked.transpose(1, 2).reshape(batch, tokens, h, w)  # (B, T, h, w)
+
+
+def map_grid(pixels: int, latent_size: tuple[int, int]) -> tuple[int, int]:
+    """(h, w) of an attention map with `pixels` query positions, at the aspect of a latent of `latent_size`."""
+    factor = (latent_size[0] * latent_size[1] / pixels) ** 0.5
+    return round(latent_size[0] / factor), round(latent_size[1] / factor)
 
 
 class CapturingAttnProcessor:
